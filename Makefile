@@ -1,0 +1,21 @@
+# The two commands a new user needs (both set themselves up first):
+#   make quickstart   # install into .venv, then train + evaluate the quickstart FoT model on local Ray, tracked in MLflow
+#   make test         # install into .venv, then run the test suite (the same command CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup quickstart test test-fast
+
+setup:
+	@scripts/setup.sh
+
+quickstart: setup
+	$(VENV)/bin/fotlab run experiments/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow and not ray"
