@@ -1,0 +1,175 @@
+"""Crossbatch attention: FoT's contrastive training signal (FOT_SPEC §2).
+
+During training a memory layer lets batch entry b attend, in one softmax, to its own causal local context and to
+the (key, value) pairs of up to n - 1 other entries of the same forward pass (n = 1 + range). With doc-aware
+K-packing the nearest of those entries hold earlier chunks of the same document (positives) and the others hold
+other documents (negatives). The loss is the ordinary next-token loss; gradients flow into every context.
+
+Design choices:
+- Slot c of entry b (c = 1 .. n-1) is entry b - c of the batch; slot 0 is the entry itself. Slots c >= allowed[b]
+  are masked (`allowed_contexts`), so no entry ever wraps around to the end of the batch.
+- Extra contexts use the raw (unrotated) keys `k_mem`: they sit "at position 0", exactly like memory keys at
+  inference time, so training matches what the memory layer sees later.
+- One attention call per layer: the n contexts are gathered into a flat key/value prefix (B, H, n*T, Dh) by index
+  arithmetic on the batch dimension (no loop over entries) and a boolean block mask (B, 1, T, n*T) carries the
+  causal slot 0, the allowed slots and the key padding. Softmax is computed by torch SDPA; its fused kernels
+  accumulate the softmax in fp32, and on CPU we upcast low-precision inputs so the softmax is fp32 everywhere.
+- The number of materialised slots is min(n, B): slots >= B are masked for every entry anyway, so capping them
+  changes nothing but memory.
+- A query that sees no key at all (only possible for a padded query with every visible key padded) gets a zero
+  output and no gradient instead of NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CrossBatch", "allowed_contexts", "crossbatch_attention"]
+
+
+@dataclass(frozen=True)
+class CrossBatch:
+    """How a training forward pass mixes contexts across the batch.
+
+    range: number of extra contexts an entry may see (n = 1 + range contexts in total; 0 = plain causal attention).
+    packing: k, the number of consecutive batch rows that hold consecutive chunks of one document stream.
+    stepping: if True, entry b may only see (b mod k) * ceil(n / (k-1)) + 1 contexts, giving the paper's mixture
+        of entries with few and many contexts (LongLLaMA: packing 4, range 3 -> 1, 3, 4, 4 contexts).
+    """
+
+    range: int
+    packing: int = 1
+    stepping: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("range", "packing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"CrossBatch.{name} must be an int, got {type(value).__name__}")
+        if self.range < 0:
+            raise ValueError(f"CrossBatch.range must be >= 0, got {self.range}")
+        if self.packing < 1:
+            raise ValueError(f"CrossBatch.packing must be >= 1, got {self.packing}")
+        if not isinstance(self.stepping, bool):
+            raise TypeError(f"CrossBatch.stepping must be a bool, got {type(self.stepping).__name__}")
+
+    @property
+    def n_contexts(self) -> int:
+        """n = 1 + range: the entry's own context plus the extra ones."""
+        return 1 + self.range
+
+
+def allowed_contexts(batch_size: int, n_contexts: int, packing: int = 1, stepping: bool = False,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Number of contexts entry b may attend to (slots 0 .. allowed[b]-1), as a LongTensor (B,).
+
+    With stepping and packing k: step = ceil(n / max(k-1, 1)), allowed[b] = min((b mod k) * step + 1, n);
+    without stepping (or k = 1) allowed[b] = n. Always allowed[b] <= b + 1 (never wrap around the batch).
+    """
+    if batch_size < 1 or n_contexts < 1 or packing < 1:
+        raise ValueError(f"need batch_size, n_contexts, packing >= 1, got {batch_size}, {n_contexts}, {packing}")
+    rows = torch.arange(batch_size, device=device)  # (B,)
+    if stepping and packing > 1:
+        step = math.ceil(n_contexts / max(packing - 1, 1))
+        allowed = torch.clamp((rows % packing) * step + 1, max=n_contexts)
+    else:
+        allowed = torch.full_like(rows, n_contexts)
+    return torch.minimum(allowed, rows + 1)
+
+
+def _check_shapes(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
+                  key_valid: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k_rot.shape != k_mem.shape or k_rot.shape != v.shape:
+        raise ValueError(f"expected q (B,H,T,Dh) and k_rot, k_mem, v (B,Hkv,T,Dh) of one shape, got "
+                         f"{tuple(q.shape)}, {tuple(k_rot.shape)}, {tuple(k_mem.shape)}, {tuple(v.shape)}")
+    B, H, T, Dh = q.shape
+    Bk, Hkv, Tk, Dhk = k_rot.shape
+    if (Bk, Tk, Dhk) != (B, T, Dh) or H % Hkv != 0:
+        raise ValueError(f"q {tuple(q.shape)} and keys {tuple(k_rot.shape)} disagree (H must be a multiple of Hkv)")
+    if key_valid is not None and tuple(key_valid.shape) != (B, T):
+        raise ValueError(f"key_valid must be (B, T) = {(B, T)}, got {tuple(key_valid.shape)}")
+
+
+def _expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, Hkv, L, Dh) -> (B, H, L, Dh) by repeating each kv head H/Hkv times (GQA); no copy when H == Hkv."""
+    B, Hkv, L, Dh = x.shape
+    if Hkv == n_heads:
+        return x
+    group = n_heads // Hkv
+    return x[:, :, None].expand(B, Hkv, group, L, Dh).reshape(B, n_heads, L, Dh)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+          scale: float | None) -> torch.Tensor:
+    """SDPA with an fp32 softmax: fused GPU kernels accumulate in fp32; elsewhere low precision is upcast."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.to(dtype)
+
+
+def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Flat prefix of n_slots contexts per entry: slot 0 = x_own[b], slot c = x_extra[b - c].
+
+    x_own, x_extra: (B, Hkv, T, Dh) -> (B, Hkv, n_slots*T, Dh). Rows b - c < 0 are clamped to 0; those slots are
+    always masked (allowed[b] <= b + 1), so what they hold never matters.
+    """
+    B, Hkv, T, Dh = x_own.shape
+    rows = torch.arange(B, device=x_own.device)
+    slots = torch.arange(1, n_slots, device=x_own.device)
+    source = (rows[:, None] - slots[None, :]).clamp(min=0)  # (B, n-1): entry feeding slot c of entry b
+    extra = x_extra[source]  # (B, n-1, Hkv, T, Dh)
+    stacked = torch.cat([x_own[:, None], extra], dim=1)  # (B, n, Hkv, T, Dh)
+    return stacked.transpose(1, 2).reshape(B, Hkv, n_slots * T, Dh)
+
+
+def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, n_slots*T): True = query may attend to key.
+
+    Slot 0 is causal, slots 1.. are fully visible, slots >= allowed[b] are hidden, key_valid hides padded keys of
+    every slot (slot c uses the padding of entry b - c).
+    """
+    B, T, device = allowed.shape[0], seq_len, allowed.device
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    block = torch.cat([causal, causal.new_ones(T, (n_slots - 1) * T)], dim=1)  # (T, n*T)
+    slot_of_key = torch.arange(n_slots, device=device).repeat_interleave(T)  # (n*T,)
+    key_ok = slot_of_key[None, :] < allowed[:, None]  # (B, n*T)
+    if key_valid is not None:
+        rows = torch.arange(B, device=device)
+        source = (rows[:, None] - torch.arange(n_slots, device=device)[None, :]).clamp(min=0)  # (B, n)
+        key_ok = key_ok & key_valid.to(torch.bool)[source].reshape(B, n_slots * T)  # (B, n*T)
+    return (block[None] & key_ok[:, None, :])[:, None]  # (B, 1, T, n*T)
+
+
+def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
+                         crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
+                         scale: float | None = None) -> torch.Tensor:
+    """Attention of each entry over its own causal context plus the contexts of the entries before it.
+
+    q: (B, H, T, Dh) queries rotated at local positions; k_rot: (B, Hkv, T, Dh) local keys rotated at local
+    positions (slot 0); k_mem: (B, Hkv, T, Dh) raw keys used when another entry sees this one (slots >= 1);
+    v: (B, Hkv, T, Dh) values (used by every slot); key_valid: (B, T) bool, False = padded key (every slot).
+    scale defaults to 1/sqrt(Dh). Returns (B, H, T, Dh) in q's dtype. range 0 is plain causal attention.
+    """
+    _check_shapes(q, k_rot, k_mem, v, key_valid)
+    B, H, T, Dh = q.shape
+    if crossbatch.range == 0 and key_valid is None:
+        return _sdpa(q, _expand_heads(k_rot, H), _expand_heads(v, H), None, True, scale)
+
+    n_full = crossbatch.n_contexts
+    allowed = allowed_contexts(B, n_full, crossbatch.packing, crossbatch.stepping, device=q.device)  # (B,)
+    n_slots = min(n_full, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
+    keys = _gather_contexts(k_rot, k_mem, n_slots)  # (B, Hkv, n*T, Dh)
+    values = _gather_contexts(v, v, n_slots)  # (B, Hkv, n*T, Dh)
+    mask = _block_mask(allowed, n_slots, T, key_valid)  # (B, 1, T, n*T)
+    has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    # A row with no visible key would be NaN in SDPA; let it see its own key, then zero its output.
+    diag = torch.arange(T, device=q.device)
+    mask[:, :, diag, diag] |= ~has_key[..., 0]  # slot 0 key t for query t
+    out = _sdpa(q, _expand_heads(keys, H), _expand_heads(values, H), mask, False, scale)  # (B, H, T, Dh)
+    return torch.where(has_key, out, out.new_zeros(()))

@@ -1,0 +1,93 @@
+"""Crossbatch schedules: which `CrossBatch` a training step uses (FOT_SPEC §2).
+
+The paper grows the crossbatch dimension d (contexts seen = range + 1) during training, either by switching at
+given steps (start with d <= 8, later d >= 64) or by sampling d per step from a set (e.g. {2, 128}). Here both are
+expressed in terms of `range` (= d - 1), matching `CrossBatchSpec` (`switch: [{at_step, range}]`, `sample_from`).
+
+Design choices:
+- A schedule is a pure function of (step, seed): resuming at step s reproduces exactly the ranges an
+  uninterrupted run would have used, with no RNG state to checkpoint.
+- Sampling seeds a private `random.Random` from the string "<seed>:<step>" (hashed with SHA-512 by Python, so it
+  does not depend on PYTHONHASHSEED or on the process).
+- Range is capped at batch_size - 1 when the batch size is given: entry b can see at most b earlier entries
+  (`allowed_contexts` never wraps around the batch), so a larger range only costs memory, never adds contexts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+
+from fotlab.model.crossbatch import CrossBatch, allowed_contexts
+
+__all__ = ["crossbatch_for_step", "context_mixture", "mixture_fractions"]
+
+
+def _switched_range(step: int, base_range: int, switch: list[tuple[int, int]]) -> int:
+    """Range in force at `step`: the last (at_step, range) with at_step <= step, else the base range."""
+    current = base_range
+    for at_step, new_range in sorted(switch):
+        if at_step <= step:
+            current = new_range
+    return current
+
+
+def _sampled_range(step: int, sample_from: list[int], rng_seed: int) -> int:
+    """A range drawn uniformly from `sample_from`, deterministic in (rng_seed, step)."""
+    rng = random.Random(f"fotlab-crossbatch:{rng_seed}:{step}")
+    return sample_from[rng.randrange(len(sample_from))]
+
+
+def crossbatch_for_step(step: int, base: CrossBatch, switch: list[tuple[int, int]] | None = None,
+                        sample_from: list[int] | None = None, rng_seed: int = 0, *,
+                        batch_size: int | None = None) -> CrossBatch:
+    """The CrossBatch to use at training step `step` (0-based).
+
+    base: packing and stepping for every step, and the range when no schedule applies.
+    switch: [(at_step, range), ...]: from at_step on, use that range (e.g. [(0, 7), (10_000, 63)]).
+    sample_from: ranges to sample from, uniformly and independently per step (e.g. [1, 127] for d in {2, 128}).
+    switch and sample_from are alternatives; giving both is an error.
+    batch_size: if given, the range is capped at batch_size - 1 (larger ranges add no contexts, see module doc).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if switch and sample_from:
+        raise ValueError("give either switch or sample_from, not both")
+    if switch is not None and any(at_step < 0 or new_range < 0 for at_step, new_range in switch):
+        raise ValueError(f"switch entries must be (at_step >= 0, range >= 0), got {switch}")
+    if sample_from is not None and (not sample_from or min(sample_from) < 0):
+        raise ValueError(f"sample_from must be a non-empty list of ranges >= 0, got {sample_from}")
+    if switch:
+        new_range = _switched_range(step, base.range, switch)
+    elif sample_from:
+        new_range = _sampled_range(step, sample_from, rng_seed)
+    else:
+        new_range = base.range
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        new_range = min(new_range, batch_size - 1)
+    return replace(base, range=int(new_range))
+
+
+def context_mixture(batch_size: int, crossbatch: CrossBatch) -> list[tuple[int, int, int]]:
+    """Per entry b: (contexts seen, positives, negatives) under doc-aware packing.
+
+    contexts = allowed[b] (own context included); among the extra slots c = 1 .. allowed[b]-1, slot c holds the
+    same document when c <= b mod k (an earlier chunk of the same stream) and another document otherwise.
+    Example (packing 4, range 3, stepping), b mod 4 = 0..3 far from the batch start: (1,0,0) (3,1,1) (4,2,1) (4,3,0).
+    """
+    k = crossbatch.packing
+    allowed = allowed_contexts(batch_size, crossbatch.n_contexts, k, crossbatch.stepping).tolist()
+    mixture = []
+    for b, n_seen in enumerate(allowed):
+        n_positives = min(n_seen - 1, b % k)
+        mixture.append((n_seen, n_positives, n_seen - 1 - n_positives))
+    return mixture
+
+
+def mixture_fractions(batch_size: int, crossbatch: CrossBatch) -> dict[tuple[int, int, int], float]:
+    """Fraction of entries per (contexts, positives, negatives) triple, e.g. for logging a run's mixture."""
+    counts = Counter(context_mixture(batch_size, crossbatch))
+    return {triple: count / batch_size for triple, count in sorted(counts.items())}

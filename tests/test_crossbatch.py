@@ -1,0 +1,212 @@
+"""Crossbatch attention against a brute-force per-entry reference (FOT_SPEC §2), plus its schedules."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fotlab.model.crossbatch import CrossBatch, allowed_contexts, crossbatch_attention
+from fotlab.train.crossbatch_schedule import context_mixture, crossbatch_for_step, mixture_fractions
+
+
+def reference_allowed(b, n, k, stepping):
+    """FOT_SPEC §2 formula, written plainly for one entry."""
+    if stepping and k > 1:
+        step = math.ceil(n / max(k - 1, 1))
+        allowed = min((b % k) * step + 1, n)
+    else:
+        allowed = n
+    return min(allowed, b + 1)
+
+
+def reference_attention(q, k_rot, k_mem, v, cb, key_valid=None):
+    """Loop over entries, heads and queries; one fp32 softmax over every visible key."""
+    B, H, T, Dh = q.shape
+    group = H // k_rot.shape[1]
+    n = cb.range + 1
+    out = torch.zeros(B, H, T, Dh, dtype=torch.float64)
+    for b in range(B):
+        allowed = reference_allowed(b, n, cb.packing, cb.stepping)
+        for h in range(H):
+            kv_head = h // group
+            for t in range(T):
+                scores, values = [], []
+                for c in range(allowed):
+                    src = b - c
+                    for s in range(T):
+                        if c == 0 and s > t:
+                            continue  # causal in the own context
+                        if key_valid is not None and not key_valid[src, s]:
+                            continue
+                        key = k_rot[b, kv_head, s] if c == 0 else k_mem[src, kv_head, s]
+                        scores.append(float(q[b, h, t].double() @ key.double()) / math.sqrt(Dh))
+                        values.append(v[src, kv_head, s].double())
+                if not scores:
+                    continue  # no visible key: output stays zero
+                weights = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0)
+                out[b, h, t] = (weights[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+def random_inputs(B, H, Hkv, T, Dh, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, Dh, generator=gen)
+    k_rot = torch.randn(B, Hkv, T, Dh, generator=gen)
+    k_mem = torch.randn(B, Hkv, T, Dh, generator=gen)
+    v = torch.randn(B, Hkv, T, Dh, generator=gen)
+    return q, k_rot, k_mem, v
+
+
+@pytest.mark.parametrize("cb", [
+    CrossBatch(0), CrossBatch(1), CrossBatch(3, 4, True), CrossBatch(3, 4, False), CrossBatch(6, 4, True),
+    CrossBatch(2, 2, True), CrossBatch(20, 2, False),
+])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
+def test_matches_brute_force(cb, heads):
+    H, Hkv = heads
+    q, k_rot, k_mem, v = random_inputs(8, H, Hkv, 5, 8, seed=cb.range * 7 + Hkv)
+    out = crossbatch_attention(q, k_rot, k_mem, v, cb)
+    torch.testing.assert_close(out.double(), reference_attention(q, k_rot, k_mem, v, cb), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cb", [CrossBatch(0), CrossBatch(3, 4, True), CrossBatch(2, 1, False)])
+def test_matches_brute_force_with_padding(cb):
+    q, k_rot, k_mem, v = random_inputs(8, 4, 2, 6, 8, seed=3)
+    gen = torch.Generator().manual_seed(11)
+    key_valid = torch.rand(8, 6, generator=gen) > 0.3
+    key_valid[4, :] = False  # an entry that is all padding: its queries see only other entries (or nothing)
+    key_valid[0, :4] = False  # left padding on the first entry: its first queries see no key at all
+    out = crossbatch_attention(q, k_rot, k_mem, v, cb, key_valid)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), reference_attention(q, k_rot, k_mem, v, cb, key_valid),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_are_zero_with_finite_gradients():
+    q, k_rot, k_mem, v = random_inputs(4, 2, 2, 4, 8)
+    q.requires_grad_(True)
+    key_valid = torch.zeros(4, 4, dtype=torch.bool)
+    out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(3), key_valid)
+    assert out.abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_range_zero_is_plain_causal_attention():
+    q, k_rot, k_mem, v = random_inputs(3, 4, 2, 7, 8)
+    out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(0, packing=4, stepping=True))
+    expected = F.scaled_dot_product_attention(q, k_rot.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                              is_causal=True)
+    torch.testing.assert_close(out, expected)
+    # k_mem plays no role when no extra context is visible
+    other = crossbatch_attention(q, k_rot, torch.randn_like(k_mem), v, CrossBatch(0))
+    torch.testing.assert_close(out, other)
+    # explicit all-valid padding takes the masked path and agrees
+    padded = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(0), torch.ones(3, 7, dtype=torch.bool))
+    torch.testing.assert_close(out, padded)
+
+
+def test_extra_contexts_change_the_output():
+    q, k_rot, k_mem, v = random_inputs(4, 2, 2, 4, 8)
+    plain = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(0))
+    cross = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(1))
+    torch.testing.assert_close(cross[0], plain[0])  # entry 0 never wraps around
+    assert (cross[1:] - plain[1:]).abs().max() > 1e-3
+
+
+def test_gradients_reach_other_entries():
+    q, k_rot, k_mem, v = random_inputs(4, 2, 1, 4, 8)
+    for x in (q, k_rot, k_mem, v):
+        x.requires_grad_(True)
+    out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(1))
+    out[2].pow(2).sum().backward()  # loss of entry 2 only
+    assert k_mem.grad[1].abs().sum() > 0 and v.grad[1].abs().sum() > 0  # entry b-1 via slot 1
+    assert k_mem.grad[0].abs().sum() == 0 and v.grad[0].abs().sum() == 0  # entry b-2 is out of range
+    assert k_mem.grad[2].abs().sum() == 0  # own slot uses k_rot, not k_mem
+    assert k_rot.grad[2].abs().sum() > 0 and k_rot.grad[1].abs().sum() == 0
+
+
+def test_bfloat16_close_to_fp32():
+    q, k_rot, k_mem, v = random_inputs(8, 4, 2, 6, 16)
+    cb = CrossBatch(3, 4, True)
+    out = crossbatch_attention(q.bfloat16(), k_rot.bfloat16(), k_mem.bfloat16(), v.bfloat16(), cb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), crossbatch_attention(q, k_rot, k_mem, v, cb), atol=3e-2, rtol=3e-2)
+
+
+def test_shape_errors():
+    q, k_rot, k_mem, v = random_inputs(2, 3, 2, 4, 8)
+    with pytest.raises(ValueError):
+        crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(1))  # 3 heads over 2 kv heads
+    q, k_rot, k_mem, v = random_inputs(2, 4, 2, 4, 8)
+    with pytest.raises(ValueError):
+        crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(1), torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_crossbatch_validation():
+    assert CrossBatch(3, 4, True).n_contexts == 4
+    with pytest.raises(ValueError):
+        CrossBatch(-1)
+    with pytest.raises(ValueError):
+        CrossBatch(1, packing=0)
+    with pytest.raises(TypeError):
+        CrossBatch(1.5)
+    with pytest.raises(TypeError):
+        CrossBatch(True)
+    with pytest.raises(TypeError):
+        CrossBatch(1, 2, stepping=1)
+    with pytest.raises(Exception):
+        CrossBatch(1).range = 2  # frozen
+
+
+def test_allowed_contexts_table():
+    assert allowed_contexts(8, 4, 4, True).tolist() == [1, 2, 3, 4, 1, 3, 4, 4]
+    assert allowed_contexts(12, 7, 4, True).tolist() == [1, 2, 3, 4, 1, 4, 7, 7, 1, 4, 7, 7]
+    assert allowed_contexts(6, 4, 4, False).tolist() == [1, 2, 3, 4, 4, 4]
+    assert allowed_contexts(5, 3, 1, True).tolist() == [1, 2, 3, 3, 3]  # k = 1: stepping has no effect
+    assert allowed_contexts(6, 1, 2, True).tolist() == [1] * 6
+    assert allowed_contexts(6, 5, 2, True).tolist() == [1, 2, 1, 4, 1, 5]  # k = 2: step = n
+    for B, n, k, s in [(16, 5, 4, True), (9, 3, 3, True), (10, 8, 2, False)]:
+        assert allowed_contexts(B, n, k, s).tolist() == [reference_allowed(b, n, k, s) for b in range(B)]
+
+
+def test_context_mixture_matches_spec_table():
+    far = context_mixture(16, CrossBatch(3, 4, True))[12:]
+    assert far == [(1, 0, 0), (3, 1, 1), (4, 2, 1), (4, 3, 0)]
+    far = context_mixture(16, CrossBatch(6, 4, True))[12:]
+    assert far == [(1, 0, 0), (4, 1, 2), (7, 2, 4), (7, 3, 3)]
+    assert context_mixture(3, CrossBatch(2, 1)) == [(1, 0, 0), (2, 0, 1), (3, 0, 2)]
+    assert mixture_fractions(16, CrossBatch(3, 4, True))[(4, 3, 0)] == 0.25
+
+
+def test_schedule_switch():
+    base = CrossBatch(1, 4, True)
+    switch = [(100, 63), (10, 7)]
+    ranges = [crossbatch_for_step(s, base, switch).range for s in (0, 9, 10, 99, 100, 5000)]
+    assert ranges == [1, 1, 7, 7, 63, 63]
+    assert crossbatch_for_step(5000, base, switch).packing == 4
+    assert crossbatch_for_step(5000, base, switch, batch_size=16).range == 15  # capped at B - 1
+    assert crossbatch_for_step(0, base, None).range == 1
+
+
+def test_schedule_sampling_is_deterministic_per_step():
+    base = CrossBatch(0, 2, False)
+    draws = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=5).range for s in range(200)]
+    assert set(draws) == {1, 127}
+    resumed = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=5).range for s in range(100, 200)]
+    assert resumed == draws[100:]  # a resumed run replays the same ranges
+    other_seed = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=6).range for s in range(200)]
+    assert other_seed != draws
+    capped = {crossbatch_for_step(s, base, sample_from=[1, 127], batch_size=8).range for s in range(50)}
+    assert capped == {1, 7}
+
+
+def test_schedule_errors():
+    base = CrossBatch(1)
+    with pytest.raises(ValueError):
+        crossbatch_for_step(0, base, [(0, 3)], [1, 2])
+    with pytest.raises(ValueError):
+        crossbatch_for_step(0, base, sample_from=[])
+    with pytest.raises(ValueError):
+        crossbatch_for_step(-1, base)
