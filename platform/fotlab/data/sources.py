@@ -1,0 +1,173 @@
+"""Raw document sources: each becomes a `datasets.Dataset` (or `IterableDataset` when streaming) with a "text"
+column, one row per document, plus an optional "key" column (a stable identity used for the validation split).
+
+Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
+- "embedded": the Python standard library's own source files (`sysconfig` path "stdlib", `*.py`, one file = one
+  document; test folders and site-packages excluded; sorted by relative path). Present offline everywhere.
+- "local": `path` (a directory) + `glob` (default "**/*.txt"); each file is one document (`load_dataset("text",
+  sample_by="document")`).
+- "jsonl" / "parquet": `path` (a file, a directory, or a glob) of such files; `text_field` (default "text").
+- "hf": a dataset directory saved with `Dataset.save_to_disk`, or any name/path `datasets.load_dataset` accepts
+  (`path` or `name`, with `config`, `split`, `streaming`); hub names need network.
+Synthetic kinds ("dictionary_lookup", "passkey") live in `fotlab.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import datasets
+
+EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+def source_label(source, index: int | None = None) -> str:
+    """A short human name for error messages: `sources[i] (kind 'jsonl', path ...)`."""
+    where = f"sources[{index}]" if index is not None else "source"
+    kind = getattr(source, "kind", "?")
+    path = getattr(source, "path", None) or getattr(source, "name", None)
+    return f"{where} (kind {kind!r}" + (f", {path!r})" if path else ")")
+
+
+def stdlib_root() -> Path:
+    """The directory of the running interpreter's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def embedded_files(root: Path | None = None) -> list[str]:
+    """Relative posix paths of the stdlib `*.py` files used as the embedded corpus, sorted."""
+    root = stdlib_root() if root is None else root
+    paths = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root)
+        if EXCLUDED_STDLIB_DIRS.isdisjoint(rel.parts[:-1]) and p.is_file():
+            paths.append(rel.as_posix())
+    return sorted(paths)
+
+
+def _read_stdlib_files(root: str, rel_paths: list[str]):
+    """Generator for `Dataset.from_generator`: one row per file (undecodable bytes replaced)."""
+    for rel in rel_paths:
+        text = (Path(root) / rel).read_bytes().decode("utf-8", errors="replace")
+        yield {"text": text, "key": rel}
+
+
+def load_embedded(cache_dir: str | None = None) -> datasets.Dataset:
+    """The embedded corpus: one row per stdlib source file, columns "text" and "key" (relative path)."""
+    root = stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"embedded corpus: stdlib directory {root} not found")
+    rel_paths = embedded_files(root)
+    features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
+    return datasets.Dataset.from_generator(
+        _read_stdlib_files,
+        features=features,
+        gen_kwargs={"root": str(root), "rel_paths": rel_paths},
+        cache_dir=cache_dir,
+    )
+
+
+def _existing_path(source, index: int | None) -> Path:
+    path = getattr(source, "path", None)
+    if not path:
+        raise ValueError(f"{source_label(source, index)}: 'path' is required")
+    p = Path(path).expanduser()
+    if not p.exists() and not any(ch in str(p) for ch in "*?["):
+        raise FileNotFoundError(f"{source_label(source, index)}: path {str(p)!r} does not exist")
+    return p
+
+
+def _data_files(p: Path, suffixes: tuple[str, ...], source, index) -> list[str]:
+    """Sorted file list for a file, a directory (recursive by suffix) or a glob pattern."""
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes)]
+    else:  # a glob pattern
+        anchor = Path(p.anchor or ".")
+        files = [f for f in anchor.glob(str(p.relative_to(anchor))) if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"{source_label(source, index)}: no {'/'.join(suffixes)} files under {str(p)!r}")
+    return sorted(str(f) for f in files)
+
+
+def _load_builder(builder: str, files: list[str], source, cache_dir, **kwargs):
+    streaming = bool(getattr(source, "streaming", False))
+    return datasets.load_dataset(
+        builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
+    )
+
+
+def _keep_text(ds, source, index, text_field: str):
+    """Rename `text_field` to "text" and drop every other column."""
+    columns = ds.column_names
+    if columns is not None and text_field not in columns:
+        raise KeyError(f"{source_label(source, index)}: no field {text_field!r} (columns: {columns})")
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    extra = [c for c in (ds.column_names or []) if c != "text"]
+    return ds.remove_columns(extra) if extra else ds
+
+
+def load_local(source, index=None, cache_dir=None):
+    """Each file under `path` matching `glob` is one document."""
+    root = _existing_path(source, index)
+    pattern = getattr(source, "glob", None) or "**/*.txt"
+    files = sorted(str(f) for f in root.glob(pattern) if f.is_file()) if root.is_dir() else [str(root)]
+    if not files:
+        raise FileNotFoundError(f"{source_label(source, index)}: no files match {pattern!r} under {str(root)!r}")
+    ds = _load_builder("text", files, source, cache_dir, sample_by="document")
+    return _keep_text(ds, source, index, "text")
+
+
+def load_jsonl(source, index=None, cache_dir=None):
+    files = _data_files(_existing_path(source, index), (".jsonl", ".json", ".jsonl.gz"), source, index)
+    ds = _load_builder("json", files, source, cache_dir)
+    return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
+
+
+def load_parquet(source, index=None, cache_dir=None):
+    files = _data_files(_existing_path(source, index), (".parquet",), source, index)
+    ds = _load_builder("parquet", files, source, cache_dir)
+    return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
+
+
+def load_hf(source, index=None, cache_dir=None):
+    """A `save_to_disk` directory, a local dataset folder/script, or a hub dataset name."""
+    target = getattr(source, "path", None) or getattr(source, "name", None)
+    if not target:
+        raise ValueError(f"{source_label(source, index)}: 'path' or 'name' (the HF dataset) is required")
+    split = getattr(source, "split", None) or "train"
+    local = Path(str(target)).expanduser()
+    looks_local = str(target).startswith(("/", ".", "~")) or local.exists()
+    if looks_local and not local.exists():
+        raise FileNotFoundError(f"{source_label(source, index)}: dataset directory {str(local)!r} does not exist")
+    if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        if getattr(source, "streaming", False):
+            ds = ds.to_iterable_dataset()
+    else:
+        ds = datasets.load_dataset(
+            str(local) if looks_local else str(target),
+            getattr(source, "config", None),
+            split=split,
+            streaming=bool(getattr(source, "streaming", False)),
+            cache_dir=cache_dir,
+        )
+    return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
+
+
+RAW_LOADERS = {"local": load_local, "jsonl": load_jsonl, "parquet": load_parquet, "hf": load_hf}
+
+
+def load_raw_source(source, index: int | None = None, cache_dir: str | None = None):
+    """Load one text source as a dataset with a "text" column (and "key" for the embedded corpus)."""
+    kind = getattr(source, "kind", "embedded")
+    if kind == "embedded":
+        return load_embedded(cache_dir)
+    if kind not in RAW_LOADERS:
+        raise ValueError(f"{source_label(source, index)}: unknown text source kind {kind!r}")
+    return RAW_LOADERS[kind](source, index, cache_dir)
