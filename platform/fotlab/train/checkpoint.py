@@ -1,0 +1,179 @@
+"""Atomic training checkpoints: everything needed to continue a run exactly.
+
+Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`):
+    model.safetensors    model weights (safetensors `save_model`: tied weights handled)
+    optimizer.pt         optimizer.state_dict()
+    scheduler.pt         lr scheduler state_dict()
+    rank-00000.pt        per-rank state: RNG states, data position (packer), crossbatch schedule state
+    trainer_state.json   step, last metrics, world size — written LAST: a dir without it is incomplete
+
+Atomicity: everything is written into `.tmp-step-00000100/` next to the final dir, each file fsync'ed, then
+the dir is renamed into place (`os.replace`) and the parent fsync'ed. A crash at any point leaves either the
+old set of checkpoints or the new complete one; hidden `.tmp-*` leftovers are never picked up and are
+removed by the next save. Every rank writes its own rank file into the same temp dir (shared `output_dir`);
+rank 0 writes the shared files and does the rename. Files are read back with safetensors and
+`torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_path(path)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (dirs named step-NNNNNNNN with a trainer state)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` itself when it is a checkpoint dir, else the newest checkpoint inside it; raises if none."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"resume_from: no complete checkpoint at {path}")
+    return latest
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank: int = 0,
+    keep: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write checkpoint `step` atomically under `root` (called by every rank); returns the final dir.
+
+    `model` is the bare (unwrapped) model; `trainer_state` must be JSON-serialisable; `rank_state` holds
+    tensors / numbers / strings / lists / dicts (loadable with weights_only=True).
+    """
+    root = Path(root)
+    final_dir = root / step_dir_name(step)
+    tmp_dir = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftover of an interrupted save
+        tmp_dir.mkdir()
+    barrier()
+    _torch_save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        save_model(model, str(tmp_dir / "model.safetensors"))
+        _fsync_path(tmp_dir / "model.safetensors")
+        _torch_save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
+    barrier()
+    if rank == 0:
+        state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
+        (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        _fsync_path(tmp_dir / STATE_FILE)
+        _fsync_path(tmp_dir)
+        _replace_dir(tmp_dir, final_dir)
+        _fsync_path(root)
+        prune_checkpoints(root, keep)
+        logger.info("checkpoint step %d -> %s", step, final_dir)
+    barrier()
+    return final_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` (same step saved twice) is moved aside first, then deleted."""
+    if dst.exists():
+        aside = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    rank: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load checkpoint `path` into `model` / `optimizer` / `scheduler` (in place).
+
+    Returns (trainer_state, rank_state) for this rank. Weights go through safetensors, the rest through
+    `torch.load(weights_only=True)`.
+    """
+    path = Path(path)
+    trainer_state = json.loads((path / STATE_FILE).read_text())
+    device = next(model.parameters()).device
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rank_file = path / f"rank-{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(
+            f"{rank_file} missing: checkpoint was written by {trainer_state.get('world_size')} rank(s)"
+        )
+    rank_state = torch.load(rank_file, weights_only=True)
+    return trainer_state, rank_state

@@ -1,0 +1,140 @@
+"""The typed edges of the training loop: what the caller passes in (`Runtime`, `TrainHooks`) and gets back
+(`TrainResult`), plus the errors the loop raises.
+
+- `Runtime` is the environment resolved ONCE by the caller (the Ray adapter, a test, the CLI): device, rank,
+  world size, where outputs go, which checkpoint to resume, and how to wrap the model (DDP/FSDP). The loop
+  makes no environment decisions of its own.
+- `TrainHooks` is the only way out of the loop while it runs (metrics, checkpoints, preemption). Pass callables
+  (`TrainHooks(on_log=fn)`) or subclass and override the methods; every hook is optional.
+- Hooks are called on EVERY rank (Ray Train's `report` must be called by all workers); tracking code decides
+  to log from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class TrainError(RuntimeError):
+    """A training run cannot go on; the message names the step and the cause in one line."""
+
+
+class LossNotFiniteError(TrainError):
+    """The loss (or the gradient norm) became NaN/inf; training stops instead of skipping the step."""
+
+
+def _identity(model: torch.nn.Module) -> torch.nn.Module:
+    return model
+
+
+def _default_barrier() -> None:
+    """Synchronise ranks when a torch.distributed process group exists; a no-op otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@dataclasses.dataclass(kw_only=True)
+class Runtime:
+    """Where and how this worker trains (resolved by the caller, passed down unchanged).
+
+    Attributes:
+        output_dir: this run's folder; the loop writes `checkpoints/` and `model/` below it. With several ranks
+            it must be the same (shared) folder for all of them.
+        device: torch device for this worker ("cpu", "cuda:0", ...).
+        rank / world_size: this worker's index and the number of data-parallel workers.
+        resume_from: a checkpoint dir (`.../checkpoints/step-00000100`) or a checkpoints root (the newest
+            complete checkpoint in it is used); None starts fresh.
+        wrap_model: called once with the built model (already on `device`); returns the module to train
+            (e.g. `DistributedDataParallel`); identity by default.
+        barrier: synchronises all ranks around checkpoint writes; default `torch.distributed.barrier` when a
+            process group is initialised, else nothing.
+    """
+
+    output_dir: Path
+    device: str | torch.device = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    resume_from: Path | None = None
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
+    barrier: Callable[[], None] = _default_barrier
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.device = torch.device(self.device)
+        if self.resume_from is not None:
+            self.resume_from = Path(self.resume_from)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"Runtime: rank {self.rank} is outside world_size {self.world_size}")
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes shared files (model, optimizer, final model)."""
+        return self.rank == 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.output_dir / "model"
+
+
+class TrainHooks:
+    """Callbacks out of the loop. Give callables to the constructor or override the methods.
+
+    - `on_log(step, metrics)`: every `log_every` steps (train metrics) and after each validation (val metrics).
+    - `on_checkpoint(step, path, metrics)`: after a checkpoint is complete on disk (all ranks).
+    - `should_stop() -> bool`: polled after every step; True saves a checkpoint and returns early.
+    """
+
+    def __init__(
+        self,
+        on_log: Callable[[int, dict[str, float]], Any] | None = None,
+        on_checkpoint: Callable[[int, Path, dict[str, float]], Any] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self._on_log = on_log
+        self._on_checkpoint = on_checkpoint
+        self._should_stop = should_stop
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._on_log is not None:
+            self._on_log(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        if self._on_checkpoint is not None:
+            self._on_checkpoint(step, path, metrics)
+
+    def should_stop(self) -> bool:
+        return bool(self._should_stop()) if self._should_stop is not None else False
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train()` returns.
+
+    Attributes:
+        final_step: number of optimizer steps done (including those before a resume).
+        metrics: the last value of every metric logged (train/*, val/*).
+        model_dir: HF-format model + tokenizer (`FoTForCausalLM.from_pretrained`, `AutoTokenizer`).
+        checkpoint_dir: the folder holding `step-*` checkpoints.
+        stopped_early: True when `hooks.should_stop()` ended the run before `spec.train.steps`.
+    """
+
+    final_step: int
+    metrics: dict[str, float]
+    model_dir: Path
+    checkpoint_dir: Path
+    stopped_early: bool = False
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DDP/FSDP wrapper (or the model itself)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
