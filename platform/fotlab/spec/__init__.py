@@ -1,0 +1,24 @@
+"""The experiment spec: a strict pydantic tree read from YAML (`load_spec`), printed (`spec_to_yaml`), flattened for
+MLflow params (`flatten_spec`) and exported as JSON Schema (`json_schema`).
+
+    fotlab validate experiments/quickstart.yaml      # check a spec
+    fotlab schema > spec.schema.json                 # the schema, with every field's description
+
+Modules: `models` (the sections), `checks` (cross-field rules), `io` (files, overrides, default locations).
+"""
+
+from fotlab.errors import FotlabError, SpecError
+from fotlab.spec.checks import looks_local, model_overrides, problems
+from fotlab.spec.io import (apply_overrides, flatten_spec, json_schema, load_spec, parse_spec, project_root,
+                            resolve_artifact_root, resolve_storage_path, resolve_tracking_uri, spec_to_yaml)
+from fotlab.spec.models import (CrossBatchSpec, CrossBatchSwitch, DataSpec, EvalSpec, ExperimentSpec, FailureSpec,
+                                MemorySpec, ModelSpec, OptimizerSpec, PerplexityEvalSpec, ScalingSpec, ScheduleSpec,
+                                SourceSpec, StorageSpec, TokenizerSpec, TrackingSpec, TrainSpec)
+
+__all__ = [
+    "FotlabError", "SpecError", "ExperimentSpec", "ModelSpec", "MemorySpec", "DataSpec", "SourceSpec",
+    "TokenizerSpec", "TrainSpec", "CrossBatchSpec", "CrossBatchSwitch", "OptimizerSpec", "ScheduleSpec", "EvalSpec",
+    "PerplexityEvalSpec", "ScalingSpec", "StorageSpec", "FailureSpec", "TrackingSpec", "load_spec", "parse_spec",
+    "apply_overrides", "spec_to_yaml", "flatten_spec", "json_schema", "project_root", "resolve_tracking_uri",
+    "resolve_storage_path", "resolve_artifact_root", "model_overrides", "looks_local", "problems",
+]

@@ -1,0 +1,192 @@
+"""Cross-field checks of an `ExperimentSpec`: each problem is (dotted field, what is wrong).
+
+The model shape is resolved the way training will resolve it: the preset (via
+`fotlab.model.presets.preset_config`, when that module imports) or a local `init_from` directory's
+`config.json`, then the spec's overrides. When the shape cannot be known (remote checkpoint, model package
+missing) the shape checks are skipped rather than guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+Problem = tuple[str, str]
+
+# ModelSpec / MemorySpec field -> FoTConfig keyword.
+_MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                 "tie_word_embeddings")
+_MEMORY_FIELDS = {"layers": "mem_layers", "retrieval": "mem_retrieval", "topk": "mem_topk", "dtype": "mem_dtype",
+                  "positionals": "mem_positionals", "last_context_length": "last_context_length",
+                  "capacity": "mem_capacity", "attention_grouping": "mem_attention_grouping"}
+
+
+def model_overrides(spec) -> dict[str, Any]:
+    """`FoTConfig` keyword overrides the spec sets (model shape + memory), leaving out fields left at None.
+
+    Training builds its config as `preset_config(spec.model.preset or "debug", **model_overrides(spec))`
+    or `FoTForCausalLM.from_pretrained(spec.model.init_from, **model_overrides(spec))`.
+    """
+    out = {f: getattr(spec.model, f) for f in _MODEL_FIELDS if getattr(spec.model, f) is not None}
+    for field, key in _MEMORY_FIELDS.items():
+        value = getattr(spec.memory, field)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def looks_local(path: str) -> bool:
+    """True for paths the user clearly meant as local files ('/', './', '../', '~'); hub ids and URLs are not."""
+    return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def resolved_shape(spec) -> tuple[dict[str, Any] | None, str]:
+    """The base model fields (before spec overrides) and where they came from, or (None, why unknown)."""
+    init_from = spec.model.init_from
+    if init_from is not None:
+        config_file = Path(init_from).expanduser() / "config.json"
+        if not config_file.is_file():
+            return None, f"checkpoint {init_from!r}"
+        try:
+            return json.loads(config_file.read_text()), f"checkpoint {init_from!r}"
+        except (OSError, ValueError):
+            return None, f"checkpoint {init_from!r}"
+    try:
+        from fotlab.model.presets import preset_config
+    except ImportError:
+        return None, "model package unavailable"
+    name = spec.model.preset or "debug"
+    try:
+        config = preset_config(name)
+    except ValueError:
+        return None, f"preset {name!r}"
+    return config.to_dict(), f"preset {name!r}"
+
+
+def _declared(spec) -> dict[str, Any]:
+    """Fields the preset table or checkpoint config states explicitly (not FoTConfig's defaults)."""
+    if spec.model.init_from is not None:
+        base, _ = resolved_shape(spec)
+        return base or {}
+    try:
+        from fotlab.model.presets import PRESETS
+    except ImportError:
+        return {}
+    return dict(PRESETS.get(spec.model.preset or "debug", {}))
+
+
+def _model_problems(spec) -> Iterator[Problem]:
+    preset = spec.model.preset
+    if preset is not None and spec.model.init_from is not None:
+        yield "model.preset", "set both preset and init_from; a checkpoint brings its own shape (drop preset)"
+    if preset is not None:
+        try:
+            from fotlab.model.presets import PRESETS
+        except ImportError:
+            PRESETS = None
+        if PRESETS is not None and preset not in PRESETS:
+            yield "model.preset", f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})"
+            return
+    init_from = spec.model.init_from
+    if init_from is not None and looks_local(init_from) and not Path(init_from).expanduser().exists():
+        yield "model.init_from", f"directory {init_from!r} does not exist"
+    base, origin = resolved_shape(spec)
+    if base is None:
+        return
+    shape = {**base, **model_overrides(spec)}
+    n_layers = int(shape.get("num_hidden_layers", 0))
+    for i, layer in enumerate(shape.get("mem_layers") or []):
+        if not 0 <= int(layer) < n_layers:
+            where = "memory.layers" + (f"[{i}]" if spec.memory.layers is not None else f" ({origin})")
+            yield where, f"layer index {layer} is outside 0..{n_layers - 1} (model has {n_layers} layers, {origin})"
+    n_heads, dim = shape.get("num_attention_heads"), shape.get("hidden_size")
+    if n_heads and dim and shape.get("head_dim") in (None, dim // int(n_heads)) and dim % n_heads:
+        yield "model.num_attention_heads", f"hidden_size {dim} is not divisible by {n_heads} heads"
+    n_kv = shape.get("num_key_value_heads") or n_heads
+    if n_heads and n_kv and n_heads % n_kv:
+        yield "model.num_key_value_heads", f"{n_heads} attention heads are not divisible by {n_kv} kv heads"
+    window = shape.get("max_position_embeddings")
+    if window and spec.train.context_length > window:
+        yield ("train.context_length", f"{spec.train.context_length} exceeds the model window W = "
+               f"max_position_embeddings = {window} ({origin}); lower it or set model.max_position_embeddings")
+    retrieval = shape.get("mem_retrieval", "dense")
+    if retrieval in ("topk", "faiss") and spec.memory.topk is None and _declared(spec).get("mem_topk") is None:
+        yield "memory.topk", f"required for retrieval {retrieval!r}"
+    if retrieval == "dense" and spec.memory.topk is not None:
+        yield "memory.topk", "set, but memory.retrieval is 'dense' (topk only applies to 'topk'/'faiss')"
+
+
+def _crossbatch_problems(spec) -> Iterator[Problem]:
+    train, cb = spec.train, spec.train.crossbatch
+    batch = train.batch_size
+    if batch % cb.packing:
+        yield "train.batch_size", f"{batch} is not a multiple of train.crossbatch.packing = {cb.packing}"
+    limit = f"must be < train.batch_size = {batch} (entry b sees at most b earlier entries)"
+    if cb.range >= batch:
+        yield "train.crossbatch.range", f"{cb.range} {limit}"
+    for i, sw in enumerate(cb.switch):
+        if sw.range >= batch:
+            yield f"train.crossbatch.switch[{i}].range", f"{sw.range} {limit}"
+        if sw.at_step >= train.steps:
+            yield f"train.crossbatch.switch[{i}].at_step", f"{sw.at_step} is past the last step ({train.steps})"
+    for i, r in enumerate(cb.sample_from or []):
+        if not 0 <= r < batch:
+            yield f"train.crossbatch.sample_from[{i}]", f"{r} must be in 0..{batch - 1} (train.batch_size = {batch})"
+    if cb.sample_from and cb.switch:
+        yield "train.crossbatch.sample_from", "use either switch or sample_from, not both"
+
+
+def _source_problems(source, field: str, check_paths: bool) -> Iterator[Problem]:
+    if source.kind in ("local", "jsonl", "parquet"):
+        if source.path is None:
+            yield f"{field}.path", f"required for kind {source.kind!r}"
+        elif check_paths and not _is_url(source.path) and not Path(source.path).expanduser().exists():
+            yield f"{field}.path", f"{source.path!r} does not exist"
+    if source.kind == "hf" and source.name is None:
+        yield f"{field}.name", "required for kind 'hf' (a dataset name or directory)"
+
+
+def _data_problems(spec, check_paths: bool) -> Iterator[Problem]:
+    for i, source in enumerate(spec.data.sources):
+        yield from _source_problems(source, f"data.sources[{i}]", check_paths)
+    ppl = spec.eval.perplexity
+    if ppl is not None and ppl.source is not None:
+        yield from _source_problems(ppl.source, "eval.perplexity.source", check_paths)
+    if ppl is not None and not (ppl.single_doc or ppl.multi_doc):
+        yield "eval.perplexity.single_doc", "single_doc and multi_doc are both false: nothing to evaluate"
+    tok = spec.data.tokenizer
+    if tok.kind == "pretrained":
+        if tok.path is None:
+            yield "data.tokenizer.path", "required for kind 'pretrained' (e.g. the init_from directory)"
+        elif check_paths and looks_local(tok.path) and not Path(tok.path).expanduser().exists():
+            yield "data.tokenizer.path", f"{tok.path!r} does not exist"
+    if tok.kind == "byte" and spec.model.init_from is not None:
+        yield "data.tokenizer.kind", "'byte' cannot feed a checkpoint (model.init_from); use kind: pretrained"
+
+
+def _scaling_problems(spec) -> Iterator[Problem]:
+    sc = spec.scaling
+    if sc.use_gpu and sc.use_tpu:
+        yield "scaling.use_tpu", "use_gpu and use_tpu are both true; pick one"
+    if sc.topology is not None and not sc.use_tpu:
+        yield "scaling.topology", "only applies with scaling.use_tpu: true"
+
+
+def problems(spec, check_paths: bool = True) -> Iterator[Problem]:
+    """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling)."""
+    yield from _model_problems(spec)
+    yield from _crossbatch_problems(spec)
+    yield from _data_problems(spec, check_paths)
+    yield from _scaling_problems(spec)
+
+
+def first_problem(spec, check_paths: bool = True) -> Problem | None:
+    """The first cross-field problem, or None when the spec is consistent."""
+    return next(problems(spec, check_paths), None)
