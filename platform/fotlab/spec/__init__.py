@@ -12,13 +12,13 @@ from fotlab.spec.checks import looks_local, model_overrides, problems
 from fotlab.spec.io import (apply_overrides, flatten_spec, json_schema, load_spec, parse_spec, project_root,
                             resolve_artifact_root, resolve_storage_path, resolve_tracking_uri, spec_to_yaml)
 from fotlab.spec.models import (CrossBatchSpec, CrossBatchSwitch, DataSpec, EvalSpec, ExperimentSpec, FailureSpec,
-                                MemorySpec, ModelSpec, OptimizerSpec, PerplexityEvalSpec, ScalingSpec, ScheduleSpec,
+                                MemorySpec, ModelSpec, OptimizerSpec, ScalingSpec, ScheduleSpec,
                                 SourceSpec, StorageSpec, TokenizerSpec, TrackingSpec, TrainSpec)
 
 __all__ = [
     "FotlabError", "SpecError", "ExperimentSpec", "ModelSpec", "MemorySpec", "DataSpec", "SourceSpec",
     "TokenizerSpec", "TrainSpec", "CrossBatchSpec", "CrossBatchSwitch", "OptimizerSpec", "ScheduleSpec", "EvalSpec",
-    "PerplexityEvalSpec", "ScalingSpec", "StorageSpec", "FailureSpec", "TrackingSpec", "load_spec", "parse_spec",
+    "ScalingSpec", "StorageSpec", "FailureSpec", "TrackingSpec", "load_spec", "parse_spec",
     "apply_overrides", "spec_to_yaml", "flatten_spec", "json_schema", "project_root", "resolve_tracking_uri",
     "resolve_storage_path", "resolve_artifact_root", "model_overrides", "looks_local", "problems",
 ]

@@ -153,14 +153,21 @@ def _source_problems(source, field: str, check_paths: bool) -> Iterator[Problem]
         yield f"{field}.name", "required for kind 'hf' (a dataset name or directory)"
 
 
+def _eval_sources(eval_spec) -> Iterator[tuple[str, Any]]:
+    """(dotted field, source) of every evaluation that reads documents (the eval section's shape is fotlab.eval's)."""
+    for name, section in eval_spec:
+        items = section if isinstance(section, list) else [section]
+        for i, item in enumerate(items):
+            source = getattr(item, "source", None)
+            if source is not None:
+                yield (f"eval.{name}[{i}].source" if isinstance(section, list) else f"eval.{name}.source"), source
+
+
 def _data_problems(spec, check_paths: bool) -> Iterator[Problem]:
     for i, source in enumerate(spec.data.sources):
         yield from _source_problems(source, f"data.sources[{i}]", check_paths)
-    ppl = spec.eval.perplexity
-    if ppl is not None and ppl.source is not None:
-        yield from _source_problems(ppl.source, "eval.perplexity.source", check_paths)
-    if ppl is not None and not (ppl.single_doc or ppl.multi_doc):
-        yield "eval.perplexity.single_doc", "single_doc and multi_doc are both false: nothing to evaluate"
+    for field, source in _eval_sources(spec.eval):
+        yield from _source_problems(source, field, check_paths)
     tok = spec.data.tokenizer
     if tok.kind == "pretrained":
         if tok.path is None:

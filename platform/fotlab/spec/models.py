@@ -17,9 +17,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fotlab.eval.spec import EvalSpec  # the eval section is owned by fotlab.eval (pure pydantic)
+
 __all__ = [
     "StrictModel", "ModelSpec", "MemorySpec", "SourceSpec", "TokenizerSpec", "DataSpec", "CrossBatchSwitch",
-    "CrossBatchSpec", "OptimizerSpec", "ScheduleSpec", "TrainSpec", "PerplexityEvalSpec", "EvalSpec",
+    "CrossBatchSpec", "OptimizerSpec", "ScheduleSpec", "TrainSpec", "EvalSpec",
     "ScalingSpec", "StorageSpec", "FailureSpec", "TrackingSpec", "ExperimentSpec",
 ]
 
@@ -187,24 +189,6 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
 
 
-class PerplexityEvalSpec(StrictModel):
-    """Perplexity vs memory size (FOT_SPEC §3): documents processed chunk by chunk, chunks entering memory."""
-
-    memory_sizes: list[int] = Field(default_factory=lambda: [0, 256, 1024], min_length=1,
-                                    description="Memory sizes (tokens) to evaluate at.")
-    n_docs: int = Field(8, gt=0, description="Documents evaluated.")
-    single_doc: bool = Field(True, description="Memory cleared per document.")
-    multi_doc: bool = Field(False, description="Memory kept across documents (others act as distractors).")
-    source: SourceSpec | None = Field(None, description="Documents to evaluate (None = the validation split).")
-
-
-class EvalSpec(StrictModel):
-    """Evaluations run by `fotlab eval` and, if `after_train`, after training."""
-
-    after_train: bool = Field(True, description="Run the evaluations below after `fotlab run` trains.")
-    perplexity: PerplexityEvalSpec | None = Field(None, description="Perplexity vs memory size (None = skip).")
-
-
 class ScalingSpec(StrictModel):
     """Ray Train scaling (ray.train.ScalingConfig)."""
 
@@ -258,7 +242,8 @@ class ExperimentSpec(StrictModel):
     memory: MemorySpec = Field(default_factory=MemorySpec, description="FoT memory layers.")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training loop.")
-    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluations.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluations run after training and by "
+                           "`fotlab eval` (section defined in fotlab.eval.spec).")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train scaling.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Checkpoint/result storage.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Fault tolerance.")
