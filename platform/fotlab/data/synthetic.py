@@ -1,0 +1,154 @@
+"""Synthetic tasks (FOT_SPEC §3): dictionary lookup documents and passkey prompts.
+
+    python -c "from fotlab.data.synthetic import passkey_prompt; print(passkey_prompt(1234, 300, 0.5).prompt)"
+
+Dictionary lookup (token ids, no tokenizer involved; task vocabulary of `DICT_VOCAB` = 64 ids):
+- ids 0, 1, 2 are the markers `<k>`, `<v>`, `<q>`; ids 3..63 are symbols.
+- a definition record is `<k> k1..k_key_len <v> v1..v_value_len`; a query is `<q> k1..k_key_len <v> v1..v_value_len`
+  for a key defined earlier in the same document.
+- a document holds doc_len // record_len records: the first half definitions (distinct keys), then queries
+  (keys drawn uniformly, with replacement, from those definitions). loss_mask is 1 only on query value tokens.
+Passkey (text; the Landmark Attention prompt used by the FoT paper):
+- `passkey_prompt(key, n_filler_chars, depth)` builds the prompt; `passkey_prompt_for_tokens` picks the filler
+  length for a target number of tokens. Training documents are prompt + answer with loss on the answer only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+DICT_VOCAB = 64
+KEY_MARK, VALUE_MARK, QUERY_MARK = 0, 1, 2
+FIRST_SYMBOL = 3
+
+PASSKEY_TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+# ---- dictionary lookup ----------------------------------------------------------------------------------
+def dictionary_lookup_doc(rng: np.random.Generator, doc_len: int = 512, key_len: int = 4, value_len: int = 4,
+                          vocab: int = DICT_VOCAB) -> tuple[list[int], list[int]]:
+    """One document: (input_ids, loss_mask), at most doc_len tokens, half definitions then half queries."""
+    record_len = 2 + key_len + value_len
+    n_records = doc_len // record_len
+    if n_records < 2:
+        raise ValueError(f"dictionary_lookup: doc_len={doc_len} holds fewer than 2 records of {record_len} tokens")
+    n_defs = n_records // 2
+    n_symbols = vocab - FIRST_SYMBOL
+    if n_symbols**key_len < n_defs:
+        raise ValueError(f"dictionary_lookup: {n_symbols}^{key_len} keys cannot give {n_defs} distinct keys")
+    keys: dict[tuple[int, ...], tuple[int, ...]] = {}
+    while len(keys) < n_defs:
+        key = tuple(int(x) for x in rng.integers(FIRST_SYMBOL, vocab, key_len))
+        if key not in keys:
+            keys[key] = tuple(int(x) for x in rng.integers(FIRST_SYMBOL, vocab, value_len))
+    defined = list(keys.items())
+    ids: list[int] = []
+    mask: list[int] = []
+    for key, value in defined:
+        ids += [KEY_MARK, *key, VALUE_MARK, *value]
+        mask += [0] * record_len
+    for j in rng.integers(0, n_defs, n_records - n_defs):
+        key, value = defined[int(j)]
+        ids += [QUERY_MARK, *key, VALUE_MARK, *value]
+        mask += [0] * (2 + key_len) + [1] * value_len
+    return ids, mask
+
+
+def _dictionary_rows(seed: int, n_docs: int, doc_len: int, key_len: int, value_len: int):
+    rng = np.random.Generator(np.random.PCG64([seed, 0xD1C7]))
+    for i in range(n_docs):
+        ids, mask = dictionary_lookup_doc(rng, doc_len, key_len, value_len)
+        yield {"input_ids": ids, "loss_mask": mask, "key": f"dictionary_lookup/{i}"}
+
+
+def dictionary_lookup_dataset(n_docs: int, doc_len: int = 512, key_len: int = 4, value_len: int = 4,
+                              seed: int = 0, cache_dir: str | None = None) -> datasets.Dataset:
+    """n_docs dictionary lookup documents (columns input_ids, loss_mask, key), deterministic in seed."""
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "loss_mask": datasets.Sequence(datasets.Value("int8")),
+        "key": datasets.Value("string"),
+    })
+    kwargs = {"seed": seed, "n_docs": n_docs, "doc_len": doc_len, "key_len": key_len, "value_len": value_len}
+    return datasets.Dataset.from_generator(_dictionary_rows, features=features, gen_kwargs=kwargs,
+                                           cache_dir=cache_dir)
+
+
+# ---- passkey --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """A passkey prompt; the expected completion is `answer` (" {key}")."""
+
+    prompt: str
+    answer: str
+    key: int
+    n_filler_chars: int
+    depth: float
+
+
+def _filler(n_chars: int) -> str:
+    """The first n_chars characters of the filler sentence repeated (space separated)."""
+    n_repeats = n_chars // (len(PASSKEY_FILLER) + 1) + 1
+    return " ".join([PASSKEY_FILLER] * n_repeats)[:n_chars]
+
+
+def passkey_prompt(key: int, n_filler_chars: int, depth: float = 0.5) -> PasskeyPrompt:
+    """The passkey prompt with n_filler_chars of filler in all; the key line sits after depth * n_filler_chars.
+
+    Lines (joined by "\\n"): task sentence, filler prefix, "The pass key is {K}. Remember it. {K} is the pass
+    key.", filler suffix, "What is the pass key? The pass key is".
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be in [0, 1]")
+    n_prefix = int(round(n_filler_chars * depth))
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+    lines = [PASSKEY_TASK, _filler(n_prefix), info, _filler(n_filler_chars - n_prefix), PASSKEY_QUESTION]
+    return PasskeyPrompt("\n".join(lines), f" {key}", key, n_filler_chars, depth)
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def passkey_prompt_for_tokens(tokenizer, n_tokens: int, key: int, depth: float = 0.5) -> PasskeyPrompt:
+    """The longest passkey prompt (by filler) whose prompt tokens (no specials) fit in n_tokens."""
+    base = _n_tokens(tokenizer, passkey_prompt(key, 0, depth).prompt)
+    if base > n_tokens:
+        raise ValueError(f"passkey: n_tokens={n_tokens} is below the {base} tokens of a prompt without filler")
+    sample_chars = 4000
+    chars_per_token = sample_chars / max(_n_tokens(tokenizer, _filler(sample_chars)), 1)
+    n_chars = int((n_tokens - base) * chars_per_token)
+    for _ in range(32):  # shrink until it fits (the estimate is close, so this ends in a few rounds)
+        excess = _n_tokens(tokenizer, passkey_prompt(key, n_chars, depth).prompt) - n_tokens
+        if excess <= 0:
+            break
+        n_chars = max(n_chars - int(excess * chars_per_token) - 1, 0)
+    return passkey_prompt(key, n_chars, depth)
+
+
+def _passkey_rows(tokenizer, seed: int, n_docs: int, doc_len: int, max_passkey: int):
+    rng = np.random.Generator(np.random.PCG64([seed, 0x9A55]))
+    for i in range(n_docs):
+        key = int(rng.integers(1, max_passkey + 1))
+        depth = float(rng.uniform(0.0, 1.0))
+        answer_len = _n_tokens(tokenizer, f" {key}")
+        p = passkey_prompt_for_tokens(tokenizer, max(doc_len - answer_len, 1), key, depth)
+        yield {"text": p.prompt, "answer": p.answer, "key": f"passkey/{i}"}
+
+
+def passkey_dataset(tokenizer, n_docs: int, doc_len: int = 512, max_passkey: int = 50000, seed: int = 0,
+                    cache_dir: str | None = None) -> datasets.Dataset:
+    """n_docs passkey documents (columns text = prompt, answer, key) of about doc_len tokens each."""
+    features = datasets.Features({k: datasets.Value("string") for k in ("text", "answer", "key")})
+    kwargs = {"tokenizer": tokenizer, "seed": seed, "n_docs": n_docs, "doc_len": doc_len,
+              "max_passkey": max_passkey}
+    return datasets.Dataset.from_generator(_passkey_rows, features=features, gen_kwargs=kwargs,
+                                           cache_dir=cache_dir)
