@@ -1,0 +1,147 @@
+"""Long inputs (>= 5 windows) against a slow brute-force reference written here from FOT_SPEC §1.1.
+
+The reference loops over windows and layers with explicit per-head attention: local keys rotated at positions
+restarting per window, memory keys raw k_proj outputs rounded to bf16, one fp32 softmax over local + memory.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fotlab.model import FoTForCausalLM, preset_config
+
+
+def rms(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotate(x, pos, theta):
+    """x (T, Dh) rotated at integer positions pos (T,), rotate_half layout."""
+    dh = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, dh, 2).float() / dh)
+    ang = pos.float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    half = torch.cat([-x[:, dh // 2:], x[:, :dh // 2]], -1)
+    return x * cos + half * sin
+
+
+def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16):
+    """Brute force for one row ids (L,): returns (L, V) logits and the memory size."""
+    cfg, sd = model.config, {k: v.float() for k, v in model.state_dict().items()}
+    H, Hkv, Dh, W = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.max_position_embeddings
+    L = ids.shape[0]
+    mem_len = max(L - last_context_length, 0)
+    segments = [(s, min(s + W, mem_len)) for s in range(0, mem_len, W)] + ([(mem_len, L)] if mem_len < L else [])
+    memory = {i: ([], []) for i in cfg.mem_layers}  # layer -> (list of raw keys (Hkv, Dh), values)
+    out = []
+    for s, e in segments:
+        x = sd["model.embed_tokens.weight"][ids[s:e]]  # (T, D)
+        T = e - s
+        pos = torch.arange(T)
+        new_kv = {}
+        for li in range(cfg.num_hidden_layers):
+            p = f"model.layers.{li}."
+            h = rms(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+            q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(T, H, Dh)
+            k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(T, Hkv, Dh)
+            v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(T, Hkv, Dh)
+            is_mem = li in cfg.mem_layers
+            use_rope = not is_mem or cfg.mem_positionals
+            heads = []
+            for hh in range(H):
+                g = hh // (H // Hkv)
+                qh, kh, vh = q[:, hh], k[:, g], v[:, g]
+                if use_rope:
+                    qh, kh = rotate(qh, pos, cfg.rope_theta), rotate(kh, pos, cfg.rope_theta)
+                scores = qh @ kh.T / math.sqrt(Dh)  # (T, T)
+                scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), -1e6)
+                values = vh
+                if is_mem and memory[li][0]:
+                    mk = torch.stack([m[g] for m in memory[li][0]])  # (M, Dh)
+                    mv = torch.stack([m[g] for m in memory[li][1]])
+                    scores = torch.cat([scores, qh @ mk.T / math.sqrt(Dh)], dim=1)
+                    values = torch.cat([vh, mv], dim=0)
+                heads.append(torch.softmax(scores, -1) @ values)
+            attn = torch.stack(heads, 1).reshape(T, H * Dh)
+            x = x + attn @ sd[p + "self_attn.o_proj.weight"].T
+            h = rms(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            gate, up = h @ sd[p + "mlp.gate_proj.weight"].T, h @ sd[p + "mlp.up_proj.weight"].T
+            x = x + (F.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+            if is_mem:
+                new_kv[li] = (k.to(mem_dtype).float(), v.to(mem_dtype).float())
+        if e <= mem_len:  # a window: its keys/values enter memory after all layers ran
+            for li, (k, v) in new_kv.items():
+                memory[li][0].extend(k.unbind(0))
+                memory[li][1].extend(v.unbind(0))
+        x = rms(x, sd["model.norm.weight"], cfg.rms_norm_eps)
+        out.append(x @ sd["lm_head.weight"].T)
+    n_mem = len(memory[cfg.mem_layers[0]][0]) if cfg.mem_layers else 0
+    return torch.cat(out, 0), n_mem
+
+
+@pytest.mark.parametrize("mem_positionals,n_kv_heads,mem_layers", [(True, 4, [1]), (False, 2, [0, 1])])
+def test_five_windows_equal_brute_force(mem_positionals, n_kv_heads, mem_layers):
+    torch.manual_seed(0)
+    model = FoTForCausalLM(preset_config("debug", mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads,
+                                         mem_layers=mem_layers, max_position_embeddings=16,
+                                         last_context_length=12)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5 * 16 + 12 + 7))  # 5 full windows + 7-token window + local
+    with torch.no_grad():
+        out = model(ids)
+    for b in range(2):
+        ref, n_mem = reference_logits(model, ids[b], 12)
+        assert (out.logits[b] - ref).abs().max().item() <= 1e-4
+    assert out.memory.n_tokens == n_mem == ids.shape[1] - 12
+    assert out.cache.n_local == 12
+
+
+def test_bf16_memory_rounding_matters():
+    """The reference without bf16 rounding differs: the model really stores memory in bf16."""
+    torch.manual_seed(1)
+    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (40,))
+    with torch.no_grad():
+        ours = model(ids[None]).logits[0]
+    ref_bf16, _ = reference_logits(model, ids, 8)
+    ref_fp32, _ = reference_logits(model, ids, 8, mem_dtype=torch.float32)
+    err_bf16 = (ours - ref_bf16).abs().max().item()
+    assert err_bf16 <= 1e-4 < (ours - ref_fp32).abs().max().item()
+
+
+def test_chunked_memory_passing_equals_one_call():
+    """`last_context_length=0` sends everything to memory; feeding chunks with the returned memory is the same."""
+    torch.manual_seed(2)
+    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 80))
+    with torch.no_grad():
+        whole = model(ids, last_context_length=0)
+        memory, parts = model.new_memory(), []
+        for chunk in ids.split(16, dim=1):
+            out = model(chunk, memory=memory, last_context_length=0)
+            memory = out.memory
+            parts.append(out.logits)
+    assert whole.memory.n_tokens == memory.n_tokens == 80
+    assert whole.cache is None or whole.cache.n_local == 0
+    assert torch.allclose(torch.cat(parts, 1), whole.logits, atol=1e-5)
+    ref, _ = reference_logits(model, ids[0], 0)
+    assert (whole.logits[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_padding_is_carried_into_memory():
+    """Left padding in a multi-window input: pads stay masked in memory, so rows do not see each other's pads and
+    a row's logits do not depend on the pad token ids."""
+    torch.manual_seed(3)
+    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8)).eval()
+    ids = torch.randint(1, model.config.vocab_size, (1, 50))
+    mask = torch.ones(1, 50, dtype=torch.long)
+    mask[:, :5] = 0
+    other = ids.clone()
+    other[:, :5] = torch.randint(1, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask)
+        b = model(other, attention_mask=mask)
+    assert torch.allclose(a.logits[:, 5:], b.logits[:, 5:], atol=1e-6)
+    layer = model.config.mem_layers[0]
+    assert a.memory[layer].valid[0].tolist() == [False] * 5 + [True] * 37
