@@ -157,19 +157,18 @@ def load_checkpoint(
     scheduler: Any = None,
     rank: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load checkpoint `path` into `model` / `optimizer` / `scheduler` (in place).
+    """Load checkpoint `path` into `model` (and `optimizer` / `scheduler` when given), in place.
 
     Returns (trainer_state, rank_state) for this rank. Weights go through safetensors, the rest through
-    `torch.load(weights_only=True)`.
+    `torch.load(weights_only=True)`. The optimizer can also be loaded later with `load_optimizer_state` (after
+    the model has been wrapped for DDP/FSDP and the optimizer built over the wrapped parameters).
     """
     path = Path(path)
     trainer_state = json.loads((path / STATE_FILE).read_text())
     device = next(model.parameters()).device
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if optimizer is not None or scheduler is not None:
+        load_optimizer_state(path, optimizer, scheduler)
     rank_file = path / f"rank-{rank:05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(
@@ -177,3 +176,12 @@ def load_checkpoint(
         )
     rank_state = torch.load(rank_file, weights_only=True)
     return trainer_state, rank_state
+
+
+def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any = None) -> None:
+    """Load the optimizer and lr-scheduler states of checkpoint `path` (weights_only)."""
+    path = Path(path)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 import torch
 
+from fotlab.errors import FotlabError
 
-class TrainError(RuntimeError):
+
+class TrainError(FotlabError, RuntimeError):
     """A training run cannot go on; the message names the step and the cause in one line."""
 
 
