@@ -85,16 +85,16 @@ def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16):
 def test_five_windows_equal_brute_force(mem_positionals, n_kv_heads, mem_layers):
     torch.manual_seed(0)
     model = FoTForCausalLM(preset_config("debug", mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads,
-                                         mem_layers=mem_layers, max_position_embeddings=16,
-                                         last_context_length=12)).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 5 * 16 + 12 + 7))  # 5 full windows + 7-token window + local
+                                         mem_layers=mem_layers, max_position_embeddings=8,
+                                         last_context_length=6)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5 * 8 + 6 + 3))  # 5 full windows + 3-token window + local
     with torch.no_grad():
         out = model(ids)
     for b in range(2):
-        ref, n_mem = reference_logits(model, ids[b], 12)
+        ref, n_mem = reference_logits(model, ids[b], 6)
         assert (out.logits[b] - ref).abs().max().item() <= 1e-4
-    assert out.memory.n_tokens == n_mem == ids.shape[1] - 12
-    assert out.cache.n_local == 12
+    assert out.memory.n_tokens == n_mem == ids.shape[1] - 6
+    assert out.cache.n_local == 6
 
 
 def test_bf16_memory_rounding_matters():
