@@ -8,12 +8,13 @@ Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
   sample_by="document")`).
 - "jsonl" / "parquet": `path` (a file, a directory, or a glob) of such files; `text_field` (default "text").
 - "hf": a dataset directory saved with `Dataset.save_to_disk`, or any name/path `datasets.load_dataset` accepts
-  (`path` or `name`, with `config`, `split`, `streaming`); hub names need network.
+  (`path` or `name`, with `config`, `data_dir`, `split`, `streaming`); hub names need network.
 Synthetic kinds ("dictionary_lookup", "passkey") live in `fotlab.data.synthetic`.
 """
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -39,10 +40,10 @@ def embedded_files(root: Path | None = None) -> list[str]:
     """Relative posix paths of the stdlib `*.py` files used as the embedded corpus, sorted."""
     root = stdlib_root() if root is None else root
     paths = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root)
-        if EXCLUDED_STDLIB_DIRS.isdisjoint(rel.parts[:-1]) and p.is_file():
-            paths.append(rel.as_posix())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_STDLIB_DIRS]  # prune tests, site-packages
+        rel_dir = Path(dirpath).relative_to(root)
+        paths += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
     return sorted(paths)
 
 
@@ -153,6 +154,7 @@ def load_hf(source, index=None, cache_dir=None):
         ds = datasets.load_dataset(
             str(local) if looks_local else str(target),
             getattr(source, "config", None),
+            data_dir=getattr(source, "data_dir", None),
             split=split,
             streaming=bool(getattr(source, "streaming", False)),
             cache_dir=cache_dir,

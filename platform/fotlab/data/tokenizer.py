@@ -76,11 +76,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 
 
 def load_pretrained_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory with `AutoTokenizer`; make sure bos/eos/pad are set."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer.path: tokenizer directory {path} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    """Load a tokenizer directory (or hub id, needs network) with `AutoTokenizer`; make sure bos/eos/pad are set."""
+    local = Path(path).expanduser()
+    if not local.exists() and (str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1):
+        raise FileNotFoundError(f"tokenizer.path: tokenizer directory {str(local)!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(path))
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise TypeError(f"tokenizer.path: {path} loads as {type(tok).__name__}, not a fast (tokenizers) tokenizer")
     if tok.bos_token is None or tok.eos_token is None:
@@ -94,11 +94,12 @@ def _has_tokenizer_files(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
 
 
-def build_tokenizer(tok_spec=None, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(tok_spec=None, texts: Iterable[str] | None = None, data_spec=None) -> PreTrainedTokenizerFast:
     """Build the tokenizer a `TokenizerSpec` describes (duck-typed: reads .kind, .path, .vocab_size).
 
     `tok_spec=None` gives the byte tokenizer. For "bpe", an existing `path` with tokenizer files is loaded;
-    otherwise `texts` (an iterable of documents) is required to train, and the result is saved to `path` if set.
+    otherwise it trains on `texts` (an iterable of documents) or, when None, on the text sources of `data_spec`
+    (`fotlab.data.corpus_texts`), and saves the result to `path` if set.
     """
     kind = getattr(tok_spec, "kind", "byte") if tok_spec is not None else "byte"
     path = getattr(tok_spec, "path", None)
@@ -111,8 +112,13 @@ def build_tokenizer(tok_spec=None, texts: Iterable[str] | None = None) -> PreTra
     if kind == "bpe":
         if path is not None and _has_tokenizer_files(Path(path).expanduser()):
             return load_pretrained_tokenizer(path)
+        if texts is None and data_spec is not None:
+            from fotlab.data.build import corpus_texts  # local import: build imports this module
+
+            texts = corpus_texts(data_spec)
         if texts is None:
-            raise ValueError("tokenizer.kind='bpe' needs texts to train on (or tokenizer.path with a trained one)")
+            raise ValueError("tokenizer.kind='bpe' needs texts or data_spec to train on (or tokenizer.path with a "
+                             "trained tokenizer)")
         tok = train_bpe_tokenizer(texts, int(getattr(tok_spec, "vocab_size")))
         if path is not None:
             tok.save_pretrained(str(Path(path).expanduser()))
