@@ -149,8 +149,12 @@ def _source_problems(source, field: str, check_paths: bool) -> Iterator[Problem]
             yield f"{field}.path", f"required for kind {source.kind!r}"
         elif check_paths and not _is_url(source.path) and not Path(source.path).expanduser().exists():
             yield f"{field}.path", f"{source.path!r} does not exist"
-    if source.kind == "hf" and source.name is None:
-        yield f"{field}.name", "required for kind 'hf' (a dataset name or directory)"
+    if source.kind == "hf":
+        path = getattr(source, "path", None)
+        if source.name is None and path is None:
+            yield f"{field}.name", "required for kind 'hf' (a hub dataset name, or `path` to a local dataset)"
+        elif check_paths and path is not None and looks_local(path) and not Path(path).expanduser().exists():
+            yield f"{field}.path", f"{path!r} does not exist"
 
 
 def _eval_sources(eval_spec) -> Iterator[tuple[str, Any]]:

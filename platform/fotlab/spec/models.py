@@ -88,10 +88,14 @@ class SourceSpec(StrictModel):
                              "field; hf: a Hugging Face dataset; dictionary_lookup/passkey: synthetic tasks.")
     path: str | None = Field(None, description="local/jsonl/parquet: a file or directory (checked to exist unless "
                              "it is a URL like s3://...); relative paths are relative to the working directory.")
-    glob: str = Field("**/*", description="Files to read under a directory `path` (local: each file one document).")
+    glob: str = Field("**/*.txt", description="Files to read under a directory `path` (local: each file one "
+                      "document).")
     text_field: str = Field("text", description="Column/key holding the document text (jsonl, parquet, hf).")
-    name: str | None = Field(None, description="hf: dataset name on the hub or a local dataset directory.")
+    name: str | None = Field(None, description="hf: dataset name on the hub (or give `path`: a local dataset "
+                             "directory saved with save_to_disk).")
     config: str | None = Field(None, description="hf: dataset configuration name.")
+    data_dir: str | None = Field(None, description="hf: `data_dir` passed to load_dataset (e.g. 'data/python' "
+                                 "for The Stack).")
     split: str = Field("train", description="hf: dataset split to read.")
     streaming: bool = Field(False, description="hf: stream the dataset instead of downloading it whole.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in the training mixture.")

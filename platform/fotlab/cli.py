@@ -1,0 +1,217 @@
+"""The `fotlab` command.
+
+    fotlab validate experiments/*.yaml             # check specs (one line per problem)
+    fotlab run experiments/quickstart.yaml --set train.steps=20 --json
+    fotlab runs list                               # browse MLflow runs in the terminal; `fotlab ui` for the web UI
+
+Design choices:
+- argparse only; every heavy import (mlflow, ray, torch) happens inside the handler that needs it, so
+  `fotlab --help` and `fotlab validate` start fast.
+- User mistakes (`FotlabError`: bad spec, unknown run, missing file) end with ONE line on stderr and exit 1;
+  anything else is a bug and keeps its traceback.
+- `run`, `eval`, `sweep`, `submit` live in `fotlab.orchestrate` (see `_orchestrate`); when that part is missing
+  the command says so in one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from fotlab.errors import FotlabError
+
+EXIT_USER_ERROR = 1
+EXIT_UNAVAILABLE = 2
+
+
+def _add_spec_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("spec", help="experiment spec (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set train.steps=10 (repeatable; value parsed as YAML)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="end with one JSON object on stdout (for scripts/CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fotlab` argument parser (subcommand -> handler in `args.handler`)."""
+    parser = argparse.ArgumentParser(prog="fotlab", description="Focused Transformer experiment platform.")
+    parser.add_argument("--version", action="version", version=f"fotlab {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="train (+ the spec's evaluations) as one MLflow run")
+    _add_spec_args(p)
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (MLflow run id or name)")
+    p.add_argument("--address", help="Ray cluster address to attach to (default: a local cluster)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
+    p.set_defaults(handler=_cmd_orchestrate)
+
+    p = sub.add_parser("eval", help="run the spec's evaluations on a trained model")
+    _add_spec_args(p)
+    p.add_argument("--model", required=True, metavar="DIR|runs:/RUN_ID", help="model directory or MLflow run")
+    p.set_defaults(handler=_cmd_orchestrate)
+
+    p = sub.add_parser("sweep", help="hyper-parameter sweep on Ray Tune")
+    p.add_argument("spec", help="sweep spec (YAML)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep")
+    p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
+    p.set_defaults(handler=_cmd_orchestrate)
+
+    p = sub.add_parser("submit", help="run the spec on a remote Ray cluster (Ray Jobs)")
+    _add_spec_args(p)
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.set_defaults(handler=_cmd_orchestrate)
+
+    p = sub.add_parser("validate", help="check specs; one line per problem")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every spec before validating")
+    p.add_argument("--no-check-paths", dest="check_paths", action="store_false",
+                   help="do not check that local data/tokenizer paths exist (specs meant for another machine)")
+    p.add_argument("--print", dest="print_spec", action="store_true", help="print the full resolved spec (YAML)")
+    p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of experiment specs")
+    p.set_defaults(handler=_cmd_schema)
+
+    _add_runs_parser(sub)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+    p.set_defaults(handler=_cmd_ui)
+    return parser
+
+
+def _add_runs_parser(sub) -> None:
+    runs = sub.add_parser("runs", help="browse MLflow runs in the terminal")
+    runs.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION")
+    p = runs_sub.add_parser("list", help="newest runs first")
+    p.add_argument("--experiment", help="only this experiment")
+    p.add_argument("--sweep", help="only the runs of this sweep")
+    p.add_argument("--limit", type=int, default=30, help="at most this many runs (default 30)")
+    p = runs_sub.add_parser("show", help="one run: status, params, final metrics, artifacts")
+    p.add_argument("run", help="run id or run name")
+    p = runs_sub.add_parser("compare", help="runs side by side (params that differ, final metrics)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or names")
+    runs.set_defaults(handler=_cmd_runs, runs_command="list", experiment=None, sweep=None, limit=30)
+
+
+def _version() -> str:
+    import fotlab
+
+    return fotlab.__version__
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from fotlab.spec import SpecError, load_spec, spec_to_yaml
+
+    n_bad = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.overrides, check_paths=args.check_paths)
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            n_bad += 1
+            continue
+        print(spec_to_yaml(spec) if args.print_spec else f"{path}: ok ({spec.name})")
+    return EXIT_USER_ERROR if n_bad else 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from fotlab.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from fotlab import cli_runs
+
+    return cli_runs.main(args)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from fotlab import cli_runs
+
+    return cli_runs.serve_ui(args)
+
+
+# `fotlab <verb>` -> the fotlab.orchestrate function that implements it. Each takes the parsed arguments
+# (argparse.Namespace: spec, overrides, json, and the verb's own options) and returns a JSON-able dict
+# (printed when --json) or an int exit code.
+ORCHESTRATE_COMMANDS = {"run": "run_command", "eval": "eval_command", "sweep": "sweep_command",
+                        "submit": "submit_command"}
+
+
+def _orchestrate(verb: str):
+    """The implementation of `verb` from fotlab.orchestrate, or None when it is not there."""
+    import importlib
+
+    try:
+        module = importlib.import_module("fotlab.orchestrate")
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and not exc.name.startswith("fotlab"):
+            raise
+        return None
+    return getattr(module, ORCHESTRATE_COMMANDS[verb], None)
+
+
+def _run_experiment_adapter(args: argparse.Namespace):
+    """`fotlab run` through `fotlab.orchestrate.run_experiment(spec, ...)` when no `run_command` is provided."""
+    try:
+        from fotlab.orchestrate import run_experiment
+    except ImportError:
+        return None
+
+    def run(args: argparse.Namespace) -> dict | int:
+        from fotlab.spec import load_spec
+
+        spec = load_spec(args.spec, args.overrides)
+        outcome = run_experiment(spec, address=args.address, resume=args.resume, json_output=args.json,
+                                 progress=args.progress, spec_path=args.spec)
+        result = outcome.to_json()
+        if not args.json:
+            print(f"run {result['run_id']} {result['status']}; model: {result['model_dir']}; "
+                  f"browse with `fotlab runs show {result['run_id']}`")
+        return result
+
+    return run
+
+
+def _cmd_orchestrate(args: argparse.Namespace) -> int:
+    impl = _orchestrate(args.command)
+    if impl is None and args.command == "run":
+        impl = _run_experiment_adapter(args)
+    if impl is None:
+        print(f"fotlab {args.command}: not available in this installation "
+              f"(fotlab.orchestrate.{ORCHESTRATE_COMMANDS[args.command]} is missing)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    result = impl(args)
+    if isinstance(result, int):
+        return result
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fotlab` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except FotlabError as exc:
+        message = " ".join(str(exc).splitlines())
+        print(message if message.startswith("fotlab") else f"fotlab {args.command}: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"fotlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""MLflow tracking for fotlab: metric/tag names (declared once, here) and a small client-API wrapper.
+
+    from fotlab import tracking
+    exp_id = tracking.setup_experiment("sqlite:///mlflow.db", "quickstart", artifact_root=None)
+    run = tracking.start_run("sqlite:///mlflow.db", exp_id, run_name="demo")
+    run.log_spec(spec); run.log_metrics({tracking.TRAIN_LOSS: 2.3}, step=10); run.finish()
+
+Design choices:
+- Only `MlflowClient` is used (no fluent "active run" state): several runs can live in one process, and a run
+  created on the driver can be continued by id from rank 0 of a Ray worker (`start_run(..., run_id=...)`).
+- Experiments are created on the driver with an explicit artifact location (an experiment first created inside
+  a Ray worker puts its artifacts under Ray's temporary session dir).
+- mlflow is imported inside functions, so importing this module (for the names) is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fotlab
+from fotlab.errors import FotlabError
+
+# Metric names (the training loop's names in fotlab.train.metrics must equal these; a test checks it).
+TRAIN_LOSS = "train/loss"
+LR = "train/lr"
+GRAD_NORM = "train/grad_norm"
+TOKENS_PER_S = "train/tokens_per_s"
+STEP_TIME_S = "train/step_time_s"
+TOKENS_SEEN = "train/tokens_seen"
+CROSSBATCH_RANGE = "train/crossbatch_range"
+MEM_TOKENS = "train/memory_tokens"
+VAL_LOSS = "val/loss"
+VAL_PPL = "val/ppl"
+VAL_LOSS_NO_XBATCH = "val/loss_no_xbatch"
+SUMMARY_METRICS = (TRAIN_LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S)  # shown by `fotlab runs list`
+
+# Tags.
+TAG_VERSION = "fotlab.version"
+TAG_SPEC_NAME = "fotlab.spec_name"
+TAG_SWEEP = "fotlab.sweep"
+TAG_ERROR = "fotlab.error"
+TAG_PARENT_RUN = "mlflow.parentRunId"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_NOTE = "mlflow.note.content"
+
+SPEC_ARTIFACT = "spec.yaml"
+MODEL_ARTIFACT_DIR = "model"
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+MAX_PARAM_VALUE_LEN = 6000  # MLflow's param value limit
+MAX_METRICS_PER_BATCH = 1000
+
+
+class TrackingError(FotlabError):
+    """A tracking problem the user can fix (unknown run, bad store, missing optional package)."""
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The git commit of the working tree (None outside a repository or without git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def default_tags(spec=None) -> dict[str, str]:
+    """fotlab version, git commit (if any) and, given a spec, its name, description and extra tags."""
+    tags = {TAG_VERSION: fotlab.__version__}
+    commit = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    if spec is not None:
+        tags[TAG_SPEC_NAME] = spec.name
+        if spec.description:
+            tags[TAG_NOTE] = spec.description
+        tags.update(spec.tags)
+    return tags
+
+
+def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> str:
+    """Id of experiment `name`, created (on the driver) with an explicit artifact location if new.
+
+    `artifact_root` is a directory URI (`file:///...`, `s3://...`); the experiment's artifacts go to
+    `<artifact_root>/<name>`. None leaves the location to the tracking server.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+@dataclasses.dataclass
+class TrackedRun:
+    """One MLflow run, addressed by id through the client API."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+    _monitor: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def client(self):
+        return _client(self.uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in chunks under MLflow's limits (100 per request, values cut at 6000 chars)."""
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:MAX_PARAM_VALUE_LEN]) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def log_spec(self, spec) -> None:
+        """The flattened spec as params and the full spec YAML as the `spec.yaml` artifact."""
+        from fotlab.spec import flatten_spec, spec_to_yaml
+
+        self.log_params(flatten_spec(spec))
+        self.client.log_text(self.run_id, spec_to_yaml(spec), SPEC_ARTIFACT)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Log the finite numeric metrics in one batch at `step`; returns what was logged."""
+        import time
+
+        from mlflow.entities import Metric
+
+        kept = {k: float(v) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+        return kept
+
+    def log_model_dir(self, model_dir: str | Path, artifact_path: str = MODEL_ARTIFACT_DIR) -> None:
+        """Upload a saved model directory (HF format: config.json, *.safetensors, tokenizer files)."""
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            raise TrackingError(f"{path}: not a saved model directory (no config.json)")
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, KILLED, FAILED)."""
+        self._stop_monitor()
+        self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, error: BaseException | str, status: str = "FAILED") -> None:
+        """Mark the run FAILED (or KILLED) and keep the one-line error message as the `fotlab.error` tag."""
+        message = error if isinstance(error, str) else one_line(error)
+        self.client.set_tag(self.run_id, TAG_ERROR, message[:MAX_PARAM_VALUE_LEN])
+        self.finish(status)
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def _start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float):
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:
+        raise TrackingError(f"tracking.system_metrics needs the '{exc.name}' package (pip install {exc.name})") from None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def start_run(uri: str, experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+              run_id: str | None = None, parent_run_id: str | None = None, system_metrics: bool = False,
+              system_metrics_interval_s: float = 10.0) -> TrackedRun:
+    """Create a run (or, with `run_id`, reopen that run as RUNNING to resume it); tags are added either way.
+
+    `parent_run_id` makes it a child run (sweep trials); `system_metrics` samples CPU/memory (and GPU) metrics
+    in a background thread until `finish()`.
+    """
+    client = _client(uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[TAG_PARENT_RUN] = parent_run_id
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        resumed = False
+    else:
+        existing = get_run(uri, run_id)
+        experiment_id = existing.info.experiment_id
+        client.update_run(run_id, status="RUNNING")
+        resumed = True
+    run = TrackedRun(uri, run_id, experiment_id)
+    if resumed:
+        run.set_tags(all_tags)
+    if system_metrics:
+        run._monitor = _start_system_metrics(uri, run_id, resumed, system_metrics_interval_s)
+    return run
+
+
+def start_spec_run(spec, *, uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
+                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> TrackedRun:
+    """Driver-side: experiment (spec.tracking.experiment or spec.name) + a run with the spec logged.
+
+    A resumed run (`run_id`) keeps its params and spec artifact (MLflow params cannot change).
+    """
+    from fotlab.spec import resolve_artifact_root, resolve_tracking_uri
+
+    uri = uri or resolve_tracking_uri(spec)
+    experiment_id = setup_experiment(uri, spec.tracking.experiment or spec.name, resolve_artifact_root(spec, uri))
+    run = start_run(uri, experiment_id, run_name=run_name or spec.tracking.run_name, run_id=run_id,
+                    tags={**default_tags(spec), **dict(tags or {})}, parent_run_id=parent_run_id,
+                    system_metrics=spec.tracking.system_metrics)
+    if run_id is None:
+        run.log_spec(spec)
+    return run
+
+
+def get_run(uri: str, ref: str):
+    """The run with id `ref`, else the newest run named `ref`; `TrackingError` when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        return client.get_run(ref)
+    except MlflowException:
+        pass
+    quoted = ref.replace("'", "\\'")
+    runs = search_runs(uri, filter_string=f"attributes.run_name = '{quoted}'", max_results=1)
+    if not runs:
+        raise TrackingError(f"no run with id or name {ref!r} in {uri}")
+    return runs[0]
+
+
+def search_runs(uri: str, experiment: str | None = None, sweep: str | None = None, filter_string: str = "",
+                max_results: int = 100) -> list:
+    """Runs of one experiment (by name) or of all experiments, newest first; `sweep` keeps that sweep's runs."""
+    client = _client(uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise TrackingError(f"no experiment named {experiment!r} in {uri}")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    filters = [f for f in (filter_string,) if f]
+    if sweep is not None:
+        quoted = sweep.replace("'", "\\'")
+        filters.append(f"tags.`{TAG_SWEEP}` = '{quoted}'")
+    return client.search_runs(experiment_ids, filter_string=" and ".join(filters), max_results=max_results,
+                              order_by=["attributes.start_time DESC"])
+
+
+def experiment_names(uri: str) -> dict[str, str]:
+    """experiment id -> name for every experiment in the store."""
+    return {e.experiment_id: e.name for e in _client(uri).search_experiments()}
