@@ -113,19 +113,33 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.to(dtype)
 
 
-def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int) -> torch.Tensor:
+def _slot_sources(batch_size: int, n_slots: int, device: torch.device) -> torch.Tensor:
+    """Entry whose context fills slot c of entry b: b - c, clamped at 0, as a LongTensor (B, n).
+
+    Clamped slots (b - c < 0) are always masked (allowed[b] <= b + 1), so what they hold never matters.
+    """
+    rows = torch.arange(batch_size, device=device)
+    return (rows[:, None] - torch.arange(n_slots, device=device)[None, :]).clamp(min=0)
+
+
+def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n_heads: int) -> torch.Tensor:
     """Flat prefix of n_slots contexts per entry: slot 0 = x_own[b], slot c = x_extra[b - c].
 
-    x_own, x_extra: (B, Hkv, T, Dh) -> (B, Hkv, n_slots*T, Dh). Rows b - c < 0 are clamped to 0; those slots are
-    always masked (allowed[b] <= b + 1), so what they hold never matters.
+    x_own, x_extra: (B, Hkv, T, Dh) -> (B, H, n_slots*T, Dh), a strided view of one (B, n, T, H, Dh) buffer made
+    by a single gather: the GQA head repeat is an expand (no copy) of the source, materialised by the gather itself,
+    and the (T, H) layout lets n and T merge into one key axis without a second copy.
     """
     B, Hkv, T, Dh = x_own.shape
-    rows = torch.arange(B, device=x_own.device)
-    slots = torch.arange(1, n_slots, device=x_own.device)
-    source = (rows[:, None] - slots[None, :]).clamp(min=0)  # (B, n-1): entry feeding slot c of entry b
-    extra = x_extra[source]  # (B, n-1, Hkv, T, Dh)
-    stacked = torch.cat([x_own[:, None], extra], dim=1)  # (B, n, Hkv, T, Dh)
-    return stacked.transpose(1, 2).reshape(B, Hkv, n_slots * T, Dh)
+    group = n_heads // Hkv
+    sources = _slot_sources(B, n_slots, x_own.device)  # (B, n)
+    if x_extra is x_own:
+        table = x_own  # (B, Hkv, T, Dh)
+    else:  # rows 0..B-1 own contexts, rows B..2B-1 extra contexts
+        table = torch.cat([x_own, x_extra], dim=0)  # (2B, Hkv, T, Dh)
+        sources = torch.cat([sources[:, :1], sources[:, 1:] + B], dim=1)  # (B, n)
+    table = table.transpose(1, 2)[:, :, :, None].expand(-1, T, Hkv, group, Dh)  # (B', T, Hkv, g, Dh) view
+    gathered = table.index_select(0, sources.flatten())  # (B*n, T, Hkv, g, Dh) contiguous: the one copy
+    return gathered.view(B, n_slots * T, n_heads, Dh).transpose(1, 2)  # (B, H, n*T, Dh)
 
 
 def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -140,9 +154,8 @@ def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: to
     slot_of_key = torch.arange(n_slots, device=device).repeat_interleave(T)  # (n*T,)
     key_ok = slot_of_key[None, :] < allowed[:, None]  # (B, n*T)
     if key_valid is not None:
-        rows = torch.arange(B, device=device)
-        source = (rows[:, None] - torch.arange(n_slots, device=device)[None, :]).clamp(min=0)  # (B, n)
-        key_ok = key_ok & key_valid.to(torch.bool)[source].reshape(B, n_slots * T)  # (B, n*T)
+        sources = _slot_sources(B, n_slots, device)  # (B, n)
+        key_ok = key_ok & key_valid.to(torch.bool)[sources].reshape(B, n_slots * T)  # (B, n*T)
     return (block[None] & key_ok[:, None, :])[:, None]  # (B, 1, T, n*T)
 
 
@@ -164,12 +177,12 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     n_full = crossbatch.n_contexts
     allowed = allowed_contexts(B, n_full, crossbatch.packing, crossbatch.stepping, device=q.device)  # (B,)
     n_slots = min(n_full, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
-    keys = _gather_contexts(k_rot, k_mem, n_slots)  # (B, Hkv, n*T, Dh)
-    values = _gather_contexts(v, v, n_slots)  # (B, Hkv, n*T, Dh)
+    keys = _gather_contexts(k_rot, k_mem, n_slots, H)  # (B, H, n*T, Dh)
+    values = _gather_contexts(v, v, n_slots, H)  # (B, H, n*T, Dh)
     mask = _block_mask(allowed, n_slots, T, key_valid)  # (B, 1, T, n*T)
     has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
     # A row with no visible key would be NaN in SDPA; let it see its own key, then zero its output.
     diag = torch.arange(T, device=q.device)
     mask[:, :, diag, diag] |= ~has_key[..., 0]  # slot 0 key t for query t
-    out = _sdpa(q, _expand_heads(keys, H), _expand_heads(values, H), mask, False, scale)  # (B, H, T, Dh)
+    out = _sdpa(q, keys, values, mask, False, scale)  # (B, H, T, Dh)
     return torch.where(has_key, out, out.new_zeros(()))
