@@ -208,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).splitlines())
         print(message if message.startswith("fotlab") else f"fotlab {args.command}: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` & co.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"fotlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,221 @@
+"""fotlab.spec: shipped specs validate, strictness, cross-field rules, --set overrides, YAML/params/schema output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from fotlab.spec import (ExperimentSpec, SpecError, apply_overrides, flatten_spec, json_schema, load_spec,
+                         model_overrides, parse_spec, project_root, resolve_artifact_root, resolve_storage_path,
+                         resolve_tracking_uri, spec_to_yaml)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, data: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _error(tmp_path: Path, data: dict, overrides=()) -> str:
+    path = _write(tmp_path, data)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path)), message
+    return message
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.name
+    assert load_spec(path) == spec
+
+
+def test_shipped_specs_include_the_recipes():
+    names = {p.stem for p in SHIPPED}
+    assert {"quickstart", "paper_184m", "longllama_3b_finetune", "longllama_code_7b_finetune"} <= names
+    quick = load_spec(REPO / "experiments" / "quickstart.yaml")
+    assert quick.train.crossbatch.range == 3 and quick.train.crossbatch.packing == 4 and quick.scaling.num_workers == 1
+    three_b = load_spec(REPO / "experiments" / "longllama_3b_finetune.yaml")
+    assert three_b.memory.layers == [6, 12, 18] and three_b.train.optimizer.lr == 2e-5
+    assert three_b.train.context_length * three_b.train.crossbatch.packing == 8192
+    seven_b = load_spec(REPO / "experiments" / "longllama_code_7b_finetune.yaml")
+    assert seven_b.memory.layers == [8, 16, 24] and seven_b.train.optimizer.weight_decay == 0.01
+
+
+def test_minimal_spec_is_just_a_name(tmp_path):
+    spec = load_spec(_write(tmp_path, {"name": "x"}))
+    assert spec.model.preset is None and spec.data.sources[0].kind == "embedded"
+    assert spec.data.tokenizer.kind == "byte" and spec.train.crossbatch.range == 0
+    assert model_overrides(spec) == {}
+
+
+def test_every_field_has_a_description():
+    def walk(cls: type[BaseModel], seen: set) -> None:
+        if cls in seen:
+            return
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            for sub in _models_in(field.annotation):
+                walk(sub, seen)
+
+    walk(ExperimentSpec, set())
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) or () for m in _models_in(arg)]
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({"name": "x", "trian": {}}, "trian", "did you mean 'train'"),
+    ({"name": "x", "train": {"crossbatch": {"rnage": 2}}}, "train.crossbatch.rnage", "unknown key"),
+    ({"name": "x", "train": {"steps": "many"}}, "train.steps", "valid integer"),
+    ({"name": "x", "train": {"optimizer": {"lr": -1}}}, "train.optimizer.lr", "greater than 0"),
+    ({"name": "x", "memory": {"retrieval": "knn"}}, "memory.retrieval", "'dense'"),
+    ({"name": "x", "model": {"preset": "tiny"}, "memory": {"layers": [1, 4]}}, "memory.layers[1]", "4 layers"),
+    ({"name": "x", "train": {"batch_size": 4, "crossbatch": {"range": 4, "packing": 4}}},
+     "train.crossbatch.range", "< train.batch_size"),
+    ({"name": "x", "train": {"batch_size": 6, "crossbatch": {"packing": 4}}}, "train.batch_size", "multiple"),
+    ({"name": "x", "train": {"context_length": 65}}, "train.context_length", "window"),
+    ({"name": "x", "model": {"preset": "huge"}}, "model.preset", "unknown preset"),
+    ({"name": "x", "memory": {"retrieval": "topk"}}, "memory.topk", "required"),
+    ({"name": "x", "data": {"sources": [{"kind": "embedded"}, {"kind": "local", "path": "/no/such/dir"}]}},
+     "data.sources[1].path", "does not exist"),
+    ({"name": "x", "data": {"sources": [{"kind": "jsonl"}]}}, "data.sources[0].path", "required"),
+    ({"name": "x", "data": {"tokenizer": {"kind": "pretrained"}}}, "data.tokenizer.path", "required"),
+    ({"name": "x", "model": {"init_from": "./no-such-model"}}, "model.init_from", "does not exist"),
+    ({"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 5, "range": 8}]}}},
+     "train.crossbatch.switch[0].range", "< train.batch_size"),
+    ({"name": "bad name!"}, "name", "pattern"),
+    ({"seed": 1}, "name", "missing"),
+])
+def test_bad_specs_give_one_line_naming_the_field(tmp_path, data, field, words):
+    message = _error(tmp_path, data)
+    assert f": {field}: " in message, message
+    assert words in message, message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: [unclosed\n")
+    with pytest.raises(SpecError, match="invalid YAML"):
+        load_spec(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(tmp_path / "list.yaml")
+
+
+def test_yaml_never_executes_code(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError, match="invalid YAML"):
+        load_spec(path)
+
+
+def test_set_overrides_coerce_types(tmp_path):
+    data_dir = tmp_path / "docs"
+    data_dir.mkdir()
+    path = _write(tmp_path, {"name": "x", "model": {"preset": "tiny"}})
+    spec = load_spec(path, ["train.steps=7", "train.optimizer.lr=3e-4", "train.crossbatch.stepping=true",
+                            "memory.layers=[1, 3]", "model.rope_theta=1e6", "tracking.uri=null",
+                            "data.sources.0.kind=local", f"data.sources.0.path={data_dir}",
+                            "data.sources.1.kind=embedded", "data.sources.1.weight=0.5"])
+    assert spec.train.steps == 7 and spec.train.optimizer.lr == pytest.approx(3e-4)
+    assert spec.train.crossbatch.stepping is True and spec.memory.layers == [1, 3]
+    assert spec.model.rope_theta == 1e6 and spec.tracking.uri is None
+    assert spec.data.sources[0].path == str(data_dir) and spec.data.sources[1].weight == 0.5
+    assert model_overrides(spec) == {"rope_theta": 1e6, "mem_layers": [1, 3]}
+
+
+def test_set_override_errors_are_one_line(tmp_path):
+    path = _write(tmp_path, {"name": "x"})
+    assert "expected dotted.key=value" in _error(tmp_path, {"name": "x"}, ["train.steps"])
+    assert "past the end" in _error(tmp_path, {"name": "x"}, ["data.sources.5.kind=local"])
+    with pytest.raises(SpecError, match=r"train\.stpes: unknown key"):
+        load_spec(path, ["train.stpes=3"])
+    with pytest.raises(SpecError, match=r"train\.steps: Input should be greater than 0"):
+        load_spec(path, ["train.steps=-3"])
+
+
+def test_apply_overrides_creates_sections():
+    data = apply_overrides({"name": "x"}, ["eval.perplexity.0.memory_sizes=[0, 64]"])
+    assert data["eval"] == {"perplexity": [{"memory_sizes": [0, 64]}]}
+
+
+def test_check_paths_off_accepts_missing_local_data(tmp_path):
+    data = {"name": "x", "data": {"sources": [{"kind": "local", "path": "/cluster/only/data"}]}}
+    spec = load_spec(_write(tmp_path, data), check_paths=False)
+    assert spec.data.sources[0].path == "/cluster/only/data"
+
+
+def test_remote_init_from_is_not_checked_but_local_config_is(tmp_path):
+    remote = {"name": "x", "model": {"init_from": "org/some-llama"}, "memory": {"layers": [40]},
+              "data": {"tokenizer": {"kind": "pretrained", "path": "org/some-llama"}}}
+    assert load_spec(_write(tmp_path, remote)).memory.layers == [40]  # shape unknown: not guessed
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6,
+                                                  "max_position_embeddings": 128, "hidden_size": 64,
+                                                  "num_attention_heads": 4}))
+    local = {**remote, "model": {"init_from": str(ckpt)}}
+    assert "6 layers" in _error(tmp_path, local)
+    local["memory"] = {"layers": [5]}
+    local["train"] = {"context_length": 256}
+    assert "window W = max_position_embeddings = 128" in _error(tmp_path, local)
+
+
+def test_yaml_round_trip_and_flat_params(tmp_path):
+    spec = load_spec(REPO / "experiments" / "quickstart.yaml")
+    again = load_spec(_write(tmp_path, yaml.safe_load(spec_to_yaml(spec))))
+    assert again == spec
+    flat = flatten_spec(spec)
+    assert flat["train.crossbatch.range"] == "3" and flat["memory.layers"] == "[2]"
+    assert flat["data.sources.0.kind"] == "embedded" and flat["model.preset"] == "tiny"
+    assert all(isinstance(v, str) for v in flat.values())
+
+
+def test_json_schema_is_valid_and_described():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    text = json.dumps(schema)
+    assert "Extra contexts per entry" in text and schema["additionalProperties"] is False
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors({"name": "x", "train": {"steps": 3}}))
+    assert list(validator.iter_errors({"name": "x", "trian": {}}))
+
+
+def test_default_locations(tmp_path, monkeypatch):
+    project = tmp_path / "proj"
+    (project / "sub").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "fotlab"\n')
+    monkeypatch.chdir(project / "sub")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert project_root() == project.resolve()
+    spec = parse_spec({"name": "x"})
+    uri = resolve_tracking_uri(spec)
+    assert uri == f"sqlite:///{project.resolve()}/mlflow.db"
+    assert resolve_artifact_root(spec, uri) == (project.resolve() / "mlartifacts").as_uri()
+    assert resolve_storage_path(spec) == str(project.resolve() / ".fotlab" / "runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(spec) == "http://127.0.0.1:5000"
+    assert resolve_artifact_root(spec, "http://127.0.0.1:5000") is None
+    spec = parse_spec({"name": "x", "tracking": {"uri": "sqlite:////tmp/a.db"}})
+    assert resolve_tracking_uri(spec) == "sqlite:////tmp/a.db"
+    lonely = tmp_path / "elsewhere"
+    lonely.mkdir()
+    monkeypatch.chdir(lonely)
+    assert project_root() == lonely.resolve()
