@@ -1,0 +1,132 @@
+"""build_datasets: tokenized docs, min-length filter, max_docs, validation split, mixtures, synthetic sources."""
+
+import os
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from fotlab.data import DocPacker, IGNORE_INDEX, build_datasets, byte_tokenizer
+
+try:
+    from fotlab.spec import DataSpec, SourceSpec
+except ImportError:  # spec module not there: same field names
+    def SourceSpec(**kw):
+        base = {"kind": "embedded", "path": None, "glob": "**/*.txt", "text_field": "text", "name": None,
+                "config": None, "data_dir": None, "split": "train", "streaming": False, "weight": 1.0,
+                "min_doc_tokens": 0, "max_docs": None, "n_docs": 64, "doc_len": 512, "key_len": 4,
+                "value_len": 4, "max_passkey": 50000}
+        return SimpleNamespace(**{**base, **kw})
+
+    def DataSpec(**kw):
+        base = {"sources": [SourceSpec()], "tokenizer": None, "validation_docs": 8, "num_proc": 1, "cache_dir": None}
+        return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def write_corpus(root, prefix, lengths):
+    """Files whose text starts with `prefix` (one letter names the source) and has the given byte lengths."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(lengths):
+        body = f"{prefix}{i:04d} " + "x" * n
+        (root / f"{prefix}{i:04d}.txt").write_text(body[:n] if n >= 6 else body)
+    return str(root)
+
+
+def test_local_source_tokenized_filtered_and_split(tmp_path, tok):
+    lengths = [10, 50, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100]
+    path = write_corpus(tmp_path / "c", "a", lengths)
+    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt", min_doc_tokens=250)],
+                    validation_docs=2, cache_dir=str(tmp_path / "cache"))
+    train, val = build_datasets(spec, tok, seed=0)
+    assert isinstance(train, datasets.Dataset) and train.column_names == ["input_ids"]
+    n_tokens = [len(x) for x in train["input_ids"]] + [len(x) for x in val["input_ids"]]
+    assert sorted(n_tokens) == [n for n in lengths if n >= 250]  # min_doc_tokens counts tokens
+    assert len(val) == 2
+    texts_train = {tok.decode(x) for x in train["input_ids"]}
+    texts_val = {tok.decode(x) for x in val["input_ids"]}
+    assert not texts_train & texts_val
+    # the validation split does not depend on the seed
+    _, val_other_seed = build_datasets(spec, tok, seed=123)
+    assert val_other_seed["input_ids"] == val["input_ids"]
+
+
+def test_max_docs_caps_documents(tmp_path, tok):
+    path = write_corpus(tmp_path / "c", "a", [100] * 30)
+    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt", max_docs=10)], validation_docs=3,
+                    cache_dir=str(tmp_path / "cache"))
+    train, val = build_datasets(spec, tok, seed=0)
+    assert len(train) + len(val) == 10 and len(val) == 3
+
+
+def test_weighted_mixture_proportions(tmp_path, tok):
+    a = write_corpus(tmp_path / "a", "a", [64] * 300)
+    b = write_corpus(tmp_path / "b", "b", [64] * 300)
+    spec = DataSpec(sources=[SourceSpec(kind="local", path=a, glob="*.txt", weight=3.0),
+                             SourceSpec(kind="local", path=b, glob="*.txt", weight=1.0)],
+                    validation_docs=8, cache_dir=str(tmp_path / "cache"))
+    train, val = build_datasets(spec, tok, seed=0)
+    first = np.array([x[0] for x in train["input_ids"][:400]])
+    share_a = (first == ord("a")).mean()
+    assert 0.68 < share_a < 0.82  # 3:1 by documents
+    val_first = [x[0] for x in val["input_ids"]]
+    assert val_first.count(ord("a")) == 6 and val_first.count(ord("b")) == 2  # validation shared by weight
+    again, _ = build_datasets(spec, tok, seed=0)
+    other, _ = build_datasets(spec, tok, seed=1)
+    assert again["input_ids"][:50] == train["input_ids"][:50]
+    assert other["input_ids"][:50] != train["input_ids"][:50]
+
+
+def test_synthetic_sources_mix_with_text_and_pack(tmp_path, tok):
+    path = write_corpus(tmp_path / "c", "a", [300] * 20)
+    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt"),
+                             SourceSpec(kind="dictionary_lookup", n_docs=20, doc_len=128),
+                             SourceSpec(kind="passkey", n_docs=10, doc_len=256)],
+                    validation_docs=3, cache_dir=str(tmp_path / "cache"))
+    train, val = build_datasets(spec, tok, seed=0)
+    assert train.column_names == ["input_ids", "loss_mask"] and len(val) == 3
+    kinds = {"text": 0, "dict": 0, "passkey": 0}
+    for ids, mask in zip(train["input_ids"], train["loss_mask"]):
+        if ids[0] == ord("a"):
+            kinds["text"] += 1
+            assert all(mask)  # plain text: every token counts
+        elif ids[0] == 0:  # <k>
+            kinds["dict"] += 1
+            assert 0 < sum(mask) < len(mask) and len(ids) <= 128
+        else:
+            kinds["passkey"] += 1
+            answer = tok.decode([t for t, m in zip(ids, mask) if m])
+            assert answer.strip().isdigit() and tok.decode(ids).endswith("The pass key is" + answer)
+    assert all(v > 0 for v in kinds.values())
+    p = DocPacker(train, batch_size=4, seq_len=64, packing=2, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    targets = torch.cat([p.next_batch()["targets"] for _ in range(10)])
+    assert (targets == IGNORE_INDEX).any() and (targets != IGNORE_INDEX).any()
+
+
+def test_default_embedded_corpus_builds_without_writing_to_cwd(tmp_path, tok, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    spec = DataSpec(sources=[SourceSpec(kind="embedded", max_docs=40, min_doc_tokens=0)], validation_docs=4,
+                    cache_dir=str(cache))
+    train, val = build_datasets(spec, tok, seed=0)
+    assert len(train) == 36 and len(val) == 4
+    assert os.listdir(tmp_path) == ["cache"] and any(cache.rglob("*.arrow"))
+    text = tok.decode(train[0]["input_ids"])
+    assert len(text) > 0 and tok(text, add_special_tokens=False)["input_ids"] == train[0]["input_ids"]
+
+
+def test_streaming_source_stays_lazy(tmp_path, tok):
+    d = datasets.Dataset.from_dict({"text": [f"doc {i} " * (i + 1) for i in range(20)]})
+    d.save_to_disk(tmp_path / "saved")
+    spec = DataSpec(sources=[SourceSpec(kind="hf", path=str(tmp_path / "saved"), streaming=True, min_doc_tokens=30)],
+                    validation_docs=2, cache_dir=str(tmp_path / "cache"))
+    train, val = build_datasets(spec, tok, seed=0)
+    assert isinstance(train, datasets.IterableDataset)
+    rows = [r["input_ids"] for r in train]
+    assert len(list(val)) == 2 and all(len(r) >= 30 for r in rows) and len(rows) + 2 == 16
