@@ -1,0 +1,148 @@
+"""fotlab.tracking against a real MLflow sqlite store in a temp dir, read back with MlflowClient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fotlab import tracking
+from fotlab.spec import flatten_spec, parse_spec, resolve_artifact_root
+
+# Creating an MLflow sqlite store (schema migrations) alone takes several seconds on a small box.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return parse_spec({"name": "track-test", "description": "a note", "tags": {"team": "fot"},
+                       "train": {"steps": 3, "crossbatch": {"range": 3, "packing": 4, "stepping": True},
+                                 "batch_size": 4}})
+
+
+def test_experiment_created_with_explicit_artifact_location(store):
+    root = resolve_artifact_root(None, store)
+    exp_id = tracking.setup_experiment(store, "located", root)
+    assert tracking.setup_experiment(store, "located", root) == exp_id  # idempotent
+    exp = MlflowClient(store).get_experiment(exp_id)
+    assert exp.artifact_location == f"{root}/located"
+    assert exp.artifact_location.startswith("file://" + str(Path(store.removeprefix("sqlite:///")).parent))
+
+
+def test_spec_run_params_tags_metrics_artifacts(store, spec, tmp_path):
+    run = tracking.start_spec_run(spec, uri=store, run_name="first")
+    run.log_metrics({tracking.TRAIN_LOSS: 2.5, tracking.LR: 1e-3, "note": "text", "bad": float("nan")}, step=1)
+    run.log_metrics({tracking.TRAIN_LOSS: 2.0}, step=2)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "fot"}))
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    run.log_model_dir(model_dir)
+    run.finish()
+
+    client = MlflowClient(store)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.info.run_name == "first"
+    assert got.data.params == flatten_spec(spec)
+    tags = got.data.tags
+    assert tags[tracking.TAG_VERSION] and tags[tracking.TAG_SPEC_NAME] == "track-test"
+    assert tags["team"] == "fot" and tags[tracking.TAG_NOTE] == "a note"
+    assert tracking.TAG_GIT_COMMIT in tags  # the tests run inside the fotlab git repo
+    history = client.get_metric_history(run.run_id, tracking.TRAIN_LOSS)
+    assert [(m.step, m.value) for m in history] == [(1, 2.5), (2, 2.0)]
+    assert "note" not in got.data.metrics and "bad" not in got.data.metrics
+    files = {f.path for f in client.list_artifacts(run.run_id)}
+    assert {tracking.SPEC_ARTIFACT, tracking.MODEL_ARTIFACT_DIR} <= files
+    model_files = {f.path for f in client.list_artifacts(run.run_id, tracking.MODEL_ARTIFACT_DIR)}
+    assert model_files == {"model/config.json", "model/model.safetensors"}
+    spec_text = Path(client.download_artifacts(run.run_id, tracking.SPEC_ARTIFACT, str(tmp_path))).read_text()
+    assert parse_spec(yaml.safe_load(spec_text)) == spec
+
+
+def test_params_are_chunked_and_clipped_under_mlflow_limits(store):
+    run = tracking.start_run(store, tracking.setup_experiment(store, "many-params"))
+    params = {f"p{i:03d}": i for i in range(2 * tracking.MAX_PARAMS_PER_BATCH + 7)}
+    params["long"] = "x" * (tracking.MAX_PARAM_VALUE_LEN + 50)
+    run.log_params(params)
+    run.finish()
+    got = MlflowClient(store).get_run(run.run_id).data.params
+    assert len(got) == len(params) and got["p206"] == "206"
+    assert len(got["long"]) == tracking.MAX_PARAM_VALUE_LEN
+
+
+def test_log_model_dir_rejects_non_model(store, tmp_path):
+    run = tracking.start_run(store, tracking.setup_experiment(store, "misc"))
+    with pytest.raises(tracking.TrackingError, match="no config.json"):
+        run.log_model_dir(tmp_path)
+    run.finish()
+
+
+def test_failed_run_keeps_error_and_resume_continues_same_run(store, spec):
+    run = tracking.start_spec_run(spec, uri=store, run_name="crashy")
+    run.log_metrics({tracking.TRAIN_LOSS: 3.0}, step=1)
+    try:
+        raise RuntimeError("worker died\nlong details")
+    except RuntimeError as err:
+        run.fail(err)
+    client = MlflowClient(store)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FAILED"
+    assert got.data.tags[tracking.TAG_ERROR] == "RuntimeError: worker died"
+
+    resumed = tracking.start_spec_run(spec, uri=store, run_id=run.run_id, tags={"resumed": "yes"})
+    assert resumed.run_id == run.run_id
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    resumed.log_metrics({tracking.TRAIN_LOSS: 1.0}, step=2)
+    resumed.finish()
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["resumed"] == "yes"
+    assert [m.step for m in client.get_metric_history(run.run_id, tracking.TRAIN_LOSS)] == [1, 2]
+
+
+def test_child_runs_and_search(store, spec):
+    exp_id = tracking.setup_experiment(store, "sweepy")
+    parent = tracking.start_run(store, exp_id, run_name="sweep-parent", tags={tracking.TAG_SWEEP: "lr-sweep"})
+    child = tracking.start_run(store, exp_id, run_name="trial-0", parent_run_id=parent.run_id,
+                               tags={tracking.TAG_SWEEP: "lr-sweep"})
+    other = tracking.start_run(store, exp_id, run_name="lonely")
+    for r in (child, parent, other):
+        r.finish()
+    assert MlflowClient(store).get_run(child.run_id).data.tags[tracking.TAG_PARENT_RUN] == parent.run_id
+    in_sweep = {r.info.run_name for r in tracking.search_runs(store, experiment="sweepy", sweep="lr-sweep")}
+    assert in_sweep == {"sweep-parent", "trial-0"}
+    assert tracking.get_run(store, "lonely").info.run_id == other.run_id
+    assert tracking.get_run(store, other.run_id).info.run_name == "lonely"
+    with pytest.raises(tracking.TrackingError, match="no run"):
+        tracking.get_run(store, "no-such-run")
+    with pytest.raises(tracking.TrackingError, match="no experiment"):
+        tracking.search_runs(store, experiment="no-such-experiment")
+
+
+def test_system_metrics_are_logged(store):
+    pytest.importorskip("psutil")
+    run = tracking.start_run(store, tracking.setup_experiment(store, "sysmetrics"), system_metrics=True,
+                             system_metrics_interval_s=0.2)
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline and not MlflowClient(store).get_run(run.run_id).data.metrics:
+        time.sleep(0.2)
+    run.finish()
+    metrics = MlflowClient(store).get_run(run.run_id).data.metrics
+    assert any(k.startswith("system/") for k in metrics), metrics
+
+
+def test_metric_names_match_the_training_loop():
+    metrics = pytest.importorskip("fotlab.train.metrics")
+    assert tracking.TRAIN_LOSS == metrics.LOSS and tracking.LR == metrics.LR
+    assert tracking.GRAD_NORM == metrics.GRAD_NORM and tracking.TOKENS_PER_S == metrics.TOKENS_PER_S
+    assert tracking.VAL_LOSS == metrics.VAL_LOSS and tracking.TOKENS_SEEN == metrics.TOKENS_SEEN
