@@ -1,42 +1,272 @@
-"""Memory attention for FoT memory layers (FOT_SPEC §1): one fp32 softmax over local + memory keys.
+"""Memory attention of FoT memory layers (FOT_SPEC §1): identical to LLaMA eager attention except that each
+query attends, in ONE softmax, over its visible local keys AND the valid memory keys.
 
-Simple dense reference version; a chunked/top-k version follows.
+Design choices:
+- Scores are q·kᵀ in the activation dtype (as HF LLaMA eager attention), then scaled, masked (masked = -1e6, so a
+  fully masked row is uniform, not NaN) and normalised in float32 (float64 stays float64); the weights are cast
+  back to the activation dtype before they multiply the values.
+- The local and memory parts are never concatenated: each part gets its own score block and the softmax shares
+  one max and one normaliser, so no copy of the memory is made per call (memory K/V are cast to q's dtype one
+  kv-head chunk at a time).
+- Memory-efficient: the work is split into chunks of (query heads, queries) so that one chunk's score tensor stays
+  near `SCORE_BUDGET_BYTES` (M = 64k keys, T = 1024, H = 8 runs in well under a GiB). Chunking is exact: each
+  chunk holds whole softmax rows.
+- GQA: query head h uses kv head h // (H / Hkv); a chunk folds its query heads into the query axis of their kv head,
+  so keys are never repeated.
+- Retrieval "topk": per query and head, exactly the k best memory keys by inner product (invalid slots rank last)
+  join the local keys in the same softmax; memory is scanned in blocks with a running top-k merge, so the score
+  tensor stays bounded for millions of slots. k >= M is dense attention. "faiss": the same top-k found by FAISS
+  exact inner-product search (IndexFlatIP, one index per batch row and kv head); the selected scores are then
+  recomputed in torch, so both paths produce identical attention when they select the same keys.
+
+Dimension letters: B batch, H query heads, Hkv kv heads, G = H / Hkv, T queries, S local keys, M memory slots,
+K top-k, Dh head dim.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 MASKED_SCORE = -1e6
+SCORE_BUDGET_BYTES = 256 * 2**20  # target size of one chunk's score tensors
+TOPK_MEMORY_BLOCK = 32768  # memory slots scored at once by top-k retrieval
+RETRIEVALS = ("dense", "topk", "faiss")
 
 
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(B, Hkv, S, Dh) -> (B, H, S, Dh) by repeating each kv head H // Hkv times (GQA)."""
-    n_kv_heads = x.shape[1]
-    if n_kv_heads == n_heads:
-        return x
-    return x.repeat_interleave(n_heads // n_kv_heads, dim=1)
+@dataclass(frozen=True)
+class _Chunking:
+    n_heads: int  # query heads per chunk: a divisor or a multiple of G
+    n_queries: int  # queries per chunk
+    mem_block: int  # memory slots scored at once (top-k only; dense scores all M at once)
+
+
+def _plan_chunks(q, n_kv_heads, n_local, n_mem, grouping, topk) -> _Chunking:
+    """Pick (heads, queries) per chunk: `grouping` if given, else the largest that fits SCORE_BUDGET_BYTES."""
+    B, H, T, head_dim = q.shape
+    group = H // n_kv_heads
+    mem_cols = n_mem if topk is None else min(n_mem, TOPK_MEMORY_BLOCK) + 2 * topk
+    row_bytes = B * ((n_local + mem_cols) * 4 * 3 + (0 if topk is None else topk * head_dim * q.element_size()))
+    if grouping is not None:
+        n_heads, n_queries = int(grouping[0]), int(grouping[1])
+        if n_heads < 1 or n_queries < 1:
+            raise ValueError(f"grouping must be two positive ints (heads, queries), got {grouping}")
+    else:
+        n_rows = max(1, SCORE_BUDGET_BYTES // row_bytes)  # (head, query) rows per chunk
+        if n_rows >= group * T:
+            n_heads, n_queries = n_rows // T, T
+        else:
+            n_heads, n_queries = min(group, n_rows), max(1, n_rows // group)
+    n_heads = min(n_heads, H)
+    if n_heads >= group:
+        n_heads -= n_heads % group
+    else:
+        n_heads = max(d for d in range(1, n_heads + 1) if group % d == 0)
+    mem_block = n_mem if topk is None else min(n_mem, TOPK_MEMORY_BLOCK)
+    return _Chunking(n_heads, min(n_queries, T), max(mem_block, 1))
+
+
+def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, h, t, Dh) query heads of `n_kv` consecutive kv heads -> (B, n_kv, h / n_kv * t, Dh)."""
+    B, h, t, head_dim = x.shape
+    return x.reshape(B, n_kv, (h // n_kv) * t, head_dim)
+
+
+def _scores(qf, keys, scale, work_dtype) -> torch.Tensor:
+    """(B, n, R, Dh) x (B, n, N, Dh) -> (B, n, R, N) scaled scores in `work_dtype` (matmul in activation dtype)."""
+    return torch.matmul(qf, keys.transpose(-1, -2)).to(work_dtype).mul_(scale)
+
+
+def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One softmax over the last axis of several score blocks (as if concatenated); returns one weight per block."""
+    shift = torch.stack([p.detach().amax(-1) for p in parts if p.shape[-1]]).amax(0).unsqueeze(-1)
+    exps = [torch.exp(p - shift) for p in parts]
+    total = sum(e.sum(-1, keepdim=True) for e in exps)
+    return [e / total for e in exps]
+
+
+def _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block):
+    """Exact top-k memory scores per query row, scanning memory in blocks: -> scores, slots (B, n, R, K)."""
+    best_scores, best_slots = None, None
+    for m0 in range(0, mem_k.shape[2], block):
+        scores = _scores(qf, mem_k[:, :, m0:m0 + block], scale, work_dtype)  # (B, n, R, m)
+        scores = scores.masked_fill(~mem_valid[:, None, None, m0:m0 + block], MASKED_SCORE)
+        k_here = min(topk, scores.shape[-1])
+        vals, slots = scores.topk(k_here, dim=-1, sorted=False)
+        slots = slots + m0
+        if best_scores is not None:
+            vals, slots = torch.cat([best_scores, vals], -1), torch.cat([best_slots, slots], -1)
+            vals, pick = vals.topk(min(topk, vals.shape[-1]), dim=-1, sorted=False)
+            slots = slots.gather(-1, pick)
+        best_scores, best_slots = vals, slots
+    return best_scores, best_slots
+
+
+def _gather_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x (B, n, M, Dh), slots (B, n, R, K) -> (B, n, R, K, Dh)."""
+    B, n, R, K = slots.shape
+    flat = slots.reshape(B, n, R * K, 1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, flat).view(B, n, R, K, x.shape[-1])
+
+
+def _faiss_slots(qf, mem_k, mem_valid, topk) -> torch.Tensor:
+    """Top-k memory slots per query row by FAISS exact inner-product search: -> (B, n, R, K) long, -1 = none."""
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("retrieval='faiss' needs faiss-cpu: pip install 'fotlab[faiss]'") from err
+    B, n, R, _ = qf.shape
+    slots = torch.full((B, n, R, topk), -1, dtype=torch.long)
+    for b in range(B):
+        valid_slots = mem_valid[b].nonzero().squeeze(-1).cpu()  # (M_valid,)
+        if valid_slots.numel() == 0:
+            continue
+        for h in range(n):
+            keys = mem_k[b, h].index_select(0, valid_slots.to(mem_k.device))
+            index = faiss.IndexFlatIP(keys.shape[-1])
+            index.add(keys.detach().float().cpu().contiguous().numpy())
+            _, found = index.search(qf[b, h].detach().float().cpu().contiguous().numpy(), topk)
+            found = torch.from_numpy(found)
+            slots[b, h] = torch.where(found >= 0, valid_slots[found.clamp(min=0)], -1)
+    return slots.to(qf.device)
+
+
+def _chunk_weights(qf, k_loc, mask5, mem_k, mem_valid, retrieval, topk, scale, block):
+    """fp32 softmax weights of one chunk: -> w_loc (B, n, R, S), w_mem (B, n, R, M or K), slots (B, n, R, K)|None.
+
+    qf (B, n, R = G'·t, Dh) folded queries; mask5 broadcastable to (B, n, G', t, S); mem_k (B, n, M, Dh) in q dtype.
+    """
+    work_dtype = torch.promote_types(qf.dtype, torch.float32)
+    s_loc = _scores(qf, k_loc, scale, work_dtype)  # (B, n, R, S)
+    B, n, R, S = s_loc.shape
+    s_loc.view(B, n, R // mask5.shape[3], -1, S).masked_fill_(~mask5, MASKED_SCORE)  # (B, n, G', t, S)
+    if mem_k is None:
+        return _softmax_parts([s_loc])[0], None, None
+    slots = None
+    if retrieval == "dense":
+        s_mem = _scores(qf, mem_k, scale, work_dtype).masked_fill_(~mem_valid[:, None, None, :], MASKED_SCORE)
+    elif retrieval == "topk":
+        s_mem, slots = _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block)
+    else:
+        slots = _faiss_slots(qf, mem_k, mem_valid, topk)
+        found = slots >= 0
+        slots = slots.clamp(min=0)
+        s_mem = torch.einsum("bnrd,bnrkd->bnrk", qf, _gather_rows(mem_k, slots)).to(work_dtype) * scale
+        keep = found & mem_valid[:, None, None, :].expand(-1, n, R, -1).gather(-1, slots)
+        s_mem = s_mem.masked_fill(~keep, MASKED_SCORE)
+    w_loc, w_mem = _softmax_parts([s_loc, s_mem])
+    return w_loc, w_mem, slots
+
+
+def _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be (B, H, T, Dh), k and v (B, Hkv, S, Dh); got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
+    if local_mask.dim() != 4 or local_mask.shape[1] not in (1, q.shape[1]) or local_mask.shape[-1] != k.shape[2]:
+        raise ValueError(f"local_mask must be (B, 1|H, T, S), got {tuple(local_mask.shape)}")
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {retrieval!r}")
+    if retrieval != "dense" and (topk is None or topk < 1):
+        raise ValueError(f"retrieval={retrieval!r} needs topk >= 1, got {topk}")
+    if mem_k is not None:
+        B, n_kv, M, head_dim = mem_k.shape
+        if mem_v.shape != mem_k.shape or (B, n_kv, head_dim) != (k.shape[0], k.shape[1], k.shape[3]):
+            raise ValueError(f"mem_k/mem_v must be (B, Hkv, M, Dh) matching k {tuple(k.shape)}; got "
+                             f"{tuple(mem_k.shape)}, {tuple(mem_v.shape)}")
+        if mem_valid.shape != (B, M):
+            raise ValueError(f"mem_valid must be (B, M) = {(B, M)}, got {tuple(mem_valid.shape)}")
+
+
+def _head_chunks(n_heads: int, group: int, chunk_heads: int):
+    """Yield (h0, h1, kv0, kv1): query-head ranges and the kv heads they use."""
+    for h0 in range(0, n_heads, chunk_heads):
+        h1 = min(h0 + chunk_heads, n_heads)
+        yield h0, h1, h0 // group, (h1 - 1) // group + 1
+
+
+def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale):
+    """Shared driver: yield (h0, h1, t0, t1, w_loc, w_mem, slots, v_chunk, mem_v_chunk) per chunk."""
+    B, H, T, head_dim = q.shape
+    n_kv = k.shape[1]
+    if mem_k is not None and mem_k.shape[2] == 0:
+        mem_k = mem_v = mem_valid = None
+    n_mem = 0 if mem_k is None else mem_k.shape[2]
+    if retrieval != "dense" and topk >= n_mem:
+        retrieval, topk = "dense", None  # k >= M selects every slot: dense attention
+    plan = _plan_chunks(q, n_kv, k.shape[2], n_mem, grouping, topk if retrieval != "dense" else None)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    local_mask = local_mask.expand(B, -1, T, -1)
+    group = H // n_kv
+    for h0, h1, kv0, kv1 in _head_chunks(H, group, plan.n_heads):
+        n = kv1 - kv0
+        mk = None if mem_k is None else mem_k[:, kv0:kv1].to(q.dtype)  # (B, n, M, Dh)
+        mv = None if mem_v is None else mem_v[:, kv0:kv1].to(q.dtype)
+        for t0 in range(0, T, plan.n_queries):
+            t1 = min(t0 + plan.n_queries, T)
+            qf = _fold(q[:, h0:h1, t0:t1], n)  # (B, n, (h1-h0)/n * t, Dh)
+            mask = local_mask[:, h0:h1, t0:t1] if local_mask.shape[1] > 1 else local_mask[:, :, t0:t1]
+            mask5 = mask.reshape(B, n if mask.shape[1] > 1 else 1, -1, t1 - t0, mask.shape[-1])
+            w_loc, w_mem, slots = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk,
+                                                 scale, plan.mem_block)
+            yield h0, h1, t0, t1, w_loc, w_mem, slots, v[:, kv0:kv1], mv
 
 
 def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None,
                      grouping=None, scale=None) -> torch.Tensor:
     """Attend each query over its visible local keys and the valid memory keys in one fp32 softmax.
 
-    q (B, H, T, Dh); k, v (B, Hkv, S, Dh); local_mask (B, 1|H, T, S) True = visible;
-    mem_k, mem_v (B, Hkv, M, Dh) in memory dtype; mem_valid (B, M) bool. Returns (B, H, T, Dh).
+    q (B, H, T, Dh) queries (rotated by the caller); k, v (B, Hkv, S, Dh) local keys (rotated) and values;
+    local_mask (B, 1|H, T, S) bool, True = visible; mem_k, mem_v (B, Hkv, M, Dh) raw memory keys / values in the
+    memory dtype (cast to q's dtype here) or None for no memory; mem_valid (B, M) bool.
+    retrieval: "dense" | "topk" | "faiss" (the two last need `topk`); grouping: (query heads, queries) per
+    chunk, None = automatic; scale: default 1/sqrt(Dh). Returns (B, H, T, Dh) in q's dtype.
+
+    Speed on a 2-core CPU (M = 64k, T = 1024, H = 8, Dh = 64, fp32): torch top-k costs about the same as dense
+    attention (it computes every score, then keeps k); FAISS (exact flat search) computes the same scores with its
+    own BLAS and a heap, is about as fast when queries are many, and is slower for few queries because it builds an
+    index per call; use it for parity with the paper, torch top-k otherwise.
     """
-    if retrieval != "dense":
-        raise NotImplementedError(f"retrieval={retrieval!r} not implemented yet")
-    n_heads, head_dim = q.shape[1], q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    k_all = torch.cat([_expand_kv(k, n_heads), _expand_kv(mem_k.to(q.dtype), n_heads)], dim=2)  # (B, H, S+M, Dh)
-    v_all = torch.cat([_expand_kv(v, n_heads), _expand_kv(mem_v.to(q.dtype), n_heads)], dim=2)  # (B, H, S+M, Dh)
-    T = q.shape[2]
-    mem_mask = mem_valid[:, None, None, :].expand(-1, local_mask.shape[1], T, -1)  # (B, 1|H, T, M)
-    mask = torch.cat([local_mask.expand(-1, -1, T, -1), mem_mask], dim=-1)  # (B, 1|H, T, S+M)
-    scores = torch.matmul(q.float(), k_all.float().transpose(-1, -2)) * scale  # (B, H, T, S+M)
-    scores = scores.masked_fill(~mask, MASKED_SCORE)
-    weights = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(weights, v_all)  # (B, H, T, Dh)
+    _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk)
+    B, H, T, head_dim = q.shape
+    out = q.new_empty(B, H, T, head_dim)
+    for h0, h1, t0, t1, w_loc, w_mem, slots, v_loc, mv in _iter_chunks(
+            q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale):
+        o = torch.matmul(w_loc.to(q.dtype), v_loc)  # (B, n, R, Dh)
+        if w_mem is not None and slots is None:
+            o = o + torch.matmul(w_mem.to(q.dtype), mv)
+        elif w_mem is not None:
+            o = o + torch.einsum("bnrk,bnrkd->bnrd", w_mem.to(q.dtype), _gather_rows(mv, slots))
+        out[:, h0:h1, t0:t1] = o.reshape(B, h1 - h0, t1 - t0, head_dim)  # autograd-safe (CopySlices)
+    return out
+
+
+def memory_attention_mass(q, k, local_mask, mem_k, mem_valid, segment_ids, n_segments=None, *, retrieval="dense",
+                          topk=None, grouping=None, scale=None) -> torch.Tensor:
+    """Attention mass per key group, for the distraction ratio r_d (FOT_SPEC §3). Same weights as memory_attention.
+
+    segment_ids (M,) or (B, M) long: the segment (e.g. source context / document) of every memory slot.
+    Returns (B, H, T, 1 + n_segments) float32: column 0 = mass on local keys, column 1 + j = mass on memory
+    slots of segment j (rows sum to 1). r_d for a relevant segment j: `mass[..., 1 + j] / mass.sum(-1)`
+    (or divide by `mass[..., 1:].sum(-1)` to measure among memory contexts only), averaged over queries.
+    """
+    v_dummy = k.new_zeros(k.shape[0], k.shape[1], k.shape[2], 1)
+    _check(q, k, k, local_mask, mem_k, mem_k, mem_valid, retrieval, topk)
+    B, H, T, _ = q.shape
+    segment_ids = torch.as_tensor(segment_ids, device=q.device).long().expand(B, -1)  # (B, M)
+    n_segments = int(segment_ids.max()) + 1 if n_segments is None else n_segments
+    mass = torch.zeros(B, H, T, 1 + n_segments, dtype=torch.float32, device=q.device)
+    with torch.no_grad():
+        for h0, h1, t0, t1, w_loc, w_mem, slots, _, _ in _iter_chunks(
+                q, k, v_dummy, local_mask, mem_k, mem_k, mem_valid, retrieval, topk, grouping, scale):
+            n, R = w_loc.shape[1], w_loc.shape[2]
+            m = torch.zeros(B, n, R, 1 + n_segments, dtype=torch.float32, device=q.device)
+            m[..., 0] = w_loc.float().sum(-1)
+            if w_mem is not None:
+                seg = segment_ids[:, None, None, :].expand(-1, n, R, -1)  # (B, n, R, M)
+                seg = seg if slots is None else seg.gather(-1, slots)
+                m[..., 1:].scatter_add_(-1, seg, w_mem.float())
+            mass[:, h0:h1, t0:t1] = m.reshape(B, h1 - h0, t1 - t0, -1)
+    return mass
