@@ -136,7 +136,7 @@ def test_deterministic_in_seed():
 
 
 def epoch_docs(p, epoch=0):
-    return {int(x) for x in p._order(epoch)}
+    return {int(x) for x in p.source.order(epoch)}
 
 
 def test_ranks_read_disjoint_documents():
@@ -162,7 +162,30 @@ def test_ranks_read_disjoint_documents():
 
 def test_epochs_reshuffle():
     p = packer(make_docs(LENGTHS), batch_size=2, packing=2)
-    assert not np.array_equal(p._order(0), p._order(1))
+    assert not np.array_equal(p.source.order(0), p.source.order(1))
     for _ in range(100):
         p.next_batch()
     assert p.epoch >= 1
+
+
+def test_streamed_docs_pack_resume_and_shard():
+    docs = make_docs(LENGTHS * 2).to_iterable_dataset(num_shards=4)
+    ref = packer(docs, with_doc_ids=True, batch_size=4, packing=2, shuffle_buffer=8)
+    first = [ref.next_batch() for _ in range(6)]
+    stream = stream_tokens(first, 0, 2)
+    assert stream[0] == BOS and (stream == EOS).sum() >= 1
+    state = json.loads(json.dumps(ref.state_dict()))
+    expected = [ref.next_batch() for _ in range(25)]  # crosses epoch boundaries
+    assert ref.epoch >= 1
+    resumed = packer(docs, with_doc_ids=True, batch_size=4, packing=2, shuffle_buffer=8)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = resumed.next_batch()
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["targets"], want["targets"])
+    # two ranks read disjoint documents (tokens name their document: token // 100)
+    seen = []
+    for rank in range(2):
+        p = packer(docs, rank=rank, world_size=2, batch_size=2, packing=2, shuffle_buffer=8)
+        tokens = torch.cat([p.next_batch()["input_ids"].flatten() for _ in range(8)])
+        seen.append({int(t) // 100 for t in tokens if t < BOS})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]

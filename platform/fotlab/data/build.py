@@ -15,7 +15,8 @@ Pipeline per source (every spec object is duck-typed; only attributes are read):
    row number; other sources: the text), so the split does not depend on the seed or on the other documents.
 6. mixture: one source is used as is; several are mixed with `datasets.interleave_datasets` (probabilities =
    normalised weights, in documents, with `seed`, "all_exhausted": smaller sources repeat until every source has
-   been seen once). Streaming sources stay `IterableDataset`s (lazy map/filter, take/skip for validation).
+   been seen once). Streaming sources stay `IterableDataset`s (lazy map/filter; the first validation documents are taken
+   into memory and skipped for training), and a mixture with any streaming source is an `IterableDataset`.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def filter_and_split(ds, source, n_val: int):
         if max_docs:
             ds = ds.take(int(max_docs))
         ds = ds.remove_columns(["n_tokens", "split_hash"])
-        return ds.skip(n_val), ds.take(n_val)
+        return ds.skip(n_val), _materialize(ds.take(n_val))
     if max_docs:
         ds = ds.select(range(min(int(max_docs), len(ds))))
     if n_val >= len(ds) and n_val > 0:
@@ -151,6 +152,15 @@ def filter_and_split(ds, source, n_val: int):
     train_rows = np.sort(order[n_val:])
     ds = ds.remove_columns(["n_tokens", "split_hash"])
     return ds.select(train_rows), ds.select(val_rows)
+
+
+def _materialize(ds) -> datasets.Dataset:
+    """A small IterableDataset (the streamed validation documents) as an in-memory Dataset."""
+    rows = list(ds)
+    features = ds.features or _features("loss_mask" in (rows[0] if rows else {}), with_index=False)
+    if not rows:
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 def allocate_validation(n_val: int, weights: list[float]) -> list[int]:

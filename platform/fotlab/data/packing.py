@@ -11,22 +11,24 @@ Design choices:
   k rows (k*T tokens, + 1 look-ahead token for the shifted targets).
 - Documents are handed out from one shared cursor over this rank's document order, streams served in order
   0..B/k-1, so the batch sequence is a pure function of (docs, seed, rank, world_size, B, T, k).
-- Order: every epoch a fresh permutation of all documents (numpy PCG64 seeded by (seed, epoch)); rank r takes
-  positions r, r + world_size, ... of it, so ranks are disjoint within an epoch. Epochs loop forever.
+- Order (`fotlab.data.doc_order`): a `datasets.Dataset` gets a fresh permutation every epoch (numpy PCG64 seeded
+  by (seed, epoch)) and rank r takes positions r, r + world_size, ..., so ranks are disjoint within an epoch; an
+  `IterableDataset` (streaming) is split by node and shuffled with a seeded buffer. Epochs loop forever.
 - Targets are shifted: targets[b, t] is the token after input_ids[b, t], or -100 where it carries no loss:
   tokens whose "loss_mask" is 0 (if the dataset has that column), every `<bos>`, and the `<eos>` of a masked doc.
-- State is tiny: the cursor and, per stream, the documents it holds plus the offset into the first; so
-  `state_dict()` / `load_state_dict()` resume with exactly the next batch.
-- `with_doc_ids=True` adds "doc_ids" (B, T): the dataset row of the document each input token belongs to
-  (`<bos>` belongs to the document it opens, `<eos>` to the one it closes).
+- State is small: the cursor and, per stream, the documents it holds plus the offset into the first; so
+  `state_dict()` / `load_state_dict()` resume with exactly the next batch (plain python, JSON-safe).
+- `with_doc_ids=True` adds "doc_ids" (B, T): the id of the document each input token belongs to (the dataset row
+  for a `Dataset`; `<bos>` belongs to the document it opens, `<eos>` to the one it closes).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import datasets
 import numpy as np
 import torch
+
+from fotlab.data.doc_order import MapDocs, StreamedDocs
 
 IGNORE_INDEX = -100
 
@@ -46,6 +48,7 @@ class DocPacker:
         bos_id: int | None = None,
         eos_id: int | None = None,
         with_doc_ids: bool = False,
+        shuffle_buffer: int = 1000,
     ):
         if packing < 1 or batch_size % packing != 0:
             raise ValueError(f"batch_size={batch_size} must be divisible by packing={packing} (B % k == 0)")
@@ -55,99 +58,49 @@ class DocPacker:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if bos_id is None or eos_id is None:
             raise ValueError("bos_id and eos_id are required")
-        if "input_ids" not in docs.column_names:
+        if docs.column_names is not None and "input_ids" not in docs.column_names:
             raise KeyError(f"docs need an 'input_ids' column (have {docs.column_names})")
-        self.n_docs = len(docs)
-        if self.n_docs < world_size:
-            raise ValueError(f"{self.n_docs} documents cannot be sharded over world_size={world_size}")
-        self.docs = docs
         self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.bos_id, self.eos_id = bos_id, eos_id
         self.with_doc_ids = with_doc_ids
-        self.has_loss_mask = "loss_mask" in docs.column_names
         self.n_streams = batch_size // packing
-        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._doc_cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._reset_state()
-
-    # ---- document order and access ------------------------------------------------------------------
-    def _reset_state(self) -> None:
+        if isinstance(docs, datasets.IterableDataset):
+            self.source = StreamedDocs(docs, seed, rank, world_size, bos_id, eos_id, shuffle_buffer)
+            self.n_docs = None
+        else:
+            self.source = MapDocs(docs, seed, rank, world_size, bos_id, eos_id, cache_size=4 * self.n_streams + 4)
+            self.n_docs = self.source.n_docs
         self.step = 0
-        self.cursor = (0, 0)  # (epoch, position in this rank's order)
-        self.streams: list[list[tuple[int, int]]] = [[] for _ in range(self.n_streams)]  # doc refs (epoch, pos)
+        self.streams: list[list[tuple[int, int]]] = [[] for _ in range(self.n_streams)]  # held doc refs
         self.offsets = [0] * self.n_streams  # offset into the first held (framed) document
-
-    def _order(self, epoch: int) -> np.ndarray:
-        """This rank's document order (dataset row indices) for an epoch."""
-        if epoch not in self._orders:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._orders[epoch] = rng.permutation(self.n_docs)[self.rank :: self.world_size]
-            while len(self._orders) > 3:
-                self._orders.popitem(last=False)
-        return self._orders[epoch]
-
-    def epoch_length(self) -> int:
-        """Documents this rank reads per epoch."""
-        return len(self._order(0))
-
-    def _doc_row(self, ref: tuple[int, int]) -> int:
-        epoch, pos = ref
-        return int(self._order(epoch)[pos])
-
-    def _framed(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, loss) of `<bos> doc <eos>`; loss[i] says whether predicting tokens[i] counts."""
-        if row not in self._doc_cache:
-            item = self.docs[row]
-            ids = np.asarray(item["input_ids"], dtype=np.int64)
-            if self.has_loss_mask:
-                mask = np.asarray(item["loss_mask"], dtype=bool)
-                eos_loss = False
-            else:
-                mask = np.ones(len(ids), dtype=bool)
-                eos_loss = True
-            tokens = np.concatenate([[self.bos_id], ids, [self.eos_id]]).astype(np.int64)
-            loss = np.concatenate([[False], mask, [eos_loss]])
-            self._doc_cache[row] = (tokens, loss)
-            while len(self._doc_cache) > 4 * self.n_streams + 4:
-                self._doc_cache.popitem(last=False)
-        return self._doc_cache[row]
-
-    def _claim_next_doc(self) -> tuple[int, int]:
-        epoch, pos = self.cursor
-        if pos >= len(self._order(epoch)):
-            epoch, pos = epoch + 1, 0
-        self.cursor = (epoch, pos + 1)
-        return (epoch, pos)
 
     # ---- packing ------------------------------------------------------------------------------------
     def _read_stream(self, s: int, n_tokens: int):
         """Read n_tokens from stream s without consuming; claims new documents as needed."""
         held, need = self.streams[s], n_tokens
-        parts_tok, parts_loss, parts_row = [], [], []
+        parts_tok, parts_loss, parts_doc = [], [], []
         i, start = 0, self.offsets[s]
         while need > 0:
             if i == len(held):
-                held.append(self._claim_next_doc())
-            row = self._doc_row(held[i])
-            tokens, loss = self._framed(row)
+                held.append(self.source.claim())
+            tokens, loss = self.source.framed(held[i])
             take = min(need, len(tokens) - start)
             parts_tok.append(tokens[start : start + take])
             parts_loss.append(loss[start : start + take])
-            parts_row.append(np.full(take, row, dtype=np.int64))
+            parts_doc.append(np.full(take, self.source.doc_id(held[i]), dtype=np.int64))
             need -= take
             i, start = i + 1, 0
-        return np.concatenate(parts_tok), np.concatenate(parts_loss), np.concatenate(parts_row)
+        return np.concatenate(parts_tok), np.concatenate(parts_loss), np.concatenate(parts_doc)
 
     def _advance_stream(self, s: int, n_tokens: int) -> None:
         """Consume n_tokens from stream s, dropping finished documents."""
         held, offset = self.streams[s], self.offsets[s] + n_tokens
         while held:
-            doc_len = len(self._framed(self._doc_row(held[0]))[0])
+            doc_len = len(self.source.framed(held[0])[0])
             if offset < doc_len:
                 break
             offset -= doc_len
-            held.pop(0)
+            self.source.release(held.pop(0))
         self.offsets[s] = offset
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -158,12 +111,12 @@ class DocPacker:
         targets = np.empty((B, T), dtype=np.int64)
         doc_ids = np.empty((B, T), dtype=np.int64)
         for s in range(self.n_streams):
-            tokens, loss, rows = self._read_stream(s, span + 1)
+            tokens, loss, docs = self._read_stream(s, span + 1)
             shifted = np.where(loss[1:], tokens[1:], IGNORE_INDEX)
-            rows_slice = slice(s * k, (s + 1) * k)
-            input_ids[rows_slice] = tokens[:span].reshape(k, T)  # (k, T)
-            targets[rows_slice] = shifted.reshape(k, T)  # (k, T)
-            doc_ids[rows_slice] = rows[:span].reshape(k, T)  # (k, T)
+            rows = slice(s * k, (s + 1) * k)
+            input_ids[rows] = tokens[:span].reshape(k, T)  # (k, T)
+            targets[rows] = shifted.reshape(k, T)  # (k, T)
+            doc_ids[rows] = docs[:span].reshape(k, T)  # (k, T)
             self._advance_stream(s, span)
         self.step += 1
         batch = {"input_ids": torch.from_numpy(input_ids), "targets": torch.from_numpy(targets)}
@@ -181,7 +134,7 @@ class DocPacker:
     @property
     def epoch(self) -> int:
         """The epoch the document cursor is in."""
-        return self.cursor[0]
+        return self.source.cursor[0]
 
     # ---- resume -------------------------------------------------------------------------------------
     def _config(self) -> dict:
@@ -195,16 +148,17 @@ class DocPacker:
         return {
             "config": self._config(),
             "step": self.step,
-            "cursor": list(self.cursor),
+            "source": self.source.state_dict(),
             "streams": [[list(ref) for ref in held] for held in self.streams],
             "offsets": list(self.offsets),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mismatched = {k: (v, state["config"].get(k)) for k, v in self._config().items() if state["config"].get(k) != v}
+        saved = state["config"]
+        mismatched = {k: (v, saved.get(k)) for k, v in self._config().items() if saved.get(k) != v}
         if mismatched:
             raise ValueError(f"packer state was saved with different settings (now, saved): {mismatched}")
         self.step = int(state["step"])
-        self.cursor = tuple(int(x) for x in state["cursor"])
+        self.source.load_state_dict(state["source"])
         self.streams = [[(int(e), int(p)) for e, p in held] for held in state["streams"]]
         self.offsets = [int(x) for x in state["offsets"]]
