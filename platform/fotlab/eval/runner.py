@@ -1,0 +1,120 @@
+"""Run the evaluations an `EvalSpec` selects, and log their results to MLflow (the only place eval touches tracking).
+
+    results = run_evaluations(spec.eval, model, tokenizer, output_dir=out, seed=spec.seed,
+                              context_length=spec.train.context_length, data_spec=spec.data)
+    for r in results.values(): log_eval_result(r, tracked_run)        # fotlab.tracking.TrackedRun
+
+`run_spec_evaluations(spec, model, tokenizer, output_dir, run=None)` does both from an `ExperimentSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fotlab.eval.results import EvalResult
+from fotlab.eval.spec import EvalSpec
+
+EVAL_ARTIFACT_DIR = "eval"  # MLflow artifact folder of eval plots and JSON results
+
+
+def _needs_validation(eval_spec: EvalSpec) -> bool:
+    sources = [p.source for p in eval_spec.perplexity]
+    if eval_spec.distraction is not None:
+        sources.append(eval_spec.distraction.source)
+    return any(s.kind == "validation" for s in sources)
+
+
+def _validation_docs(data_spec, tokenizer, seed: int):
+    """The experiment's validation documents (fotlab.data.build_datasets), or None without a data spec."""
+    if data_spec is None:
+        return None
+    from fotlab.data import build_datasets
+
+    return build_datasets(data_spec, tokenizer, seed)[1]
+
+
+def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | Path, seed: int = 0,
+                    context_length: int | None = None, validation_docs=None, data_spec=None,
+                    on_result: Callable[[EvalResult], None] | None = None, console=None) -> dict[str, EvalResult]:
+    """Run every selected evaluation in order; returns {name: EvalResult} (names as `eval_spec.selected()`).
+
+    output_dir: plots and `<name>.json` results go here. context_length: the training local context T (the
+    default chunk length). validation_docs / data_spec: documents for sources of kind "validation" (built from
+    data_spec with `fotlab.data.build_datasets` when not given). on_result: called after each evaluation
+    (e.g. to log it). console: a `rich.console.Console` for the tables (None = no printing).
+    """
+    from fotlab.eval.dictionary import dictionary_lookup_accuracy
+    from fotlab.eval.distraction import distraction_ratio
+    from fotlab.eval.documents import load_documents
+    from fotlab.eval.few_shot import few_shot_accuracy
+    from fotlab.eval.passkey import passkey_retrieval
+    from fotlab.eval.perplexity import perplexity_vs_memory
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not eval_spec.enabled:
+        return {}
+    if validation_docs is None and _needs_validation(eval_spec):
+        validation_docs = _validation_docs(data_spec, tokenizer, seed)
+    cache_dir = getattr(data_spec, "cache_dir", None)
+    show = eval_spec.progress
+
+    def docs_of(source):
+        return load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
+
+    jobs: list[tuple[str, Callable[[], EvalResult]]] = []
+    for p in eval_spec.perplexity:
+        jobs.append((f"perplexity:{p.name}", lambda p=p: perplexity_vs_memory(
+            model, tokenizer, p, docs_of(p.source), output_dir=out, context_length=context_length,
+            show_progress=show)))
+    if eval_spec.passkey is not None:
+        jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, output_dir=out,
+                                                          seed=seed, show_progress=show)))
+    if eval_spec.distraction is not None:
+        d = eval_spec.distraction
+        jobs.append(("distraction", lambda: distraction_ratio(model, tokenizer, d, docs_of(d.source), output_dir=out,
+                                                              seed=seed, context_length=context_length,
+                                                              show_progress=show)))
+    if eval_spec.dictionary_lookup is not None:
+        jobs.append(("dictionary_lookup", lambda: dictionary_lookup_accuracy(
+            model, tokenizer, eval_spec.dictionary_lookup, output_dir=out, seed=seed, context_length=context_length,
+            show_progress=show)))
+    for f in eval_spec.few_shot:
+        jobs.append((f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, output_dir=out,
+                                                                         seed=seed, show_progress=show)))
+    results = {}
+    for name, job in jobs:
+        result = job()
+        result.save_json(out / f"{name.replace(':', '_')}.json")
+        if console is not None:
+            console.print(result.table(name))
+        if on_result is not None:
+            on_result(result)
+        results[name] = result
+    return results
+
+
+def log_eval_result(result: EvalResult, run, step: int = 0) -> dict[str, float]:
+    """Log one result to a `fotlab.tracking.TrackedRun`: metrics at `step`, its plot and JSON under `eval/`."""
+    import json
+    import tempfile
+
+    logged = run.log_metrics(result.metrics, step=step)
+    if result.figure_path is not None and Path(result.figure_path).is_file():
+        run.log_artifact(result.figure_path, EVAL_ARTIFACT_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{result.name.replace(':', '_')}.json"
+        path.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        run.log_artifact(path, EVAL_ARTIFACT_DIR)
+    return logged
+
+
+def run_spec_evaluations(spec, model, tokenizer, output_dir: str | Path, *, run=None, step: int = 0,
+                         validation_docs=None, console=None) -> dict[str, EvalResult]:
+    """`run_evaluations` with the settings of an `ExperimentSpec` (eval section, seed, train.context_length, data);
+    each result is logged to `run` (a `fotlab.tracking.TrackedRun`) when given."""
+    on_result = None if run is None else (lambda r: log_eval_result(r, run, step))
+    return run_evaluations(spec.eval, model, tokenizer, output_dir=output_dir, seed=spec.seed,
+                           context_length=spec.train.context_length, validation_docs=validation_docs,
+                           data_spec=spec.data, on_result=on_result, console=console)
