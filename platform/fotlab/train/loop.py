@@ -1,0 +1,216 @@
+"""`train(spec, runtime, hooks) -> TrainResult`: the plain FoT training loop (no Ray, no MLflow).
+
+    python -c "from pathlib import Path; from fotlab.spec import parse_spec; from fotlab.train import train, Runtime; \
+      print(train(parse_spec({'name': 'cpu-demo', 'train': {'steps': 20}}), Runtime(output_dir=Path('/tmp/fot'))))"
+
+Setup -> build -> fit:
+- setup: seed everything with spec.seed (so every rank builds identical initial weights), resolve precision
+  (bf16 autocast only when asked for and supported by the device; fp32 otherwise).
+- build: tokenizer + datasets + rank-sharded DocPacker, model (preset or init_from), then — for a resume — the
+  checkpoint's weights, then `runtime.wrap_model` (DDP/FSDP), optimizer over the wrapped parameters, scheduler,
+  and the checkpoint's optimizer / scheduler / RNG / packer state.
+- fit: per step the CrossBatch from `crossbatch_for_step` (a pure function of step and seed), grad_accum
+  micro-batches, one optimizer step; metrics every log_every, validation every eval_every, checkpoints every
+  checkpoint_every and at the end; `hooks.should_stop()` ends early with a checkpoint.
+- Resume is exact: model, optimizer, scheduler, packer position and every RNG come back, so on CPU the steps
+  after a resume reproduce an uninterrupted run's losses bit for bit.
+- Validation: `val/loss` uses the crossbatch of the current step (same contexts as training) and
+  `val/loss_no_xbatch` uses range 0; with range 0 both are the same number.
+- Checkpoint writes assume every rank sees the same `output_dir` (shared storage); only DDP-style replicated
+  models are supported there (rank 0 writes the full state dict; FSDP needs a sharded checkpointer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fotlab.train import metrics as M
+from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
+from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint
+from fotlab.train.loop_support import crossbatch_at, mean_over_ranks, resolve_precision, save_final_model
+from fotlab.train.optim import build_optimizer, build_scheduler
+from fotlab.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from fotlab.train.runtime import Runtime, TrainHooks, TrainResult, unwrap_model
+from fotlab.train.steps import evaluate_loss, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Window:
+    """Accumulators between two metric reports."""
+
+    loss_sum: float = 0.0
+    n_steps: int = 0
+    step_time_s: float = 0.0
+    n_tokens: int = 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the fit phase works on (built once by `_build`)."""
+
+    spec: Any
+    runtime: Runtime
+    hooks: TrainHooks
+    data: DataBundle
+    model: torch.nn.Module  # as wrapped by runtime.wrap_model
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: str
+    step: int = 0
+    tokens_seen: int = 0
+    last_checkpoint_step: int = -1
+    last_eval_step: int = -1
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    window: _Window = dataclasses.field(default_factory=_Window)
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        return unwrap_model(self.model)
+
+
+def train(spec, runtime: Runtime, hooks: TrainHooks | None = None) -> TrainResult:
+    """Train the model `spec` describes on this worker; see the module docstring for the phases."""
+    run = _build(spec, runtime, hooks or TrainHooks())
+    stopped_early = _fit(run)
+    _finish(run)
+    return TrainResult(
+        final_step=run.step,
+        metrics=dict(run.metrics),
+        model_dir=runtime.model_dir,
+        checkpoint_dir=runtime.checkpoint_dir,
+        stopped_early=stopped_early,
+    )
+
+
+def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
+    seed_everything(spec.seed)
+    precision = resolve_precision(spec.train.precision, runtime.device)
+    data = build_data(spec, runtime)
+    model = build_model(spec, data.tokenizer, runtime.device)
+    logger.info("model: %.2fM parameters, mem_layers %s", count_parameters(model) / 1e6, model.config.mem_layers)
+    checkpoint, trainer_state, rank_state = None, None, None
+    if runtime.resume_from is not None:
+        checkpoint = resolve_checkpoint(runtime.resume_from)
+        trainer_state, rank_state = load_checkpoint(checkpoint, model=model, rank=runtime.rank)
+    wrapped = runtime.wrap_model(model)
+    optimizer = build_optimizer(wrapped, spec.train.optimizer)
+    scheduler = build_scheduler(optimizer, spec.train.schedule, spec.train.steps)
+    run = _Run(spec, runtime, hooks, data, wrapped, optimizer, scheduler, precision)
+    if checkpoint is not None:
+        load_optimizer_state(checkpoint, optimizer, scheduler)
+        data.train_packer.load_state_dict(rank_state["packer"])
+        restore_rng_state(rank_state["rng"])
+        run.step = run.last_checkpoint_step = int(trainer_state["step"])
+        run.tokens_seen = int(trainer_state.get("tokens_seen", 0))
+        run.metrics = dict(trainer_state.get("metrics", {}))
+        logger.info("resumed from %s at step %d", checkpoint, run.step)
+    return run
+
+
+def _fit(run: _Run) -> bool:
+    """Optimizer steps until spec.train.steps; True when `hooks.should_stop()` ended the run early."""
+    train_spec = run.spec.train
+    while run.step < train_spec.steps:
+        crossbatch = crossbatch_at(run.spec, run.step)
+        micro_batches = [run.data.train_packer.next_batch() for _ in range(train_spec.grad_accum)]
+        started = time.perf_counter()
+        stats = train_step(
+            run.model, run.optimizer, micro_batches, step=run.step + 1, crossbatch=crossbatch,
+            device=run.runtime.device, precision=run.precision, grad_clip=train_spec.grad_clip,
+        )
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        run.step += 1
+        window = run.window
+        window.loss_sum += stats.loss
+        window.n_steps += 1
+        window.step_time_s += time.perf_counter() - started
+        window.n_tokens += stats.n_input_tokens * run.runtime.world_size
+        run.tokens_seen += stats.n_input_tokens * run.runtime.world_size
+        if run.step % train_spec.log_every == 0 or run.step == train_spec.steps:
+            _report_train(run, lr, stats.grad_norm, crossbatch.range)
+        if train_spec.eval_every and run.step % train_spec.eval_every == 0:
+            _evaluate(run, crossbatch)
+        if train_spec.checkpoint_every and run.step % train_spec.checkpoint_every == 0:
+            _checkpoint(run)
+        if run.hooks.should_stop():
+            logger.info("stop requested at step %d", run.step)
+            return True
+    return False
+
+
+def _report_train(run: _Run, lr: float, grad_norm: float, crossbatch_range: int) -> None:
+    window, device = run.window, run.runtime.device
+    logged = {
+        M.LOSS: mean_over_ranks(window.loss_sum / window.n_steps, device),
+        M.LR: lr,
+        M.GRAD_NORM: grad_norm,
+        M.TOKENS_PER_S: window.n_tokens / max(window.step_time_s, 1e-9),
+        M.STEP_TIME_S: window.step_time_s / window.n_steps,
+        M.CROSSBATCH_RANGE: float(crossbatch_range),
+        M.TOKENS_SEEN: float(run.tokens_seen),
+    }
+    run.window = _Window()
+    run.metrics.update(logged)
+    logger.info(
+        "step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d", run.step, run.spec.train.steps,
+        logged[M.LOSS], lr, grad_norm, logged[M.TOKENS_PER_S], crossbatch_range,
+    )
+    run.hooks.on_log(run.step, logged)
+
+
+def _evaluate(run: _Run, crossbatch) -> None:
+    """Validation losses with the step's crossbatch and with range 0 (module docstring)."""
+    batches = val_batches(run.data, run.spec, run.runtime)
+    run.last_eval_step = run.step
+    if not batches:
+        return
+    kwargs = dict(device=run.runtime.device, precision=run.precision)
+    model = run.bare_model
+    val_loss = evaluate_loss(model, batches, crossbatch=crossbatch, **kwargs)
+    if crossbatch.range:
+        no_xbatch = evaluate_loss(model, batches, crossbatch=replace(crossbatch, range=0), **kwargs)
+    else:
+        no_xbatch = val_loss
+    logged = {
+        M.VAL_LOSS: mean_over_ranks(val_loss, run.runtime.device),
+        M.VAL_LOSS_NO_XBATCH: mean_over_ranks(no_xbatch, run.runtime.device),
+    }
+    run.metrics.update(logged)
+    logger.info("step %d val/loss %.4f val/loss_no_xbatch %.4f", run.step, *logged.values())
+    run.hooks.on_log(run.step, logged)
+
+
+def _checkpoint(run: _Run) -> Path:
+    runtime = run.runtime
+    path = save_checkpoint(
+        runtime.checkpoint_dir, run.step,
+        model=run.bare_model, optimizer=run.optimizer, scheduler=run.scheduler,
+        trainer_state={"metrics": run.metrics, "tokens_seen": run.tokens_seen, "world_size": runtime.world_size,
+                       "name": run.spec.name},
+        rank_state={"rng": capture_rng_state(), "packer": run.data.train_packer.state_dict()},
+        rank=runtime.rank, keep=run.spec.train.keep_checkpoints, barrier=runtime.barrier,
+    )
+    run.last_checkpoint_step = run.step
+    run.hooks.on_checkpoint(run.step, path, dict(run.metrics))
+    return path
+
+
+def _finish(run: _Run) -> None:
+    """Final validation (unless just done), final checkpoint (unless just written), HF model + tokenizer."""
+    if run.last_eval_step != run.step and run.step > 0:
+        _evaluate(run, crossbatch_at(run.spec, run.step - 1))
+    if run.last_checkpoint_step != run.step:
+        _checkpoint(run)
+    if run.runtime.is_main:
+        save_final_model(run.bare_model, run.data.tokenizer, run.runtime.model_dir)
+    run.runtime.barrier()

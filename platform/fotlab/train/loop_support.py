@@ -1,0 +1,77 @@
+"""Small pieces the loop needs: the step's CrossBatch from the spec, cross-rank means, precision resolution,
+and the atomic final-model write (HF format + tokenizer)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fotlab.model.crossbatch import CrossBatch
+from fotlab.train.crossbatch_schedule import crossbatch_for_step
+from fotlab.train.steps import bf16_supported
+
+logger = logging.getLogger(__name__)
+
+
+def crossbatch_at(spec, step: int) -> CrossBatch:
+    """The CrossBatch of 0-based training step `step` (switch / sample_from per spec.train.crossbatch)."""
+    cb = spec.train.crossbatch
+    base = CrossBatch(range=cb.range, packing=cb.packing, stepping=cb.stepping)
+    switch = [(s.at_step, s.range) for s in cb.switch] or None
+    return crossbatch_for_step(
+        step, base, switch, cb.sample_from, rng_seed=spec.seed, batch_size=spec.train.batch_size
+    )
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """`value` averaged over all ranks (the value itself without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / torch.distributed.get_world_size()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"bf16" when asked for and supported on `device`, else "fp32" (with a warning when downgraded)."""
+    if precision == "bf16" and not bf16_supported(device):
+        logger.warning("train.precision bf16 is not supported on %s; training in fp32", device)
+        return "fp32"
+    return precision
+
+
+def save_final_model(model: torch.nn.Module, tokenizer, model_dir: Path) -> Path:
+    """Write model (safetensors) + tokenizer into `model_dir` atomically (temp dir in the same parent, renamed)."""
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = model_dir.with_name(f".tmp-{model_dir.name}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(str(tmp_dir))
+    tokenizer.save_pretrained(str(tmp_dir))
+    for file in tmp_dir.iterdir():
+        if file.is_file():
+            _fsync(file)
+    _fsync(tmp_dir)
+    if model_dir.exists():
+        aside = model_dir.with_name(f".old-{model_dir.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(model_dir, aside)
+        os.replace(tmp_dir, model_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, model_dir)
+    _fsync(model_dir.parent)
+    logger.info("final model -> %s", model_dir)
+    return model_dir
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
