@@ -47,7 +47,7 @@ class _Buffer:
         return self.keys.shape[2]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerMemory:
     """Memory of one layer for all batch rows. Build with `LayerMemory.empty(...)`, grow with `append`.
 
@@ -186,7 +186,8 @@ class LayerMemory:
         if self.n_tokens == 0:
             return self
         valid = self.valid.clone()
-        valid[torch.as_tensor(rows, device=valid.device)] = False
+        rows = torch.as_tensor(rows, device=valid.device)
+        valid[rows if rows.dtype == torch.bool else rows.long()] = False
         keep = valid.any(dim=0)  # (M,)
         return LayerMemory._from_tensors(self.keys[:, :, keep], self.values[:, :, keep], valid[:, keep],
                                          self.capacity, self.dtype)
@@ -195,8 +196,7 @@ class LayerMemory:
     def _from_tensors(cls, keys, values, valid, capacity, dtype) -> "LayerMemory":
         if keys.requires_grad or values.requires_grad:
             return cls(dtype=dtype, capacity=capacity, _segments=((keys, values, valid),))
-        return cls.empty(dtype, capacity)._append_buffer(keys, values, valid) if keys.shape[2] else \
-            cls.empty(dtype, capacity)
+        return cls.empty(dtype, capacity)._append_buffer(keys, values, valid)  # 0 slots keep their shapes
 
     def detach(self) -> "LayerMemory":
         """Same slots without autograd history (back in amortised buffer mode)."""
@@ -231,7 +231,7 @@ def _evict_segments(segments: tuple, capacity: int | None) -> tuple:
     return tuple(kept)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FoTMemory:
     """The memory of a FoT model: memory-layer index -> LayerMemory, plus the storage dtype and capacity.
 
