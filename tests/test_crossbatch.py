@@ -210,3 +210,52 @@ def test_schedule_errors():
         crossbatch_for_step(0, base, sample_from=[])
     with pytest.raises(ValueError):
         crossbatch_for_step(-1, base)
+
+
+@pytest.mark.parametrize("cb, heads, padded", [
+    (CrossBatch(3, 4, True, "flex"), (4, 2), False),
+    (CrossBatch(2, 1, False, "flex"), (2, 2), True),
+    (CrossBatch(6, 2, True, "flex"), (2, 1), True),
+])
+def test_flex_backend_matches_sdpa_backend(cb, heads, padded):
+    """The FlexAttention backend (eager on CPU; T = 128, one flex block per entry) computes the same function.
+
+    Forward only: torch has no CPU backward for flex (its gradients were checked on a GPU against this module's
+    SDPA path: relative error ~1e-6 in fp32).
+    """
+    H, Hkv = heads
+    q, k_rot, k_mem, v = random_inputs(5, H, Hkv, 128, 8, seed=2)
+    key_valid = None
+    if padded:
+        key_valid = torch.rand(5, 128, generator=torch.Generator().manual_seed(1)) > 0.3
+        key_valid[0, :5] = False  # first queries of entry 0 see nothing
+        key_valid[3] = False
+    flex = crossbatch_attention(q, k_rot, k_mem, v, cb, key_valid)
+    sdpa = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(cb.range, cb.packing, cb.stepping), key_valid)
+    assert not flex.isnan().any()
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_backend_block_mask_is_sparse():
+    """Blocks an entry cannot see are not visited: with stepping, entry 0 visits only its own diagonal block."""
+    from fotlab.model.crossbatch import _flex_block_mask
+
+    allowed = allowed_contexts(4, 4, 4, True)  # [1, 2, 3, 4]
+    block_mask = _flex_block_mask(allowed, 128, None)
+    partial = block_mask.kv_num_blocks[0, 0].tolist()
+    full = block_mask.full_kv_num_blocks[0, 0].tolist()
+    assert partial == [1, 1, 1, 1]  # the causal diagonal block of each entry
+    assert full == [0, 1, 2, 3]  # allowed[b] - 1 extra contexts, one block each
+
+
+def test_flex_backend_falls_back_when_seq_len_is_not_a_block_multiple():
+    q, k_rot, k_mem, v = random_inputs(4, 2, 2, 5, 8)
+    out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2, 2, True, "flex"))
+    torch.testing.assert_close(out.double(), reference_attention(q, k_rot, k_mem, v, CrossBatch(2, 2, True)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_backend_validation():
+    with pytest.raises(ValueError):
+        CrossBatch(1, backend="triton")
+    assert crossbatch_for_step(3, CrossBatch(1, 2, True, "flex"), [(2, 5)]).backend == "flex"

@@ -22,13 +22,17 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["CrossBatch", "allowed_contexts", "crossbatch_attention"]
+
+FLEX_BLOCK = 128  # FlexAttention block size (queries and keys); the flex backend needs T % FLEX_BLOCK == 0
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,16 @@ class CrossBatch:
     packing: k, the number of consecutive batch rows that hold consecutive chunks of one document stream.
     stepping: if True, entry b may only see (b mod k) * ceil(n / (k-1)) + 1 contexts, giving the paper's mixture
         of entries with few and many contexts (LongLLaMA: packing 4, range 3 -> 1, 3, 4, 4 contexts).
+    backend: "sdpa" (default; one torch SDPA call over a gathered (B, H, n*T, Dh) prefix and a dense block mask)
+        or "flex" (FlexAttention over the flattened batch with a block-sparse mask: memory independent of range,
+        masked blocks skipped; compiled on CUDA, for GPU training with large ranges; needs T % 128 == 0 and
+        falls back to "sdpa" otherwise). Both compute the same function.
     """
 
     range: int
     packing: int = 1
     stepping: bool = False
+    backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("range", "packing"):
@@ -56,6 +65,8 @@ class CrossBatch:
             raise ValueError(f"CrossBatch.packing must be >= 1, got {self.packing}")
         if not isinstance(self.stepping, bool):
             raise TypeError(f"CrossBatch.stepping must be a bool, got {type(self.stepping).__name__}")
+        if self.backend not in ("sdpa", "flex"):
+            raise ValueError(f"CrossBatch.backend must be 'sdpa' or 'flex', got {self.backend!r}")
 
     @property
     def n_contexts(self) -> int:
@@ -122,12 +133,14 @@ def _slot_sources(batch_size: int, n_slots: int, device: torch.device) -> torch.
     return (rows[:, None] - torch.arange(n_slots, device=device)[None, :]).clamp(min=0)
 
 
-def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n_heads: int) -> torch.Tensor:
+def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n_heads: int,
+                     head_pad: int = 0) -> torch.Tensor:
     """Flat prefix of n_slots contexts per entry: slot 0 = x_own[b], slot c = x_extra[b - c].
 
     x_own, x_extra: (B, Hkv, T, Dh) -> (B, H, n_slots*T, Dh), a strided view of one (B, n, T, H, Dh) buffer made
     by a single gather: the GQA head repeat is an expand (no copy) of the source, materialised by the gather itself,
-    and the (T, H) layout lets n and T merge into one key axis without a second copy.
+    and the (T, H) layout lets n and T merge into one key axis without a second copy. head_pad zero-pads Dh
+    (also inside the gather); the result then has Dh + head_pad features.
     """
     B, Hkv, T, Dh = x_own.shape
     group = n_heads // Hkv
@@ -137,9 +150,12 @@ def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n
     else:  # rows 0..B-1 own contexts, rows B..2B-1 extra contexts
         table = torch.cat([x_own, x_extra], dim=0)  # (2B, Hkv, T, Dh)
         sources = torch.cat([sources[:, :1], sources[:, 1:] + B], dim=1)  # (B, n)
-    table = table.transpose(1, 2)[:, :, :, None].expand(-1, T, Hkv, group, Dh)  # (B', T, Hkv, g, Dh) view
-    gathered = table.index_select(0, sources.flatten())  # (B*n, T, Hkv, g, Dh) contiguous: the one copy
-    return gathered.view(B, n_slots * T, n_heads, Dh).transpose(1, 2)  # (B, H, n*T, Dh)
+    if head_pad:
+        table = F.pad(table, (0, head_pad))  # (B', Hkv, T, Dh'): small, before the gather
+    head_dim = Dh + head_pad
+    table = table.transpose(1, 2)[:, :, :, None].expand(-1, T, Hkv, group, head_dim)  # (B', T, Hkv, g, Dh') view
+    gathered = table.index_select(0, sources.flatten())  # (B*n, T, Hkv, g, Dh') contiguous: the one copy
+    return gathered.view(B, n_slots * T, n_heads, head_dim).transpose(1, 2)  # (B, H, n*T, Dh')
 
 
 def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -171,18 +187,102 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     """
     _check_shapes(q, k_rot, k_mem, v, key_valid)
     B, H, T, Dh = q.shape
+    if crossbatch.backend == "flex" and crossbatch.range > 0 and T % FLEX_BLOCK == 0:
+        allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)
+        return crossbatch_attention_flex(q, k_rot, k_mem, v, allowed, key_valid, scale=scale)
+    # CUDA fused SDPA kernels need Dh % 8 == 0 (LongLLaMA-3B has Dh 100), else SDPA falls back to a kernel that
+    # materialises every score; zero features change no score, so pad and slice the output back.
+    head_pad = (-Dh) % 8 if q.is_cuda else 0
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    q = F.pad(q, (0, head_pad)) if head_pad else q
     if crossbatch.range == 0 and key_valid is None:
-        return _sdpa(q, _expand_heads(k_rot, H), _expand_heads(v, H), None, True, scale)
+        k_rot, v = (F.pad(x, (0, head_pad)) if head_pad else x for x in (k_rot, v))
+        return _sdpa(q, _expand_heads(k_rot, H), _expand_heads(v, H), None, True, scale)[..., :Dh]
 
     n_full = crossbatch.n_contexts
     allowed = allowed_contexts(B, n_full, crossbatch.packing, crossbatch.stepping, device=q.device)  # (B,)
     n_slots = min(n_full, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
-    keys = _gather_contexts(k_rot, k_mem, n_slots, H)  # (B, H, n*T, Dh)
-    values = _gather_contexts(v, v, n_slots, H)  # (B, H, n*T, Dh)
+    keys = _gather_contexts(k_rot, k_mem, n_slots, H, head_pad)  # (B, H, n*T, Dh')
+    values = _gather_contexts(v, v, n_slots, H, head_pad)  # (B, H, n*T, Dh')
     mask = _block_mask(allowed, n_slots, T, key_valid)  # (B, 1, T, n*T)
     has_key = mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
     # A row with no visible key would be NaN in SDPA; let it see its own key, then zero its output.
     diag = torch.arange(T, device=q.device)
     mask[:, :, diag, diag] |= ~has_key[..., 0]  # slot 0 key t for query t
-    out = _sdpa(q, keys, values, mask, False, scale)  # (B, H, T, Dh)
+    out = _sdpa(q, keys, values, mask, False, scale)[..., :Dh]  # (B, H, T, Dh)
     return torch.where(has_key, out, out.new_zeros(()))
+
+
+# ---- FlexAttention backend --------------------------------------------------------------------------------------
+# The whole batch becomes one sequence: queries (1, H, B*T, Dh); keys [k_rot of every entry ; k_mem of every entry]
+# (1, Hkv, 2*B*T, Dh) and values [v ; v]. Entry b's queries see its own causal k_rot block and the k_mem blocks of
+# entries b-1 .. b-allowed[b]+1. The block structure is known in closed form, so the BlockMask is built from
+# block indices (no mask evaluation over all B*T x 2*B*T pairs); only diagonal blocks (and, with padding, every
+# visited block) apply the element mask. Rows that see no key give 0, like the SDPA path.
+
+
+@functools.cache
+def _flex_kernel(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense block visibility (Qb, Kb) bool -> (counts (1, 1, Qb) int32, indices (1, 1, Qb, Kb) int32), True first."""
+    counts = dense.sum(dim=-1, dtype=torch.int32)  # (Qb,)
+    order = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # (Qb, Kb)
+    return counts[None, None], order[None, None]
+
+
+def _flex_block_mask(allowed: torch.Tensor, seq_len: int, key_valid: torch.Tensor | None):
+    """BlockMask over (B*T queries, 2*B*T keys) for the flattened crossbatch layout."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T, device = allowed.shape[0], seq_len, allowed.device
+    n_blocks = T // FLEX_BLOCK  # blocks per entry
+    q_block = torch.arange(B * n_blocks, device=device)
+    k_block = torch.arange(2 * B * n_blocks, device=device)
+    q_entry, q_pos = (q_block // n_blocks)[:, None], (q_block % n_blocks)[:, None]  # (Qb, 1)
+    is_own = (k_block < B * n_blocks)[None, :]  # (1, Kb): k_rot half
+    k_entry, k_pos = ((k_block % (B * n_blocks)) // n_blocks)[None, :], (k_block % n_blocks)[None, :]
+    slot = q_entry - k_entry  # (Qb, Kb)
+    diagonal = is_own & (slot == 0) & (k_pos == q_pos)
+    full = (is_own & (slot == 0) & (k_pos < q_pos)) | (~is_own & (slot >= 1) & (slot < allowed[q_entry]))
+    if key_valid is not None:  # padding: every visited block applies the element mask
+        diagonal, full = diagonal | full, torch.zeros_like(full)
+    valid = None if key_valid is None else key_valid.to(torch.bool).reshape(B * T)
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        own = kv_idx < B * T
+        key = torch.where(own, kv_idx, kv_idx - B * T)
+        q_entry_, k_entry_ = q_idx // T, key // T
+        causal_own = own & (q_entry_ == k_entry_) & (key % T <= q_idx % T)
+        extra = ~own & (q_entry_ - k_entry_ >= 1) & (q_entry_ - k_entry_ < allowed[q_entry_])
+        visible = causal_own | extra
+        return visible if valid is None else visible & valid[key]
+
+    counts, indices = _ordered_blocks(diagonal)
+    full_counts, full_indices = _ordered_blocks(full)
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(B * T, 2 * B * T))
+
+
+def crossbatch_attention_flex(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
+                              allowed: torch.Tensor, key_valid: torch.Tensor | None = None, *,
+                              scale: float | None = None) -> torch.Tensor:
+    """crossbatch_attention with FlexAttention (same inputs, allowed = allowed_contexts(...)); T % 128 == 0.
+
+    Compiled on CUDA; eager elsewhere (eager flex materialises all B*T x 2*B*T scores: tests only).
+    """
+    B, H, T, Dh = q.shape
+    Hkv = k_rot.shape[1]
+    q_flat = q.transpose(0, 1).reshape(1, H, B * T, Dh)  # (1, H, B*T, Dh)
+    k_flat = torch.cat([k_rot, k_mem], dim=0).transpose(0, 1).reshape(1, Hkv, 2 * B * T, Dh)  # (1, Hkv, 2BT, Dh)
+    v_flat = torch.cat([v, v], dim=0).transpose(0, 1).reshape(1, Hkv, 2 * B * T, Dh)  # (1, Hkv, 2BT, Dh)
+    block_mask = _flex_block_mask(allowed, T, key_valid)
+    with warnings.catch_warnings():  # eager flex warns that it is not compiled: intended off CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        out = _flex_kernel(q.is_cuda)(q_flat, k_flat, v_flat, block_mask=block_mask, scale=scale,
+                                      enable_gqa=H != Hkv)  # (1, H, B*T, Dh)
+    return out.reshape(H, B, T, Dh).transpose(0, 1)  # (B, H, T, Dh)
