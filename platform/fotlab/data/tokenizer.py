@@ -52,7 +52,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     alphabet = _byte_to_unicode()
     vocab = {alphabet[b]: b for b in range(N_BYTES)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # No merges, so splitting words first changes nothing; without the regex it encodes ~5x faster.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)  # ids 256, 257, 258
     return _wrap(tok)
