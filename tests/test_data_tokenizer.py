@@ -85,3 +85,16 @@ def test_pretrained_dir_roundtrip(tmp_path):
 def test_pretrained_missing_dir_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         build_tokenizer(TokenizerSpec(kind="pretrained", path=str(tmp_path / "nope")))
+
+
+def test_bpe_from_data_spec_is_cached_by_sources(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text(CORPUS[0] * 30)
+    data = SimpleNamespace(sources=[SimpleNamespace(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
+                           cache_dir=str(tmp_path / "cache" / "datasets"))
+    spec = TokenizerSpec(kind="bpe", vocab_size=270)
+    first = build_tokenizer(spec, data_spec=data)
+    saved = list((tmp_path / "cache" / "datasets" / "fotlab_tokenizers").glob("bpe-*/tokenizer.json"))
+    assert len(saved) == 1
+    (tmp_path / "docs" / "a.txt").write_text("completely different text " * 30)  # cached: not retrained
+    assert build_tokenizer(spec, data_spec=data)(CORPUS[0])["input_ids"] == first(CORPUS[0])["input_ids"]

@@ -239,7 +239,8 @@ def corpus_texts(data_spec, max_docs_per_source: int | None = None):
         if getattr(source, "kind", "embedded") in SYNTHETIC_KINDS:
             continue
         raw = src_mod.load_raw_source(source, i, cache_dir)
+        caps = [c for c in (max_docs_per_source, getattr(source, "max_docs", None)) if c]
         for j, row in enumerate(raw):
-            if max_docs_per_source is not None and j >= max_docs_per_source:
+            if caps and j >= min(caps):
                 break
             yield row["text"]

@@ -17,6 +17,11 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +31,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<bos>", "<eos>", "<pad>"
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]
 N_BYTES = 256
+BPE_MAX_DOCS_PER_SOURCE = 20_000
+BPE_CACHE_VERSION = 1
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -95,33 +102,66 @@ def _has_tokenizer_files(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
 
 
+def _bpe_cache_path(tok_spec, data_spec) -> Path:
+    """Where a BPE trained on data_spec's text sources is kept when `tokenizer.path` is not set."""
+    from fotlab.data.build import SYNTHETIC_KINDS, resolve_cache_dir, _sources
+
+    fields = ("kind", "path", "glob", "text_field", "name", "config", "data_dir", "split", "max_docs")
+    sources = [[str(getattr(s, f, None)) for f in fields] for s in _sources(data_spec)
+               if getattr(s, "kind", "embedded") not in SYNTHETIC_KINDS]
+    key = json.dumps({"v": BPE_CACHE_VERSION, "vocab_size": int(tok_spec.vocab_size), "sources": sources})
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return Path(resolve_cache_dir(data_spec)) / "fotlab_tokenizers" / f"bpe-{digest}"
+
+
+def _save_atomically(tok: PreTrainedTokenizerFast, path: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename (concurrent ranks never see half a directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another rank got there first (or the directory exists): keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_bpe(tok_spec, texts, data_spec) -> PreTrainedTokenizerFast:
+    path = getattr(tok_spec, "path", None)
+    if path is not None and _has_tokenizer_files(Path(path).expanduser()):
+        return load_pretrained_tokenizer(path)
+    if path is None and texts is None and data_spec is not None:
+        path = _bpe_cache_path(tok_spec, data_spec)
+        if _has_tokenizer_files(path):
+            return load_pretrained_tokenizer(path)
+    if texts is None and data_spec is not None:
+        from fotlab.data.build import corpus_texts  # local import: build imports this module
+
+        texts = corpus_texts(data_spec, max_docs_per_source=BPE_MAX_DOCS_PER_SOURCE)
+    if texts is None:
+        raise ValueError("tokenizer.kind='bpe' needs texts or data_spec to train on (or tokenizer.path with a "
+                         "trained tokenizer)")
+    tok = train_bpe_tokenizer(texts, int(getattr(tok_spec, "vocab_size")))
+    if path is not None:
+        _save_atomically(tok, Path(path).expanduser())
+    return tok
+
+
 def build_tokenizer(tok_spec=None, texts: Iterable[str] | None = None, data_spec=None) -> PreTrainedTokenizerFast:
     """Build the tokenizer a `TokenizerSpec` describes (duck-typed: reads .kind, .path, .vocab_size).
 
     `tok_spec=None` gives the byte tokenizer. For "bpe", an existing `path` with tokenizer files is loaded;
     otherwise it trains on `texts` (an iterable of documents) or, when None, on the text sources of `data_spec`
-    (`fotlab.data.corpus_texts`), and saves the result to `path` if set.
+    (`fotlab.data.corpus_texts`, at most BPE_MAX_DOCS_PER_SOURCE documents each) and saves the result to `path`,
+    or, without a path, to a cache directory keyed by the sources and vocab_size (reused by later runs/ranks).
     """
     kind = getattr(tok_spec, "kind", "byte") if tok_spec is not None else "byte"
-    path = getattr(tok_spec, "path", None)
     if kind == "byte":
         return byte_tokenizer()
     if kind == "pretrained":
+        path = getattr(tok_spec, "path", None)
         if path is None:
             raise ValueError("tokenizer.path is required for tokenizer.kind='pretrained'")
         return load_pretrained_tokenizer(path)
     if kind == "bpe":
-        if path is not None and _has_tokenizer_files(Path(path).expanduser()):
-            return load_pretrained_tokenizer(path)
-        if texts is None and data_spec is not None:
-            from fotlab.data.build import corpus_texts  # local import: build imports this module
-
-            texts = corpus_texts(data_spec)
-        if texts is None:
-            raise ValueError("tokenizer.kind='bpe' needs texts or data_spec to train on (or tokenizer.path with a "
-                             "trained tokenizer)")
-        tok = train_bpe_tokenizer(texts, int(getattr(tok_spec, "vocab_size")))
-        if path is not None:
-            tok.save_pretrained(str(Path(path).expanduser()))
-        return tok
+        return _build_bpe(tok_spec, texts, data_spec)
     raise ValueError(f"tokenizer.kind: unknown kind {kind!r} (expected 'byte', 'bpe' or 'pretrained')")
