@@ -1,0 +1,57 @@
+"""Start or attach the Ray cluster a run uses.
+
+Design choices:
+- Local by default: one in-process local cluster per driver (``ray.init()``); ``address`` attaches to a running
+  cluster instead (``"auto"`` for one started with ``ray start --head`` on this host, ``ray://HEAD:10001`` remote).
+- If Ray is already initialised in this process (tests share one session), it is reused: two clusters on one host
+  confuse Train V2's placement-group cleaner.
+- Environment defaults are set here, once, before Ray starts, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Defaults for a local, offline machine. Set only when the user has not set them.
+LOCAL_ENV_DEFAULTS = {
+    "RAY_AUTH_MODE": "disabled",  # Ray 2.60 turns token auth on for a local ray.init()
+    "RAY_USAGE_STATS_ENABLED": "0",  # no phoning home
+    # ray.train.report() blocks until the controller's next poll (default 2 s): poll often on local runs.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
+# Set for every run: workers must keep the driver's working directory so relative paths keep their meaning.
+RUN_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def apply_env_defaults(*, local: bool) -> None:
+    """Set fotlab's Ray environment defaults in this process (propagated to the Train controller and workers)."""
+    if local:
+        for key, value in LOCAL_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for key, value in RUN_ENV.items():
+        os.environ[key] = value
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Start a local Ray cluster or attach to ``address``; return the cluster's GCS address.
+
+    Example: ``ensure_ray()`` (local), ``ensure_ray("auto")`` (the cluster ``ray start --head`` runs here).
+    """
+    import ray
+
+    apply_env_defaults(local=address is None)
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    kwargs = dict(address=address, namespace="fotlab", log_to_driver=True)
+    if address is None:
+        kwargs.update(num_cpus=num_cpus)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"could not reach a Ray cluster at {address!r} ({err}). Start one with `ray start --head` "
+            "or leave --address out to run on a local cluster."
+        ) from err
+    return ray.get_runtime_context().gcs_address

@@ -1,0 +1,274 @@
+"""`run_experiment`: one spec -> one Ray Train run -> one MLflow run.
+
+    fotlab run experiments/quickstart.yaml                  # CLI
+    run_experiment(load_spec("experiments/quickstart.yaml", ["scaling.num_workers=0"]))  # in-process, CPU-fast
+
+Steps (setup -> build -> fit -> close):
+1. driver: resolve the tracking URI, create/reopen the MLflow run (params, spec YAML, tags);
+2. start/attach Ray (skipped for `num_workers=0`, which runs the worker function in this process);
+3. build a Train V2 `TorchTrainer` around `worker.train_worker` and fit it in a background thread while this
+   thread draws progress and turns the first Ctrl-C into a graceful stop (checkpoint, then exit resumable);
+4. close the MLflow run: FINISHED with final metrics, KILLED (resumable) when stopped, FAILED with the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fotlab.errors import FotlabError
+from fotlab.orchestrate import run_record
+from fotlab.orchestrate.channel import ChannelHandle
+from fotlab.orchestrate.progress import LiveProgress
+
+DEFAULT_REPORT_EVERY = 50  # ray.train.report every this many steps between checkpoints
+
+
+class RunFailedError(FotlabError):
+    """Training failed; the MLflow run is marked FAILED and the message says why (and how to resume)."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class RunInterruptedError(FotlabError):
+    """Training was stopped (Ctrl-C); the MLflow run is KILLED and resumable with `--resume RUN_ID`."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What a finished run produced."""
+
+    run_id: str
+    status: str
+    model_dir: Path | None
+    metrics: dict[str, float]
+    checkpoint: str | None = None
+    run_name: str | None = None
+    final_step: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "model_dir": str(self.model_dir) if self.model_dir else None,
+            "metrics": self.metrics,
+            "checkpoint": self.checkpoint,
+            "run_name": self.run_name,
+            "final_step": self.final_step,
+        }
+
+
+def new_run_name(spec_name: str) -> str:
+    """A unique, sortable Ray/MLflow run name: `<spec name>-<UTC time>-<short id>`."""
+    return f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def output_dir_for(storage: str, ray_run_name: str) -> Path:
+    """Where the workers write checkpoints and the final model (shared local folder on one host)."""
+    if "://" in storage:
+        return Path(tempfile.gettempdir()) / "fotlab" / ray_run_name / "output"
+    return Path(storage) / ray_run_name / "output"
+
+
+def open_record(spec, resume: str | None) -> run_record.RunRecord:
+    """Create the MLflow run for a fresh run, or reopen the one ``resume`` names."""
+    from fotlab.spec import resolve_storage_path, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(spec)
+    if resume:
+        return run_record.reopen_run(uri, resume)
+    return run_record.open_run(spec, uri, new_run_name(spec.name), resolve_storage_path(spec))
+
+
+def storage_filesystem(kind: str | None):
+    """A pyarrow filesystem for `storage.filesystem` ("s3" honours AWS_ENDPOINT_URL, e.g. MinIO; "gcs"), or None."""
+    if kind is None:
+        return None
+    import pyarrow.fs
+
+    if kind == "s3":
+        return pyarrow.fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL"))
+    if kind in ("gcs", "gs"):
+        return pyarrow.fs.GcsFileSystem()
+    if kind == "local":
+        return pyarrow.fs.LocalFileSystem()
+    raise FotlabError(f"storage.filesystem: unknown filesystem {kind!r} (use s3, gcs or local)")
+
+
+def build_trainer(
+    spec, record: run_record.RunRecord, channel: ChannelHandle, report_every: int, train_fn: str | None = None
+):
+    """A Train V2 TorchTrainer whose workers run `worker.train_worker` with this run's config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fotlab.orchestrate.worker import train_worker
+
+    scaling = spec.scaling
+    scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
+    if scaling.resources_per_worker:
+        scaling_kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
+    if getattr(scaling, "use_tpu", False):
+        scaling_kwargs.update(use_tpu=True, topology=scaling.topology, accelerator_type=scaling.accelerator_type)
+    config = {
+        "spec": spec,
+        "run_id": record.run_id,
+        "tracking_uri": record.tracking_uri,
+        "output_dir": str(output_dir_for(record.storage_path, record.ray_run_name)),
+        "report_every": report_every,
+        "channel": channel,
+        "resume": record.resumed,
+        "train_fn": train_fn,
+    }
+    run_config = RunConfig(
+        name=record.ray_run_name,
+        storage_path=record.storage_path,
+        storage_filesystem=storage_filesystem(spec.storage.filesystem),
+        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+    )
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(**scaling_kwargs),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+    )
+
+
+def run_experiment(
+    spec,
+    *,
+    address: str | None = None,
+    resume: str | None = None,
+    json_output: bool = False,
+    progress: bool = True,
+    report_every: int = DEFAULT_REPORT_EVERY,
+    spec_path: str | None = None,
+    train_fn: str | None = None,
+) -> RunOutcome:
+    """Train ``spec`` on Ray Train (or in-process for ``scaling.num_workers == 0``) as one MLflow run.
+
+    ``resume`` (an MLflow run id or run name) continues that run: same Ray run (latest checkpoint), same MLflow
+    run id. ``train_fn`` ("module:function", default `fotlab.train:train`) is the loop the workers run.
+    Raises `RunFailedError` (run FAILED) or `RunInterruptedError` (run KILLED, resumable).
+    """
+    from fotlab.orchestrate.cluster import apply_env_defaults, ensure_ray
+
+    record = open_record(spec, resume)
+    in_process = spec.scaling.num_workers == 0
+    resume_hint = f"resume with `fotlab run {spec_path or 'SPEC'} --resume {record.run_id}`"
+    channel = None
+    try:
+        if in_process:
+            apply_env_defaults(local=True)
+        else:
+            ensure_ray(address)
+        channel = ChannelHandle.create(use_ray=not in_process)
+        trainer = build_trainer(spec, record, channel, report_every, train_fn)
+        display = LiveProgress(spec.train.steps, enabled=progress and not json_output, description=spec.name)
+        result = _fit_with_progress(trainer, channel, display)
+    except KeyboardInterrupt as err:
+        record.fail(err, status="KILLED", resumable=True)
+        raise RunInterruptedError(f"run {record.run_id} aborted; {resume_hint}", record.run_id) from err
+    except BaseException as err:
+        cause = root_error(err)
+        resumable = has_checkpoint(record)
+        record.fail(cause, resumable=resumable)
+        hint = f"; {resume_hint}" if resumable else ""
+        raise RunFailedError(
+            f"run {record.run_id} FAILED: {run_record.one_line(cause)} "
+            f"(details: `fotlab runs show {record.run_id}`){hint}",
+            record.run_id,
+        ) from err
+    finally:
+        if channel is not None:
+            channel.close()
+    return close_run(record, result, resume_hint)
+
+
+def _fit_with_progress(trainer, channel: ChannelHandle, display: LiveProgress):
+    """Fit in a background thread; draw progress here; first Ctrl-C asks the workers to stop gracefully."""
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: a Ctrl-C inside join() can leave is_alive() wrong
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=fit, name="fotlab-fit", daemon=True).start()
+    stopping = False
+    with display:
+        while not done.is_set():
+            try:
+                done.wait(0.25)
+                display.update(_drain(channel))
+            except KeyboardInterrupt:
+                if stopping:
+                    raise
+                stopping = True
+                channel.request_stop()
+                display.note("Stopping: the workers save a checkpoint and exit (Ctrl-C again to abort now).")
+        display.update(_drain(channel))
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _drain(channel: ChannelHandle) -> list:
+    try:
+        return channel.drain()
+    except Exception:  # noqa: BLE001 - the display must never break the run
+        return []
+
+
+def root_error(err: BaseException) -> BaseException:
+    """The worker's own exception inside Ray Train's wrappers (lowest failing rank)."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def has_checkpoint(record: run_record.RunRecord) -> bool:
+    """True when the run left a checkpoint to resume from (Ray storage or the workers' output folder)."""
+    if "://" in record.storage_path:
+        return True  # cannot cheaply look; resuming without a checkpoint simply starts over
+    run_dir = Path(record.storage_path) / record.ray_run_name
+    ray_checkpoints = [p for p in run_dir.glob("*") if p.is_dir() and p.name != "output"]
+    own = output_dir_for(record.storage_path, record.ray_run_name) / "checkpoints"
+    return bool(ray_checkpoints) or (own.is_dir() and any(own.iterdir()))
+
+
+def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutcome:
+    """Log final metrics and mark the MLflow run FINISHED (or KILLED when the workers stopped early)."""
+    value = result.return_value or {}
+    metrics = run_record.numeric_metrics(value.get("metrics") or result.metrics or {})
+    final_step = int(value.get("final_step") or metrics.get("step") or 0)
+    if value.get("stopped_early"):
+        record.fail(RuntimeError(f"stopped at step {final_step}"), status="KILLED", resumable=True)
+        raise RunInterruptedError(
+            f"run {record.run_id} stopped at step {final_step} after saving a checkpoint; {resume_hint}",
+            record.run_id,
+        )
+    record.finish(metrics, final_step)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else value.get("checkpoint_dir")
+    model_dir = Path(value["model_dir"]) if value.get("model_dir") else None
+    return RunOutcome(record.run_id, "FINISHED", model_dir, metrics, checkpoint, record.run_name, final_step)
