@@ -42,7 +42,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("datasets-cache")
 
 
-def make_spec(corpus, cache_dir, *, model=None, data=None, **train):
+def make_spec(corpus, cache_dir, *, model=None, data=None, memory=None, **train):
     train_section = {
         "steps": 4, "batch_size": 4, "context_length": 32, "log_every": 1, "eval_every": 0, "eval_batches": 1,
         "checkpoint_every": 0, "crossbatch": {"range": 1, "packing": 2}, "optimizer": {"lr": 3e-3},
@@ -52,7 +52,7 @@ def make_spec(corpus, cache_dir, *, model=None, data=None, **train):
                     "cache_dir": str(cache_dir)}
     data_section.update(data or {})
     return parse_spec({"name": "test-run", "seed": 3, "model": model or {"preset": "debug"}, "data": data_section,
-                       "train": train_section})
+                       "memory": memory or {}, "train": train_section})
 
 
 class Recorder(TrainHooks):
@@ -153,3 +153,48 @@ def test_nan_loss_stops_training(corpus, cache_dir, tmp_path):
     with pytest.raises(LossNotFiniteError, match=r"^step 1: loss is nan"):
         train(spec, Runtime(output_dir=tmp_path / "out"))
     assert latest_checkpoint(tmp_path / "out" / "checkpoints") is None
+
+
+def _tiny_llama_dir(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fotlab.data import byte_tokenizer
+
+    torch.manual_seed(11)
+    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    llama = LlamaForCausalLM(config).eval()
+    llama.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return llama
+
+
+def test_init_from_tiny_hf_llama(corpus, cache_dir, tmp_path):
+    """Fine-tune an HF LLaMA dir with memory layer 1: with crossbatch range 0 the first loss is LLaMA's own."""
+    from fotlab.train.build import build_data
+
+    llama = _tiny_llama_dir(tmp_path / "llama")
+    spec = make_spec(corpus, cache_dir, steps=3, crossbatch={"range": 0, "packing": 2},
+                     model={"init_from": str(tmp_path / "llama")}, memory={"layers": [1]},
+                     data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}})
+    hooks = Recorder()
+    result = train(spec, Runtime(output_dir=tmp_path / "out"), hooks)
+
+    first_batch = build_data(spec, Runtime(output_dir=tmp_path / "unused")).train_packer.next_batch()
+    with torch.no_grad():
+        logits = llama(first_batch["input_ids"]).logits  # (B, T, V)
+    llama_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), first_batch["targets"].flatten(),
+                                                   ignore_index=-100).item()
+    assert hooks.losses()[1] == pytest.approx(llama_loss, rel=1e-5)
+
+    tuned = FoTForCausalLM.from_pretrained(result.model_dir)
+    assert tuned.config.mem_layers == [1] and tuned.config.num_key_value_heads == 2
+    assert not torch.equal(tuned.lm_head.weight, llama.lm_head.weight)  # it trained
+    # With crossbatch range 1 the memory layer sees another context: the first loss is no longer LLaMA's.
+    spec_x = make_spec(corpus, cache_dir, steps=1, crossbatch={"range": 1, "packing": 2},
+                       model={"init_from": str(tmp_path / "llama")}, memory={"layers": [1]},
+                       data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}})
+    hooks_x = Recorder()
+    train(spec_x, Runtime(output_dir=tmp_path / "out-x"), hooks_x)
+    assert hooks_x.losses()[1] != pytest.approx(llama_loss, rel=1e-6)
