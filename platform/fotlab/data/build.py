@@ -13,10 +13,11 @@ Pipeline per source (every spec object is duck-typed; only attributes are read):
 5. validation: `validation_docs` in all, shared across sources in proportion to their weights; within a source
    the held-out documents are those with the smallest sha1 of their key (embedded: relative path; synthetic:
    row number; other sources: the text), so the split does not depend on the seed or on the other documents.
+   Synthetic sources generate their documents from the run seed (and the source's index).
 6. mixture: one source is used as is; several are mixed with `datasets.interleave_datasets` (probabilities =
    normalised weights, in documents, with `seed`, "all_exhausted": smaller sources repeat until every source has
-   been seen once). Streaming sources stay `IterableDataset`s (lazy map/filter; the first validation documents are taken
-   into memory and skipped for training), and a mixture with any streaming source is an `IterableDataset`.
+   been seen once). Streaming sources stay `IterableDataset`s (lazy map/filter; the first validation documents
+   are taken into memory and skipped for training); a mixture with any streaming source is an `IterableDataset`.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def build_datasets(data_spec, tokenizer, seed: int = 0):
     sources = _sources(data_spec)
     cache_dir = resolve_cache_dir(data_spec)
     num_proc = int(getattr(data_spec, "num_proc", 1) or 1)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # map workers fork after the tokenizer was used
+    if num_proc > 1:  # map workers fork after the tokenizer may have used its thread pool
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     weights = [float(getattr(s, "weight", 1.0)) for s in sources]
     n_vals = allocate_validation(int(getattr(data_spec, "validation_docs", 8)), weights)
     trains, vals = [], []
