@@ -94,6 +94,7 @@ def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
     assert [s for s, _ in val_logs] == [12, 24]
     assert val_logs[1][1][M.VAL_LOSS] < val_logs[0][1][M.VAL_LOSS]
     assert val_logs[1][1][M.VAL_LOSS] != val_logs[1][1][M.VAL_LOSS_NO_XBATCH]  # range 1 vs range 0 differ
+    assert val_logs[1][1][M.VAL_PPL] == pytest.approx(math.exp(val_logs[1][1][M.VAL_LOSS]))
 
     assert result.final_step == 24 and not result.stopped_early
     assert result.metrics[M.LOSS] == losses[24] and M.VAL_LOSS in result.metrics

@@ -49,11 +49,9 @@ def _packer(docs, spec, runtime: Runtime, tokenizer, seed: int):
 
 def build_data(spec, runtime: Runtime) -> DataBundle:
     """Tokenizer, datasets (train / validation split) and this rank's training packer."""
-    from fotlab.data import build_datasets, build_tokenizer, corpus_texts
+    from fotlab.data import build_datasets, build_tokenizer
 
-    tok_spec = spec.data.tokenizer
-    texts = corpus_texts(spec.data) if tok_spec.kind == "bpe" else None  # lazy; read only when training BPE
-    tokenizer = build_tokenizer(tok_spec, texts=texts)
+    tokenizer = build_tokenizer(spec.data.tokenizer, data_spec=spec.data)  # BPE: trained on (or cached for) the data
     train_docs, val_docs = build_datasets(spec.data, tokenizer, spec.seed)
     if val_docs is not None and len(val_docs) < runtime.world_size:
         logger.warning("only %d validation documents for %d ranks: validation is off", len(val_docs),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -181,12 +182,14 @@ def _evaluate(run: _Run, crossbatch) -> None:
         no_xbatch = evaluate_loss(model, batches, crossbatch=replace(crossbatch, range=0), **kwargs)
     else:
         no_xbatch = val_loss
+    val_loss = mean_over_ranks(val_loss, run.runtime.device)
     logged = {
-        M.VAL_LOSS: mean_over_ranks(val_loss, run.runtime.device),
+        M.VAL_LOSS: val_loss,
+        M.VAL_PPL: math.exp(min(val_loss, 50.0)),
         M.VAL_LOSS_NO_XBATCH: mean_over_ranks(no_xbatch, run.runtime.device),
     }
     run.metrics.update(logged)
-    logger.info("step %d val/loss %.4f val/loss_no_xbatch %.4f", run.step, *logged.values())
+    logger.info("step %d val/loss %.4f val/loss_no_xbatch %.4f", run.step, val_loss, logged[M.VAL_LOSS_NO_XBATCH])
     run.hooks.on_log(run.step, logged)
 
 

@@ -14,6 +14,8 @@ STEP_TIME_S = "train/step_time_s"  # mean seconds per optimizer step
 CROSSBATCH_RANGE = "train/crossbatch_range"  # range of the last step of the window
 TOKENS_SEEN = "train/tokens_seen"  # input tokens consumed so far, all ranks together
 VAL_LOSS = "val/loss"
+VAL_PPL = "val/ppl"  # exp(val/loss)
 VAL_LOSS_NO_XBATCH = "val/loss_no_xbatch"
 
-ALL = (LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S, CROSSBATCH_RANGE, TOKENS_SEEN, VAL_LOSS, VAL_LOSS_NO_XBATCH)
+ALL = (LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S, CROSSBATCH_RANGE, TOKENS_SEEN, VAL_LOSS, VAL_PPL,
+       VAL_LOSS_NO_XBATCH)
