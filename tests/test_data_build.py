@@ -133,3 +133,18 @@ def test_streaming_source_stays_lazy(tmp_path, tok):
     assert all(len(r) >= 30 for r in rows) and len(rows) + 2 == 16
     p = DocPacker(train, batch_size=2, seq_len=16, packing=2, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
     assert p.next_batch()["input_ids"].shape == (2, 16)
+
+
+def test_num_proc_gives_the_same_tokens_and_reuses_the_cache(tmp_path, tok):
+    path = write_corpus(tmp_path / "c", "a", [50 + i for i in range(160)])
+    runs = {}
+    for num_proc in (1, 2):
+        spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt")], validation_docs=4,
+                        num_proc=num_proc, cache_dir=str(tmp_path / f"cache{num_proc}"))
+        runs[num_proc] = build_datasets(spec, tok, seed=0)
+    assert runs[1][0]["input_ids"] == runs[2][0]["input_ids"] and runs[1][1]["input_ids"] == runs[2][1]["input_ids"]
+    cache_files = sorted(p.name for p in (tmp_path / "cache1").rglob("*.arrow"))
+    again = build_datasets(DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt")], validation_docs=4,
+                                    cache_dir=str(tmp_path / "cache1")), tok, seed=0)
+    assert again[0]["input_ids"] == runs[1][0]["input_ids"]
+    assert sorted(p.name for p in (tmp_path / "cache1").rglob("*.arrow")) == cache_files  # cached, not redone
