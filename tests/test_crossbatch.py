@@ -259,3 +259,24 @@ def test_backend_validation():
     with pytest.raises(ValueError):
         CrossBatch(1, backend="triton")
     assert crossbatch_for_step(3, CrossBatch(1, 2, True, "flex"), [(2, 5)]).backend == "flex"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("head_dim", [64, 100])  # 100: LongLLaMA-3B, padded to 104 for the fused SDPA kernels
+def test_cuda_backends_match_cpu_fp64(backend, head_dim):
+    """Forward and gradients on CUDA (fp32) equal this module's CPU path in fp64, with GQA and padding."""
+    cb = CrossBatch(3, 4, True, backend)
+    inputs = random_inputs(8, 4, 2, 128, head_dim, seed=4)
+    key_valid = torch.rand(8, 128, generator=torch.Generator().manual_seed(2)) > 0.2
+    key_valid[0, :5] = False
+    results = []
+    for device, dtype in (("cuda", torch.float32), ("cpu", torch.float64)):
+        xs = [x.to(device, dtype).requires_grad_(True) for x in inputs]
+        out = crossbatch_attention(*xs, CrossBatch(3, 4, True, backend if device == "cuda" else "sdpa"),
+                                   key_valid.to(device))
+        grads = torch.autograd.grad(out.square().sum(), xs)
+        results.append([t.detach().cpu().double() for t in (out, *grads)])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
