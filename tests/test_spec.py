@@ -228,3 +228,56 @@ def test_default_locations(tmp_path, monkeypatch):
     lonely.mkdir()
     monkeypatch.chdir(lonely)
     assert project_root() == lonely.resolve()
+
+
+SWEEPS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if SWEEP_KEYS & set(yaml.safe_load(p.read_text())))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_spec_shipped_sweeps_validate(path):
+    from fotlab.spec import load_sweep, trial_spec
+
+    sweep = load_sweep(path)
+    trial = trial_spec(sweep, {key: space.corners()[0] for key, space in sweep.search_space.items()})
+    assert isinstance(trial, ExperimentSpec)
+
+
+def _sweep_file(tmp_path: Path, **changes) -> Path:
+    _write(tmp_path, {"name": "base", "train": {"batch_size": 4, "crossbatch": {"packing": 4}}}, "base.yaml")
+    data = {"name": "sw", "base": "base.yaml", "set": ["train.steps=9"],
+            "search_space": {"train.optimizer.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                             "train.crossbatch.range": {"type": "choice", "values": [0, 3]}}}
+    data.update(changes)
+    return _write(tmp_path, data, "sweep.yaml")
+
+
+def test_sweep_spec_trials_are_base_plus_set_plus_params(tmp_path):
+    import pickle
+
+    from fotlab.spec import load_sweep, trial_spec
+
+    sweep = pickle.loads(pickle.dumps(load_sweep(_sweep_file(tmp_path))))  # trials are built inside Ray workers
+    trial = trial_spec(sweep, {"train.optimizer.lr": 3e-3, "train.crossbatch.range": 3})
+    assert trial.name == "base" and trial.train.steps == 9
+    assert trial.train.optimizer.lr == 3e-3 and trial.train.crossbatch.range == 3
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"search_space": {"train.crossbatch.range": {"type": "choice", "values": [0, 4]}}},
+     "search_space.train.crossbatch.range: value 4 fails: train.crossbatch.range: 4 must be < train.batch_size"),
+    ({"search_space": {"train.lr": {"type": "uniform", "low": 0, "high": 1}}}, "search_space.train.lr: value 0.0 "
+     "fails: train.lr: unknown key"),
+    ({"search_space": {"seed": {"type": "int", "low": 3}}}, "search_space.seed: low and high: required"),
+    ({"search_space": {"seed": {"type": "int", "low": 1, "high": 2, "stepp": 1}}}, "search_space.seed.stepp: "
+     "unknown key"),
+    ({"base": "missing.yaml"}, "base: "),
+    ({"mode": "lowest"}, "mode: Input should be 'min' or 'max'"),
+])
+def test_sweep_spec_errors_name_the_field(tmp_path, changes, words):
+    from fotlab.spec import load_sweep
+
+    path = _sweep_file(tmp_path, **changes)
+    with pytest.raises(SpecError) as info:
+        load_sweep(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert words in str(info.value), str(info.value)

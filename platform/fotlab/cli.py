@@ -107,11 +107,15 @@ def _version() -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from fotlab.spec import SpecError, load_spec, spec_to_yaml
+    from fotlab.spec import SpecError, is_sweep_file, load_spec, load_sweep, spec_to_yaml
 
     n_bad = 0
     for path in args.specs:
         try:
+            if is_sweep_file(path):
+                sweep = load_sweep(path, check_paths=args.check_paths)
+                print(f"{path}: ok (sweep {sweep.name}: {len(sweep.search_space)} searched fields)")
+                continue
             spec = load_spec(path, args.overrides, check_paths=args.check_paths)
         except SpecError as exc:
             print(exc, file=sys.stderr)

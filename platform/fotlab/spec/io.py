@@ -79,15 +79,13 @@ def _dotted(loc: Sequence[Any]) -> str:
     return out
 
 
-def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+def _model_at(loc: Sequence[Any], root: type[BaseModel]) -> type[BaseModel] | None:
     """The spec section class that `loc` (minus its last part) points into, to list its allowed keys."""
-    cls: Any = ExperimentSpec
+    cls: Any = root
     for part in loc[:-1]:
-        if isinstance(part, int):
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:  # a list index or a dict key: stay on the item class
             continue
-        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-        if field is None:
-            return None
         cls = _section_class(field.annotation)
         if cls is None:
             return None
@@ -104,12 +102,12 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _error_line(err: dict) -> str:
+def _error_line(err: dict, root: type[BaseModel]) -> str:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",)))]
     msg = err["msg"].removeprefix("Value error, ")
     field = _dotted(loc)
     if err["type"] == "extra_forbidden":
-        cls = _model_at(loc)
+        cls = _model_at(loc, root)
         allowed = list(cls.model_fields) if cls is not None else []
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -123,11 +121,11 @@ def _error_line(err: dict) -> str:
     return f"{field}: {msg}"
 
 
-def validation_message(exc: ValidationError) -> str:
-    """One line for a pydantic error: the first problem, plus how many more there are."""
+def validation_message(exc: ValidationError, root: type[BaseModel] = ExperimentSpec) -> str:
+    """One line for a pydantic error of model `root`: the first problem, plus how many more there are."""
     errors = exc.errors()
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return _error_line(errors[0]) + more
+    return _error_line(errors[0], root) + more
 
 
 def parse_spec(data: Any, source: str = "<spec>", check_paths: bool = True) -> ExperimentSpec:
@@ -140,6 +138,23 @@ def parse_spec(data: Any, source: str = "<spec>", check_paths: bool = True) -> E
         raise SpecError(f"{source}: {validation_message(exc)}") from None
 
 
+def read_yaml(path: Path, what: str = "spec") -> Any:
+    """`yaml.safe_load` of a file ({} when empty); a missing file or bad YAML is a one-line `SpecError`."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from None
+    return {} if data is None else data
+
+
 def load_spec(path: str | os.PathLike, overrides: Iterable[str] = (), check_paths: bool = True) -> ExperimentSpec:
     """Read a YAML spec, apply `--set` overrides, validate; any problem is a one-line `SpecError`.
 
@@ -147,19 +162,7 @@ def load_spec(path: str | os.PathLike, overrides: Iterable[str] = (), check_path
     whose paths are not on this machine).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from None
-    data = {} if data is None else data
+    data = read_yaml(path)
     if isinstance(data, dict):
         try:
             apply_overrides(data, overrides)
