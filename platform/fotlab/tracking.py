@@ -196,7 +196,8 @@ def _start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError as exc:
-        raise TrackingError(f"tracking.system_metrics needs the '{exc.name}' package (pip install {exc.name})") from None
+        raise TrackingError(f"tracking.system_metrics needs the '{exc.name}' package "
+                            f"(pip install {exc.name})") from None
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
     monitor.start()
     return monitor
