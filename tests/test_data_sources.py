@@ -91,3 +91,10 @@ def test_embedded_corpus_offline_sorted_and_long(tmp_path):
     assert lengths[len(lengths) // 2] > 2000  # median document is long
     assert lengths[-1] > 100_000
     assert sum(lengths) > 5_000_000
+
+
+def test_url_paths_go_to_datasets_unchecked(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    ds = load_raw_source(SourceSpec(kind="jsonl", path=path.as_uri()), cache_dir=str(tmp_path / "c"))
+    assert ds["text"] == TEXTS

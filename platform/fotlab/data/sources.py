@@ -7,6 +7,7 @@ Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
 - "local": `path` (a directory) + `glob` (default "**/*.txt"); each file is one document (`load_dataset("text",
   sample_by="document")`).
 - "jsonl" / "parquet": `path` (a file, a directory, or a glob) of such files; `text_field` (default "text").
+  A URL `path` (s3://, gs://, https://) is handed to `datasets` (fsspec) unchecked; local paths must exist.
 - "hf": a dataset directory saved with `Dataset.save_to_disk`, or any name/path `datasets.load_dataset` accepts
   (`path` or `name`, with `config`, `data_dir`, `split`, `streaming`); hub names need network.
 Synthetic kinds ("dictionary_lookup", "passkey") live in `fotlab.data.synthetic`.
@@ -111,10 +112,23 @@ def _keep_text(ds, source, index, text_field: str):
     return ds.remove_columns(extra) if extra else ds
 
 
+def _is_url(path) -> bool:
+    return "://" in str(path or "")
+
+
+def _remote_files(source, pattern: str | None = None) -> list[str]:
+    """A URL path (s3://, gs://, https://, ...) handed to `datasets` (fsspec) as is, plus the glob if given."""
+    path = str(source.path)
+    return [path.rstrip("/") + "/" + pattern] if pattern else [path]
+
+
 def load_local(source, index=None, cache_dir=None):
     """Each file under `path` matching `glob` is one document."""
-    root = _existing_path(source, index)
     pattern = getattr(source, "glob", None) or "**/*.txt"
+    if _is_url(getattr(source, "path", None)):
+        ds = _load_builder("text", _remote_files(source, pattern), source, cache_dir, sample_by="document")
+        return _keep_text(ds, source, index, "text")
+    root = _existing_path(source, index)
     files = sorted(str(f) for f in root.glob(pattern) if f.is_file()) if root.is_dir() else [str(root)]
     if not files:
         raise FileNotFoundError(f"{source_label(source, index)}: no files match {pattern!r} under {str(root)!r}")
@@ -123,13 +137,21 @@ def load_local(source, index=None, cache_dir=None):
 
 
 def load_jsonl(source, index=None, cache_dir=None):
-    files = _data_files(_existing_path(source, index), (".jsonl", ".json", ".jsonl.gz"), source, index)
+    """JSON-lines files (a file, a directory, a glob, or a URL) with one document per line."""
+    if _is_url(getattr(source, "path", None)):
+        files = _remote_files(source)
+    else:
+        files = _data_files(_existing_path(source, index), (".jsonl", ".json", ".jsonl.gz"), source, index)
     ds = _load_builder("json", files, source, cache_dir)
     return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
 
 
 def load_parquet(source, index=None, cache_dir=None):
-    files = _data_files(_existing_path(source, index), (".parquet",), source, index)
+    """Parquet files (a file, a directory, a glob, or a URL) with one document per row."""
+    if _is_url(getattr(source, "path", None)):
+        files = _remote_files(source)
+    else:
+        files = _data_files(_existing_path(source, index), (".parquet",), source, index)
     ds = _load_builder("parquet", files, source, cache_dir)
     return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
 
