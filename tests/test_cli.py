@@ -167,7 +167,7 @@ def test_runs_list_show_compare(populated_store, tmp_path):
 def test_runs_list_filters_by_experiment_and_sweep(populated_store, capsys, monkeypatch):
     uri, _ = populated_store
     monkeypatch.setenv("COLUMNS", "200")
-    assert cli.main(["runs", "--uri", uri, "list", "--experiment", "cli-test", "--sweep", "lr-sweep"]) == 0
+    assert cli.main(["runs", "list", "--experiment", "cli-test", "--sweep", "lr-sweep", "--uri", uri]) == 0
     out = capsys.readouterr().out
     assert "alpha" in out and "beta" in out and "gamma" not in out
     assert cli.main(["runs", "--uri", uri, "list", "--experiment", "nope"]) == 1

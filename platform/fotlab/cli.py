@@ -86,16 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_runs_parser(sub) -> None:
+    uri_help = "tracking store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)"
     runs = sub.add_parser("runs", help="browse MLflow runs in the terminal")
-    runs.add_argument("--uri", help="tracking store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+    runs.add_argument("--uri", help=uri_help)
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="ACTION")
     p = runs_sub.add_parser("list", help="newest runs first")
+    p.add_argument("--uri", default=argparse.SUPPRESS, help=uri_help)
     p.add_argument("--experiment", help="only this experiment")
     p.add_argument("--sweep", help="only the runs of this sweep")
     p.add_argument("--limit", type=int, default=30, help="at most this many runs (default 30)")
     p = runs_sub.add_parser("show", help="one run: status, params, final metrics, artifacts")
+    p.add_argument("--uri", default=argparse.SUPPRESS, help=uri_help)
     p.add_argument("run", help="run id or run name")
     p = runs_sub.add_parser("compare", help="runs side by side (params that differ, final metrics)")
+    p.add_argument("--uri", default=argparse.SUPPRESS, help=uri_help)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or names")
     runs.set_defaults(handler=_cmd_runs, runs_command="list", experiment=None, sweep=None, limit=30)
 
