@@ -35,7 +35,7 @@ import torch
 from fotlab.train import metrics as M
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint
-from fotlab.train.loop_support import crossbatch_at, mean_over_ranks, resolve_precision, save_final_model
+from fotlab.train.loop_support import any_rank, crossbatch_at, mean_over_ranks, resolve_precision, save_final_model
 from fotlab.train.optim import build_optimizer, build_scheduler
 from fotlab.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fotlab.train.runtime import Runtime, TrainHooks, TrainResult, unwrap_model
@@ -143,7 +143,7 @@ def _fit(run: _Run) -> bool:
             _evaluate(run, crossbatch)
         if train_spec.checkpoint_every and run.step % train_spec.checkpoint_every == 0:
             _checkpoint(run)
-        if run.hooks.should_stop():
+        if any_rank(run.hooks.should_stop(), run.runtime.device):
             logger.info("stop requested at step %d", run.step)
             return True
     return False

@@ -36,6 +36,15 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / torch.distributed.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on any rank, so all ranks stop together (no hang in a collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"bf16" when asked for and supported on `device`, else "fp32" (with a warning when downgraded)."""
     if precision == "bf16" and not bf16_supported(device):
