@@ -189,3 +189,10 @@ def test_streamed_docs_pack_resume_and_shard():
         tokens = torch.cat([p.next_batch()["input_ids"].flatten() for _ in range(8)])
         seen.append({int(t) // 100 for t in tokens if t < BOS})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_plain_lists_pack_like_a_dataset():
+    lists = [[i * 100 + j for j in range(n)] for i, n in enumerate(LENGTHS)]
+    a, b = packer(lists), packer(make_docs(LENGTHS))
+    for _ in range(4):
+        assert torch.equal(a.next_batch()["input_ids"], b.next_batch()["input_ids"])

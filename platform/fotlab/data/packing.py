@@ -34,7 +34,10 @@ IGNORE_INDEX = -100
 
 
 class DocPacker:
-    """Infinite iterator of doc-aware K-packed batches {"input_ids": (B, T), "targets": (B, T)} (torch.long)."""
+    """Infinite iterator of doc-aware K-packed batches {"input_ids": (B, T), "targets": (B, T)} (torch.long).
+
+    docs: a `datasets.Dataset` / `IterableDataset` with "input_ids" (+ "loss_mask"), or a list of token id lists.
+    """
 
     def __init__(
         self,
@@ -58,6 +61,8 @@ class DocPacker:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if bos_id is None or eos_id is None:
             raise ValueError("bos_id and eos_id are required")
+        if isinstance(docs, (list, tuple)):  # plain token id lists (tests, evals)
+            docs = datasets.Dataset.from_dict({"input_ids": [list(map(int, d)) for d in docs]})
         if docs.column_names is not None and "input_ids" not in docs.column_names:
             raise KeyError(f"docs need an 'input_ids' column (have {docs.column_names})")
         self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
