@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -79,12 +80,24 @@ def _scores(qf, keys, scale, work_dtype) -> torch.Tensor:
     return torch.matmul(qf, keys.transpose(-1, -2)).to(work_dtype).mul_(scale)
 
 
-def _softmax_parts(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One softmax over the last axis of several score blocks (as if concatenated); returns one weight per block."""
-    shift = torch.stack([p.detach().amax(-1) for p in parts if p.shape[-1]]).amax(0).unsqueeze(-1)
-    exps = [torch.exp(p - shift) for p in parts]
-    total = sum(e.sum(-1, keepdim=True) for e in exps)
-    return [e / total for e in exps]
+def _part_softmax(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over the last axis with its log-normaliser lse = top + log_rest: -> weights, top, log_rest.
+
+    log_rest = -log(weight of the largest score) (in [0, log N]) is read off the softmax, saving a second exp pass
+    over the scores; it is kept apart from top so that masked rows (top = -1e6) lose no precision. Autograd
+    through max, softmax and gather gives the exact lse gradient.
+    """
+    top, where = scores.max(-1, keepdim=True)
+    weights = torch.softmax(scores, -1)
+    return weights, top, -torch.log(weights.gather(-1, where))
+
+
+def _joint_shares(tops: list[torch.Tensor], log_rests: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Share of the joint softmax held by each part: exp(lse_p - logsumexp_q lse_q), computed shift-relative."""
+    shift = torch.stack(tops).detach().amax(0)
+    lses = [top - shift + rest for top, rest in zip(tops, log_rests)]
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    return [torch.exp(lse - total) for lse in lses]
 
 
 def _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block):
@@ -92,7 +105,8 @@ def _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block):
     best_scores, best_slots = None, None
     for m0 in range(0, mem_k.shape[2], block):
         scores = _scores(qf, mem_k[:, :, m0:m0 + block], scale, work_dtype)  # (B, n, R, m)
-        scores = scores.masked_fill(~mem_valid[:, None, None, m0:m0 + block], MASKED_SCORE)
+        if mem_valid is not None:
+            scores.masked_fill_(~mem_valid[:, None, None, m0:m0 + block], MASKED_SCORE)
         k_here = min(topk, scores.shape[-1])
         vals, slots = scores.topk(k_here, dim=-1, sorted=False)
         slots = slots + m0
@@ -112,7 +126,9 @@ def _gather_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def _faiss_slots(qf, mem_k, mem_valid, topk) -> torch.Tensor:
-    """Top-k memory slots per query row by FAISS exact inner-product search: -> (B, n, R, K) long, -1 = none."""
+    """Top-k memory slots per query row by FAISS exact inner-product search: -> (B, n, R, K) long, -1 = none.
+
+    mem_valid (B, M) bool or None (all valid): only valid slots enter the per-(row, kv head) index."""
     try:
         import faiss
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -120,7 +136,8 @@ def _faiss_slots(qf, mem_k, mem_valid, topk) -> torch.Tensor:
     B, n, R, _ = qf.shape
     slots = torch.full((B, n, R, topk), -1, dtype=torch.long)
     for b in range(B):
-        valid_slots = mem_valid[b].nonzero().squeeze(-1).cpu()  # (M_valid,)
+        valid = mem_k.new_ones(mem_k.shape[2], dtype=torch.bool) if mem_valid is None else mem_valid[b]
+        valid_slots = valid.nonzero().squeeze(-1).cpu()  # (M_valid,)
         if valid_slots.numel() == 0:
             continue
         for h in range(n):
@@ -133,31 +150,55 @@ def _faiss_slots(qf, mem_k, mem_valid, topk) -> torch.Tensor:
     return slots.to(qf.device)
 
 
-def _chunk_weights(qf, k_loc, mask5, mem_k, mem_valid, retrieval, topk, scale, block):
-    """fp32 softmax weights of one chunk: -> w_loc (B, n, R, S), w_mem (B, n, R, M or K), slots (B, n, R, K)|None.
+class _ChunkWeights(NamedTuple):
+    """Softmax of one chunk as parts: joint weights = w_loc * share_loc (local) and w_mem * share_mem (memory).
 
-    qf (B, n, R = G'·t, Dh) folded queries; mask5 broadcastable to (B, n, G', t, S); mem_k (B, n, M, Dh) in q dtype.
+    w_loc (B, n, R, S) and w_mem (B, n, R, M or K) are softmaxes within their part (work dtype), share_* (B, n, R, 1);
+    slots (B, n, R, K) are the memory slots behind w_mem's columns (top-k / faiss) or None (dense: all M)."""
+
+    w_loc: torch.Tensor
+    share_loc: torch.Tensor
+    w_mem: torch.Tensor | None = None
+    share_mem: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+
+def _memory_scores(qf, mem_k, mem_valid, retrieval, topk, scale, work_dtype, block):
+    """Scores of the memory part: -> s_mem (B, n, R, M) for dense or (B, n, R, K) with slots (B, n, R, K)."""
+    if retrieval == "dense":
+        s_mem = _scores(qf, mem_k, scale, work_dtype)
+        if mem_valid is not None:
+            s_mem.masked_fill_(~mem_valid[:, None, None, :], MASKED_SCORE)
+        return s_mem, None
+    if retrieval == "topk":
+        return _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block)
+    B, n, R, _ = qf.shape
+    slots = _faiss_slots(qf, mem_k, mem_valid, topk)
+    found = slots >= 0
+    slots = slots.clamp(min=0)
+    s_mem = torch.einsum("bnrd,bnrkd->bnrk", qf, _gather_rows(mem_k, slots)).to(work_dtype) * scale
+    if mem_valid is not None:
+        found = found & mem_valid[:, None, None, :].expand(-1, n, R, -1).gather(-1, slots)
+    return s_mem.masked_fill(~found, MASKED_SCORE), slots
+
+
+def _chunk_weights(qf, k_loc, mask5, mem_k, mem_valid, retrieval, topk, scale, block) -> _ChunkWeights:
+    """Softmax weights of one chunk (float32, or float64 for float64 inputs).
+
+    qf (B, n, R = G'·t, Dh) folded queries; k_loc (B, n, S, Dh); mask5 broadcastable to (B, n, G', t, S);
+    mem_k (B, n, M, Dh) in q's dtype or None; mem_valid (B, M) bool or None (= all valid).
     """
     work_dtype = torch.promote_types(qf.dtype, torch.float32)
     s_loc = _scores(qf, k_loc, scale, work_dtype)  # (B, n, R, S)
     B, n, R, S = s_loc.shape
     s_loc.view(B, n, R // mask5.shape[3], -1, S).masked_fill_(~mask5, MASKED_SCORE)  # (B, n, G', t, S)
+    w_loc, top_loc, rest_loc = _part_softmax(s_loc)
     if mem_k is None:
-        return _softmax_parts([s_loc])[0], None, None
-    slots = None
-    if retrieval == "dense":
-        s_mem = _scores(qf, mem_k, scale, work_dtype).masked_fill_(~mem_valid[:, None, None, :], MASKED_SCORE)
-    elif retrieval == "topk":
-        s_mem, slots = _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block)
-    else:
-        slots = _faiss_slots(qf, mem_k, mem_valid, topk)
-        found = slots >= 0
-        slots = slots.clamp(min=0)
-        s_mem = torch.einsum("bnrd,bnrkd->bnrk", qf, _gather_rows(mem_k, slots)).to(work_dtype) * scale
-        keep = found & mem_valid[:, None, None, :].expand(-1, n, R, -1).gather(-1, slots)
-        s_mem = s_mem.masked_fill(~keep, MASKED_SCORE)
-    w_loc, w_mem = _softmax_parts([s_loc, s_mem])
-    return w_loc, w_mem, slots
+        return _ChunkWeights(w_loc, torch.ones_like(top_loc))
+    s_mem, slots = _memory_scores(qf, mem_k, mem_valid, retrieval, topk, scale, work_dtype, block)
+    w_mem, top_mem, rest_mem = _part_softmax(s_mem)
+    share_loc, share_mem = _joint_shares([top_loc, top_mem], [rest_loc, rest_mem])
+    return _ChunkWeights(w_loc, share_loc, w_mem, share_mem, slots)
 
 
 def _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk):
@@ -188,7 +229,7 @@ def _head_chunks(n_heads: int, group: int, chunk_heads: int):
 
 
 def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale):
-    """Shared driver: yield (h0, h1, t0, t1, w_loc, w_mem, slots, v_chunk, mem_v_chunk) per chunk."""
+    """Shared driver: yield (h0, h1, t0, t1, _ChunkWeights, v chunk, memory v chunk) per chunk."""
     B, H, T, head_dim = q.shape
     n_kv = k.shape[1]
     if mem_k is not None and mem_k.shape[2] == 0:
@@ -196,6 +237,8 @@ def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, 
     n_mem = 0 if mem_k is None else mem_k.shape[2]
     if retrieval != "dense" and topk >= n_mem:
         retrieval, topk = "dense", None  # k >= M selects every slot: dense attention
+    if mem_valid is not None and bool(mem_valid.all()):
+        mem_valid = None  # nothing to mask: skip a pass over the scores
     plan = _plan_chunks(q, n_kv, k.shape[2], n_mem, grouping, topk if retrieval != "dense" else None)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     local_mask = local_mask.expand(B, -1, T, -1)
@@ -209,9 +252,9 @@ def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, 
             qf = _fold(q[:, h0:h1, t0:t1], n)  # (B, n, (h1-h0)/n * t, Dh)
             mask = local_mask[:, h0:h1, t0:t1] if local_mask.shape[1] > 1 else local_mask[:, :, t0:t1]
             mask5 = mask.reshape(B, n if mask.shape[1] > 1 else 1, -1, t1 - t0, mask.shape[-1])
-            w_loc, w_mem, slots = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk,
-                                                 scale, plan.mem_block)
-            yield h0, h1, t0, t1, w_loc, w_mem, slots, v[:, kv0:kv1], mv
+            weights = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk, scale,
+                                     plan.mem_block)
+            yield h0, h1, t0, t1, weights, v[:, kv0:kv1], mv
 
 
 def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None,
@@ -232,13 +275,13 @@ def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval=
     _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk)
     B, H, T, head_dim = q.shape
     out = q.new_empty(B, H, T, head_dim)
-    for h0, h1, t0, t1, w_loc, w_mem, slots, v_loc, mv in _iter_chunks(
+    for h0, h1, t0, t1, cw, v_loc, mv in _iter_chunks(
             q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale):
-        o = torch.matmul(w_loc.to(q.dtype), v_loc)  # (B, n, R, Dh)
-        if w_mem is not None and slots is None:
-            o = o + torch.matmul(w_mem.to(q.dtype), mv)
-        elif w_mem is not None:
-            o = o + torch.einsum("bnrk,bnrkd->bnrd", w_mem.to(q.dtype), _gather_rows(mv, slots))
+        o = torch.matmul(cw.w_loc.to(q.dtype), v_loc) * cw.share_loc  # (B, n, R, Dh) in the work dtype
+        if cw.w_mem is not None and cw.slots is None:
+            o = o + torch.matmul(cw.w_mem.to(q.dtype), mv) * cw.share_mem
+        elif cw.w_mem is not None:
+            o = o + torch.einsum("bnrk,bnrkd->bnrd", cw.w_mem.to(q.dtype), _gather_rows(mv, cw.slots)) * cw.share_mem
         out[:, h0:h1, t0:t1] = o.reshape(B, h1 - h0, t1 - t0, head_dim)  # autograd-safe (CopySlices)
     return out
 
@@ -259,14 +302,14 @@ def memory_attention_mass(q, k, local_mask, mem_k, mem_valid, segment_ids, n_seg
     n_segments = int(segment_ids.max()) + 1 if n_segments is None else n_segments
     mass = torch.zeros(B, H, T, 1 + n_segments, dtype=torch.float32, device=q.device)
     with torch.no_grad():
-        for h0, h1, t0, t1, w_loc, w_mem, slots, _, _ in _iter_chunks(
+        for h0, h1, t0, t1, cw, _, _ in _iter_chunks(
                 q, k, v_dummy, local_mask, mem_k, mem_k, mem_valid, retrieval, topk, grouping, scale):
-            n, R = w_loc.shape[1], w_loc.shape[2]
+            n, R = cw.w_loc.shape[1], cw.w_loc.shape[2]
             m = torch.zeros(B, n, R, 1 + n_segments, dtype=torch.float32, device=q.device)
-            m[..., 0] = w_loc.float().sum(-1)
-            if w_mem is not None:
+            m[..., 0] = (cw.w_loc.sum(-1, keepdim=True) * cw.share_loc).squeeze(-1).float()
+            if cw.w_mem is not None:
                 seg = segment_ids[:, None, None, :].expand(-1, n, R, -1)  # (B, n, R, M)
-                seg = seg if slots is None else seg.gather(-1, slots)
-                m[..., 1:].scatter_add_(-1, seg, w_mem.float())
+                seg = seg if cw.slots is None else seg.gather(-1, cw.slots)
+                m[..., 1:].scatter_add_(-1, seg, (cw.w_mem * cw.share_mem).float())
             mass[:, h0:h1, t0:t1] = m.reshape(B, h1 - h0, t1 - t0, -1)
     return mass
