@@ -280,3 +280,19 @@ def test_cuda_backends_match_cpu_fp64(backend, head_dim):
     for got, want in zip(*results):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_flex_block_mask_with_padding_keeps_clean_blocks_full():
+    from fotlab.model.crossbatch import _flex_block_mask
+
+    allowed = allowed_contexts(3, 3, 1, False)  # [1, 2, 3]
+    key_valid = torch.ones(3, 256, dtype=torch.bool)  # two blocks per entry
+    key_valid[1, 200] = False  # entry 1's second block holds padding
+    block_mask = _flex_block_mask(allowed, 256, key_valid)
+    # entry 2, second query block: own block 4 (full) + diagonal 5; k_mem blocks of entries 1, 0 (6 + 2..3, 6 + 0..1)
+    full = block_mask.full_kv_indices[0, 0, 5, : block_mask.full_kv_num_blocks[0, 0, 5]].tolist()
+    partial = block_mask.kv_indices[0, 0, 5, : block_mask.kv_num_blocks[0, 0, 5]].tolist()
+    assert sorted(full) == [4, 6, 7, 8] and sorted(partial) == [5, 9]
+    q, k_rot, k_mem, v = random_inputs(3, 2, 2, 256, 8, seed=5)
+    flex = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2, backend="flex"), key_valid)
+    torch.testing.assert_close(flex, crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2), key_valid))

@@ -255,8 +255,10 @@ def _flex_block_mask(allowed: torch.Tensor, seq_len: int, key_valid: torch.Tenso
     slot = q_entry - k_entry  # (Qb, Kb)
     diagonal = is_own & (slot == 0) & (k_pos == q_pos)
     full = (is_own & (slot == 0) & (k_pos < q_pos)) | (~is_own & (slot >= 1) & (slot < allowed[q_entry]))
-    if key_valid is not None:  # padding: every visited block applies the element mask
-        diagonal, full = diagonal | full, torch.zeros_like(full)
+    if key_valid is not None:  # key blocks holding padding apply the element mask; all-valid blocks stay full
+        block_valid = key_valid.to(torch.bool).view(B * n_blocks, FLEX_BLOCK).all(dim=-1).repeat(2)  # (Kb,)
+        diagonal = diagonal | (full & ~block_valid[None, :])
+        full = full & block_valid[None, :]
     valid = None if key_valid is None else key_valid.to(torch.bool).reshape(B * T)
 
     def mask_mod(batch, head, q_idx, kv_idx):
