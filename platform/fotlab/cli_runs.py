@@ -18,16 +18,12 @@ from fotlab.errors import FotlabError
 
 
 def _console():
+    import shutil
+
     from rich.console import Console
 
-    return Console(width=max(100, _terminal_width()))
-
-
-def _terminal_width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 160
+    # $COLUMNS or the terminal's width; 200 when piped, so tables in logs stay readable.
+    return Console(width=max(100, shutil.get_terminal_size(fallback=(200, 24)).columns))
 
 
 def _uri(args: argparse.Namespace) -> str:
@@ -45,7 +41,7 @@ def _fmt(value: Any) -> str:
 def _when(ms: int | None) -> str:
     if not ms:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 def _duration(run) -> str:
@@ -66,7 +62,7 @@ def list_runs(args: argparse.Namespace) -> int:
     shown = [m for m in tracking.SUMMARY_METRICS if any(m in r.data.metrics for r in runs)]
     table = Table(title=f"runs in {uri}")
     for col in ("run id", "name", "experiment", "status", "started (UTC)", "time", *shown):
-        table.add_column(col, no_wrap=col in ("run id", "name"))
+        table.add_column(col, no_wrap=True, overflow="fold" if col == "name" else "ellipsis")
     for run in runs:
         table.add_row(run.info.run_id, run.info.run_name, names.get(run.info.experiment_id, ""),
                       run.info.status, _when(run.info.start_time), _duration(run),

@@ -66,7 +66,9 @@ def _client(uri: str):
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """The git commit of the working tree (None outside a repository or without git)."""
+    """The git commit of the code (default: the checkout holding this fotlab package, wherever the command runs);
+    None outside a repository or without git."""
+    cwd = Path(fotlab.__file__).parent if cwd is None else cwd
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
