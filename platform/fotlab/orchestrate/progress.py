@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fotlab.tracking import TOKENS_PER_S, TRAIN_LOSS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -64,8 +65,8 @@ class LiveProgress:
             self.last_metrics.update(metrics)
         if self._progress is None or not records:
             return
-        loss = pick_metric(self.last_metrics, "train/loss", "loss", contains="loss")
-        tps = pick_metric(self.last_metrics, "train/tokens_per_s", "tokens_per_s", contains="tokens_per")
+        loss = pick_metric(self.last_metrics, TRAIN_LOSS, contains="loss")
+        tps = pick_metric(self.last_metrics, TOKENS_PER_S, contains="tokens_per")
         self._progress.update(
             self._task,
             completed=self.last_step,

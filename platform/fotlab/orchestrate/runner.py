@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fotlab import tracking
 from fotlab.errors import FotlabError
 from fotlab.orchestrate import run_record
 from fotlab.orchestrate.channel import ChannelHandle
@@ -88,7 +89,7 @@ def open_record(spec, resume: str | None) -> run_record.RunRecord:
 
     uri = resolve_tracking_uri(spec)
     if resume:
-        return run_record.reopen_run(uri, resume)
+        return run_record.reopen_run(spec, uri, resume)
     return run_record.open_run(spec, uri, new_run_name(spec.name), resolve_storage_path(spec))
 
 
@@ -126,6 +127,7 @@ def build_trainer(
         "spec": spec,
         "run_id": record.run_id,
         "tracking_uri": record.tracking_uri,
+        "log_model": spec.tracking.log_model,
         "output_dir": str(output_dir_for(record.storage_path, record.ray_run_name)),
         "report_every": report_every,
         "channel": channel,
@@ -189,7 +191,7 @@ def run_experiment(
         record.fail(cause, resumable=resumable)
         hint = f"; {resume_hint}" if resumable else ""
         raise RunFailedError(
-            f"run {record.run_id} FAILED: {run_record.one_line(cause)} "
+            f"run {record.run_id} FAILED: {tracking.one_line(cause)} "
             f"(details: `fotlab runs show {record.run_id}`){hint}",
             record.run_id,
         ) from err
@@ -263,7 +265,7 @@ def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutc
     metrics = run_record.numeric_metrics(value.get("metrics") or result.metrics or {})
     final_step = int(value.get("final_step") or metrics.get("step") or 0)
     if value.get("stopped_early"):
-        record.fail(RuntimeError(f"stopped at step {final_step}"), status="KILLED", resumable=True)
+        record.fail(f"stopped on request at step {final_step}", status="KILLED", resumable=True)
         raise RunInterruptedError(
             f"run {record.run_id} stopped at step {final_step} after saving a checkpoint; {resume_hint}",
             record.run_id,

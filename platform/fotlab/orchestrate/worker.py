@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from fotlab.tracking import TrackedRun
+
 STOP_POLL_STEPS = 5  # should_stop() asks the driver every this many steps
 DEFAULT_TRAIN_FN = "fotlab.train:train"
 
@@ -39,27 +41,15 @@ class WorkerHooks:
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.run_id: str = config["run_id"]
-        self.tracking_uri: str = config["tracking_uri"]
         self.report_every: int = max(1, int(config["report_every"]))
         self.channel = config.get("channel")
         self._last_report_step = 0
         self._n_stop_polls = 0
-        self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+        self.run = TrackedRun(config["tracking_uri"], config["run_id"], experiment_id="")
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank == 0:
-            from fotlab.orchestrate.run_record import log_metrics
-
-            log_metrics(self.client, self.run_id, metrics, step)
+            self.run.log_metrics(metrics, step)
             if self.channel is not None:
                 self.channel.push(step, metrics)
         if step - self._last_report_step >= self.report_every:
@@ -142,13 +132,29 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         )
         train = load_entry_point(config.get("train_fn") or DEFAULT_TRAIN_FN)
         result = train(spec, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
-    if rank == 0 and not result.stopped_early and spec.tracking.log_model:
-        hooks.client.log_artifacts(hooks.run_id, str(result.model_dir), artifact_path="model")
+    metrics = dict(result.metrics)
+    if rank == 0 and not result.stopped_early:
+        metrics.update(run_evaluations(spec, result, device, hooks.run))
+        if config.get("log_model", True):
+            hooks.run.log_model_dir(result.model_dir)
     return {
         "final_step": result.final_step,
-        "metrics": dict(result.metrics),
+        "metrics": metrics,
         "model_dir": str(result.model_dir),
         "checkpoint_dir": str(result.checkpoint_dir),
         "stopped_early": bool(result.stopped_early),
         "resumed_from": str(resume_from) if resume_from else None,
     }
+
+
+def run_evaluations(spec, result, device: torch.device, run: TrackedRun) -> dict[str, float]:
+    """The spec's evaluations on the final model (rank 0), logged into the same MLflow run; their metrics."""
+    if not spec.eval.selected():
+        return {}
+    from fotlab.eval.cli import load_model_and_tokenizer
+    from fotlab.eval.runner import run_spec_evaluations
+
+    model, tokenizer = load_model_and_tokenizer(Path(result.model_dir), spec, device=str(device))
+    output_dir = Path(result.model_dir).parent / "eval"
+    results = run_spec_evaluations(spec, model, tokenizer, output_dir, run=run, step=result.final_step)
+    return {key: value for r in results.values() for key, value in r.metrics.items()}

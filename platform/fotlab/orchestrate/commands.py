@@ -1,0 +1,80 @@
+"""Handlers behind `fotlab run` and `fotlab submit` (the CLI calls them with its parsed arguments).
+
+Each takes the argparse namespace (spec, overrides, json, and the verb's options) and returns a JSON-able dict
+(printed by the CLI as the final stdout line under --json) or an int exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from rich.console import Console
+
+EXIT_INTERRUPTED = 130
+
+
+def run_command(args: argparse.Namespace) -> dict | int:
+    """`fotlab run SPEC [--set k=v] [--json] [--resume RUN] [--address URL] [--no-progress]`."""
+    from fotlab.orchestrate.runner import RunInterruptedError, run_experiment
+    from fotlab.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    as_json = bool(getattr(args, "json", False))
+    # Under --json, everything but the final JSON object goes to stderr (Ray logs, loop prints).
+    redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    try:
+        with redirect:
+            outcome = run_experiment(
+                spec,
+                address=getattr(args, "address", None),
+                resume=getattr(args, "resume", None),
+                json_output=as_json,
+                progress=getattr(args, "progress", True),
+                spec_path=args.spec,
+            )
+    except RunInterruptedError as err:
+        print(str(err), file=sys.stderr)
+        if as_json:
+            print(json.dumps({"run_id": err.run_id, "status": "KILLED", "model_dir": None, "metrics": {}}))
+        return EXIT_INTERRUPTED
+    if not as_json:
+        print_summary(outcome)
+    return outcome.to_json()
+
+
+def print_summary(outcome) -> None:
+    """The closing lines of a run: status, key metrics, where the model is, how to browse the run."""
+    from fotlab import tracking
+
+    console = Console()
+    console.print(f"[bold green]run {outcome.run_id} {outcome.status}[/] ({outcome.run_name}, step {outcome.final_step})")
+    for name in (tracking.VAL_LOSS, tracking.VAL_PPL, tracking.TRAIN_LOSS):
+        if name in outcome.metrics:
+            console.print(f"  {name:<12} {outcome.metrics[name]:.4f}")
+    console.print(f"  model        {outcome.model_dir}")
+    console.print(f"browse: `fotlab runs show {outcome.run_id}`  or  `fotlab ui`")
+
+
+def submit_command(args: argparse.Namespace) -> dict:
+    """`fotlab submit SPEC --address http://HEAD:8265 [--set k=v] [--json]`: send the run as a Ray Job."""
+    from fotlab.orchestrate.jobs import check_address, submit_experiment
+    from fotlab.spec import load_spec
+
+    address = check_address(args.address)  # before loading anything heavy
+    spec = load_spec(args.spec, args.overrides, check_paths=False)  # paths are the cluster's
+    submission = submit_experiment(spec, address)
+    result = submission.to_json()
+    if not getattr(args, "json", False):
+        print(f"submitted job {submission.submission_id} to {address}")
+        print(f"follow: {result['logs']}")
+    return result
+
+
+def eval_command(args: argparse.Namespace) -> dict:
+    """`fotlab eval SPEC --model DIR|runs:/RUN_ID`: evaluations only (implemented in fotlab.eval.cli)."""
+    from fotlab.eval.cli import eval_command as run_eval
+
+    return run_eval(args)
