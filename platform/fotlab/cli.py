@@ -168,32 +168,8 @@ def _orchestrate(verb: str):
     return getattr(module, ORCHESTRATE_COMMANDS[verb], None)
 
 
-def _run_experiment_adapter(args: argparse.Namespace):
-    """`fotlab run` through `fotlab.orchestrate.run_experiment(spec, ...)` when no `run_command` is provided."""
-    try:
-        from fotlab.orchestrate import run_experiment
-    except ImportError:
-        return None
-
-    def run(args: argparse.Namespace) -> dict | int:
-        from fotlab.spec import load_spec
-
-        spec = load_spec(args.spec, args.overrides)
-        outcome = run_experiment(spec, address=args.address, resume=args.resume, json_output=args.json,
-                                 progress=args.progress, spec_path=args.spec)
-        result = outcome.to_json()
-        if not args.json:
-            print(f"run {result['run_id']} {result['status']}; model: {result['model_dir']}; "
-                  f"browse with `fotlab runs show {result['run_id']}`")
-        return result
-
-    return run
-
-
 def _cmd_orchestrate(args: argparse.Namespace) -> int:
     impl = _orchestrate(args.command)
-    if impl is None and args.command == "run":
-        impl = _run_experiment_adapter(args)
     if impl is None:
         print(f"fotlab {args.command}: not available in this installation "
               f"(fotlab.orchestrate.{ORCHESTRATE_COMMANDS[args.command]} is missing)", file=sys.stderr)
