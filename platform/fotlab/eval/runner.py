@@ -34,6 +34,34 @@ def _validation_docs(data_spec, tokenizer, seed: int):
     return build_datasets(data_spec, tokenizer, seed)[1]
 
 
+def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_length, docs_of):
+    """[(name, thunk)] of the selected evaluations, in `eval_spec.selected()` order."""
+    from fotlab.eval.dictionary import dictionary_lookup_accuracy
+    from fotlab.eval.distraction import distraction_ratio
+    from fotlab.eval.few_shot import few_shot_accuracy
+    from fotlab.eval.passkey import passkey_retrieval
+    from fotlab.eval.perplexity import perplexity_vs_memory
+
+    show = eval_spec.progress
+    common = dict(output_dir=out, show_progress=show)
+    jobs: list[tuple[str, Callable[[], EvalResult]]] = []
+    for p in eval_spec.perplexity:
+        jobs.append((f"perplexity:{p.name}", lambda p=p: perplexity_vs_memory(
+            model, tokenizer, p, docs_of(p.source), context_length=context_length, **common)))
+    if eval_spec.passkey is not None:
+        jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, seed=seed, **common)))
+    if eval_spec.distraction is not None:
+        d = eval_spec.distraction
+        jobs.append(("distraction", lambda: distraction_ratio(model, tokenizer, d, docs_of(d.source), seed=seed,
+                                                              context_length=context_length, **common)))
+    if eval_spec.dictionary_lookup is not None:
+        jobs.append(("dictionary_lookup", lambda: dictionary_lookup_accuracy(
+            model, tokenizer, eval_spec.dictionary_lookup, seed=seed, context_length=context_length, **common)))
+    for f in eval_spec.few_shot:
+        jobs.append((f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, seed=seed, **common)))
+    return jobs
+
+
 def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | Path, seed: int = 0,
                     context_length: int | None = None, validation_docs=None, data_spec=None,
                     on_result: Callable[[EvalResult], None] | None = None, console=None) -> dict[str, EvalResult]:
@@ -44,12 +72,7 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
     data_spec with `fotlab.data.build_datasets` when not given). on_result: called after each evaluation
     (e.g. to log it). console: a `rich.console.Console` for the tables (None = no printing).
     """
-    from fotlab.eval.dictionary import dictionary_lookup_accuracy
-    from fotlab.eval.distraction import distraction_ratio
     from fotlab.eval.documents import load_documents
-    from fotlab.eval.few_shot import few_shot_accuracy
-    from fotlab.eval.passkey import passkey_retrieval
-    from fotlab.eval.perplexity import perplexity_vs_memory
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,33 +81,12 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
     if validation_docs is None and _needs_validation(eval_spec):
         validation_docs = _validation_docs(data_spec, tokenizer, seed)
     cache_dir = getattr(data_spec, "cache_dir", None)
-    show = eval_spec.progress
 
     def docs_of(source):
         return load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
 
-    jobs: list[tuple[str, Callable[[], EvalResult]]] = []
-    for p in eval_spec.perplexity:
-        jobs.append((f"perplexity:{p.name}", lambda p=p: perplexity_vs_memory(
-            model, tokenizer, p, docs_of(p.source), output_dir=out, context_length=context_length,
-            show_progress=show)))
-    if eval_spec.passkey is not None:
-        jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, output_dir=out,
-                                                          seed=seed, show_progress=show)))
-    if eval_spec.distraction is not None:
-        d = eval_spec.distraction
-        jobs.append(("distraction", lambda: distraction_ratio(model, tokenizer, d, docs_of(d.source), output_dir=out,
-                                                              seed=seed, context_length=context_length,
-                                                              show_progress=show)))
-    if eval_spec.dictionary_lookup is not None:
-        jobs.append(("dictionary_lookup", lambda: dictionary_lookup_accuracy(
-            model, tokenizer, eval_spec.dictionary_lookup, output_dir=out, seed=seed, context_length=context_length,
-            show_progress=show)))
-    for f in eval_spec.few_shot:
-        jobs.append((f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, output_dir=out,
-                                                                         seed=seed, show_progress=show)))
     results = {}
-    for name, job in jobs:
+    for name, job in _jobs(eval_spec, model, tokenizer, out, seed, context_length, docs_of):
         result = job()
         result.save_json(out / f"{name.replace(':', '_')}.json")
         if console is not None:
