@@ -131,3 +131,25 @@ def test_rng_capture_restore_is_exact(tmp_path):
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.rand(2).tolist(), torch.randn(4).tolist(), np.random.randn())
     assert got == expected
+
+
+def test_sharded_models_are_refused_up_front():
+    """A DTensor-sharded (FSDP2-style) model fails fast with a clear message instead of writing bad checkpoints."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fotlab.train.loop_support import check_replicated
+    from fotlab.train.runtime import TrainError
+
+    plain = torch.nn.Linear(4, 4)
+    check_replicated(plain)  # plain / DDP models pass
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Linear(4, 4)
+        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(TrainError, match="fsdp-sharded models cannot be checkpointed"):
+            check_replicated(sharded)
+    finally:
+        dist.destroy_process_group()

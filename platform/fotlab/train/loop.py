@@ -35,7 +35,8 @@ import torch
 from fotlab.train import metrics as M
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint
-from fotlab.train.loop_support import any_rank, crossbatch_at, mean_over_ranks, resolve_precision, save_final_model
+from fotlab.train.loop_support import (any_rank, check_replicated, crossbatch_at, mean_over_ranks, resolve_precision,
+                                       save_final_model)
 from fotlab.train.optim import build_optimizer, build_scheduler
 from fotlab.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fotlab.train.runtime import Runtime, TrainHooks, TrainResult, unwrap_model
@@ -103,6 +104,7 @@ def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
         checkpoint = resolve_checkpoint(runtime.resume_from)
         trainer_state, rank_state = load_checkpoint(checkpoint, model=model, rank=runtime.rank)
     wrapped = runtime.wrap_model(model)
+    check_replicated(wrapped)
     optimizer = build_optimizer(wrapped, spec.train.optimizer)
     scheduler = build_scheduler(optimizer, spec.train.schedule, spec.train.steps)
     run = _Run(spec, runtime, hooks, data, wrapped, optimizer, scheduler, precision)

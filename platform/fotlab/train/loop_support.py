@@ -12,6 +12,7 @@ import torch
 
 from fotlab.model.crossbatch import CrossBatch
 from fotlab.train.crossbatch_schedule import crossbatch_for_step
+from fotlab.train.runtime import TrainError
 from fotlab.train.steps import bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,19 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return float(t.item()) / torch.distributed.get_world_size()
+
+
+def check_replicated(model: torch.nn.Module) -> None:
+    """Raise unless every rank holds full parameters (plain or DDP): checkpoints are written from rank 0's full
+    state dict, which a sharded (FSDP) model does not have."""
+    sharded = type(model).__name__ == "FullyShardedDataParallel" or any(
+        type(p).__name__ == "DTensor" for p in model.parameters()
+    )
+    if sharded:
+        raise TrainError(
+            "scaling.strategy: fsdp-sharded models cannot be checkpointed by fotlab.train yet "
+            "(it saves rank 0's full state dict); use strategy ddp"
+        )
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
