@@ -121,7 +121,7 @@ def _expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-          scale: float | None) -> torch.Tensor:
+          scale: float) -> torch.Tensor:
     """SDPA with an fp32 softmax: fused GPU kernels accumulate in fp32; elsewhere low precision is upcast."""
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
@@ -193,21 +193,37 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     """
     _check_shapes(q, k_rot, k_mem, v, key_valid)
     B, H, T, Dh = q.shape
-    if crossbatch.backend == "flex" and crossbatch.range > 0 and T % FLEX_BLOCK == 0:
-        allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)
-        return crossbatch_attention_flex(q, k_rot, k_mem, v, allowed, key_valid, scale=scale)
-    # CUDA fused SDPA kernels need Dh % 8 == 0 (LongLLaMA-3B has Dh 100), else SDPA falls back to a kernel that
-    # materialises every score; zero features change no score, so pad and slice the output back.
-    head_pad = (-Dh) % 8 if q.is_cuda else 0
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
-    q = F.pad(q, (0, head_pad)) if head_pad else q
     if crossbatch.range == 0 and key_valid is None:
-        k_rot, v = (F.pad(x, (0, head_pad)) if head_pad else x for x in (k_rot, v))
-        return _sdpa(q, _expand_heads(k_rot, H), _expand_heads(v, H), None, True, scale)[..., :Dh]
+        return _causal_sdpa(q, k_rot, v, scale)
+    if crossbatch.backend == "flex" and crossbatch.range > 0 and T % FLEX_BLOCK == 0:
+        return crossbatch_attention_flex(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
+    return crossbatch_attention_sdpa(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
 
-    n_full = crossbatch.n_contexts
-    allowed = allowed_contexts(B, n_full, crossbatch.packing, crossbatch.stepping, device=q.device)  # (B,)
-    n_slots = min(n_full, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
+
+def _head_pad(q: torch.Tensor) -> int:
+    """Zero features to add to Dh on CUDA: fused SDPA kernels need Dh % 8 == 0 (LongLLaMA-3B has Dh 100), else
+    SDPA falls back to a kernel that materialises every score. Zero features change no score."""
+    return (-q.shape[-1]) % 8 if q.is_cuda else 0
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention (range 0 without padding): (B, H, T, Dh) from k, v (B, Hkv, T, Dh)."""
+    H, Dh, pad = q.shape[1], q.shape[-1], _head_pad(q)
+    if pad:
+        q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
+    return _sdpa(q, _expand_heads(k, H), _expand_heads(v, H), None, True, scale)[..., :Dh]
+
+
+def crossbatch_attention_sdpa(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
+                              crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
+                              scale: float | None = None) -> torch.Tensor:
+    """crossbatch_attention as one SDPA call over a gathered key/value prefix (same arguments)."""
+    B, H, T, Dh = q.shape
+    allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)  # (B,)
+    n_slots = min(crossbatch.n_contexts, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
+    head_pad = _head_pad(q)
+    q = F.pad(q, (0, head_pad)) if head_pad else q
     keys = _gather_contexts(k_rot, k_mem, n_slots, H, head_pad)  # (B, H, n*T, Dh')
     values = _gather_contexts(v, v, n_slots, H, head_pad)  # (B, H, n*T, Dh')
     mask = _block_mask(allowed, n_slots, T, key_valid)  # (B, 1, T, n*T)
@@ -277,14 +293,15 @@ def _flex_block_mask(allowed: torch.Tensor, seq_len: int, key_valid: torch.Tenso
 
 
 def crossbatch_attention_flex(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                              allowed: torch.Tensor, key_valid: torch.Tensor | None = None, *,
+                              crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
                               scale: float | None = None) -> torch.Tensor:
-    """crossbatch_attention with FlexAttention (same inputs, allowed = allowed_contexts(...)); T % 128 == 0.
+    """crossbatch_attention with FlexAttention (same arguments; T % 128 == 0).
 
     Compiled on CUDA; eager elsewhere (eager flex materialises all B*T x 2*B*T scores: tests only).
     """
     B, H, T, Dh = q.shape
     Hkv = k_rot.shape[1]
+    allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)  # (B,)
     q_flat = q.transpose(0, 1).reshape(1, H, B * T, Dh)  # (1, H, B*T, Dh)
     k_flat = torch.cat([k_rot, k_mem], dim=0).transpose(0, 1).reshape(1, Hkv, 2 * B * T, Dh)  # (1, Hkv, 2BT, Dh)
     v_flat = torch.cat([v, v], dim=0).transpose(0, 1).reshape(1, Hkv, 2 * B * T, Dh)  # (1, Hkv, 2BT, Dh)
