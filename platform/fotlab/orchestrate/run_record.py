@@ -54,8 +54,9 @@ class RunRecord:
         return self.run.uri
 
     def finish(self, metrics: dict[str, Any], step: int) -> None:
-        """Final metrics, status FINISHED (the model artifact was logged by rank 0)."""
-        self.run.log_metrics(metrics, step)
+        """Final metrics not logged yet by rank 0 (no duplicate points), status FINISHED."""
+        logged = self.run.client.get_run(self.run_id).data.metrics
+        self.run.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
         self.run.set_tags({TAG_RESUMABLE: "false"})
         self.run.finish("FINISHED")
 

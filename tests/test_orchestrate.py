@@ -1,0 +1,212 @@
+"""`run_experiment` / `fotlab run` / `fotlab submit` without a Ray cluster: the in-process path
+(`scaling.num_workers=0`, the real Train V2 local mode + real training loop + real sqlite MLflow), failures,
+Ctrl-C + resume, the CLI's --json contract and submit's argument checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fotlab import tracking
+from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
+from fotlab.orchestrate.jobs import JOB_SPEC_FILE, SubmitError, build_job, check_address
+from fotlab.spec import load_spec, parse_spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest single-threaded on a busy 2-core box."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+def tiny_spec_dict(corpus: Path, tmp_path: Path, uri: str, *, num_workers: int = 0, **train) -> dict:
+    """A debug-preset run on the tiny corpus: a few steps, a checkpoint every 2 steps, everything under tmp."""
+    train_section = {
+        "steps": 4, "batch_size": 4, "context_length": 32, "log_every": 1, "checkpoint_every": 2,
+        "eval_batches": 1, "crossbatch": {"range": 1, "packing": 2}, "optimizer": {"lr": 3e-3},
+    }
+    train_section.update(train)
+    return {
+        "name": "orch-test",
+        "model": {"preset": "debug"},
+        "data": {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2,
+                 "cache_dir": str(tmp_path / "datasets-cache")},
+        "train": train_section,
+        "scaling": {"num_workers": num_workers},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": uri},
+    }
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def assert_tracked_run(uri: str, outcome, n_steps: int) -> None:
+    """The MLflow run holds params, per-step metrics, the spec, the model (loadable), and is FINISHED."""
+    from fotlab.model import FoTForCausalLM
+
+    client = client_for(uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(n_steps)
+    assert run.data.params["model.preset"] == "debug"
+    assert run.data.tags["fotlab.ray_run_name"] == outcome.run_name
+    assert [m.step for m in client.get_metric_history(outcome.run_id, tracking.TRAIN_LOSS)] == list(
+        range(1, n_steps + 1))
+    assert tracking.VAL_LOSS in run.data.metrics
+    top = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"spec.yaml", "model"} <= top
+    model_files = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "model")}
+    assert "config.json" in model_files and any(f.endswith(".safetensors") for f in model_files)
+    model = FoTForCausalLM.from_pretrained(outcome.model_dir)
+    assert model.config.num_hidden_layers == 2
+    assert outcome.metrics[tracking.VAL_LOSS] == pytest.approx(run.data.metrics[tracking.VAL_LOSS])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_in_process_run_is_tracked_end_to_end(tiny_corpus, tmp_path, mlflow_uri):
+    spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri))
+    outcome = run_experiment(spec, progress=False)
+    assert outcome.status == "FINISHED" and outcome.final_step == 4
+    assert_tracked_run(mlflow_uri, outcome, n_steps=4)
+    spec_artifact = client_for(mlflow_uri).download_artifacts(outcome.run_id, "spec.yaml", str(tmp_path))
+    assert parse_spec(yaml.safe_load(Path(spec_artifact).read_text())) == spec
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_failure_at_runtime_marks_the_run_failed(tiny_corpus, tmp_path, mlflow_uri):
+    data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri)
+    data["data"]["sources"][0]["path"] = str(tmp_path / "vanished-corpus")  # only found missing at run time
+    spec = parse_spec(data, check_paths=False)
+    with pytest.raises(RunFailedError) as caught:
+        run_experiment(spec, progress=False)
+    run = client_for(mlflow_uri).get_run(caught.value.run_id)
+    assert run.info.status == "FAILED"
+    assert "vanished-corpus" in run.data.tags[tracking.TAG_ERROR]
+    assert "FAILED" in str(caught.value) and caught.value.run_id in str(caught.value)
+
+
+def interrupt_after_first_checkpoint(storage: Path) -> threading.Thread:
+    """Press Ctrl-C (SIGINT to this process) once the run has written its first checkpoint."""
+
+    def watch() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(storage.glob("*/output/checkpoints/step-*")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri):
+    n_steps = 14
+    spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
+    interrupt_after_first_checkpoint(tmp_path / "runs")
+    with pytest.raises(RunInterruptedError) as caught:
+        run_experiment(spec, progress=False)
+    run_id = caught.value.run_id
+    assert f"--resume {run_id}" in str(caught.value)
+    client = client_for(mlflow_uri)
+    stopped = client.get_run(run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["fotlab.resumable"] == "true"
+    stopped_at = max(m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS))
+    assert 2 <= stopped_at < n_steps
+
+    outcome = run_experiment(spec, resume=stopped.info.run_name, progress=False)  # by run name
+    assert outcome.run_id == run_id and outcome.final_step == n_steps
+    steps = [m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS)]
+    assert steps == list(range(1, n_steps + 1))  # continued after the checkpoint, no step trained twice
+    assert client.get_run(run_id).info.status == "FINISHED"
+    with pytest.raises(Exception, match="already FINISHED"):
+        run_experiment(spec, resume=run_id, progress=False)
+
+
+def test_resume_of_an_unknown_run_is_a_one_line_error(tiny_corpus, tmp_path, mlflow_uri):
+    spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri))
+    with pytest.raises(Exception, match="no-such-run"):
+        run_experiment(spec, resume="no-such-run", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_run_json_ends_with_one_json_object(tiny_corpus, tmp_path, mlflow_uri):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--set", "train.log_every=2", "--json"],
+        capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout  # nothing else on stdout
+    result = json.loads(lines[0])
+    assert result["status"] == "FINISHED" and tracking.VAL_LOSS in result["metrics"]
+    assert Path(result["model_dir"], "config.json").is_file()
+    run = client_for(mlflow_uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.log_every"] == "2"
+
+
+def test_cli_run_bad_override_is_one_line(tmp_path):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "x"}))
+    proc = subprocess.run([sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--set", "train.steps=-3"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and "train.steps" in proc.stderr
+
+
+@pytest.mark.parametrize("address", ["HEAD:8265", "ray://head:10001", "", "http://"])
+def test_submit_rejects_non_dashboard_addresses(address):
+    with pytest.raises(SubmitError, match="dashboard"):
+        check_address(address)
+
+
+def test_submit_job_ships_the_resolved_spec(tiny_corpus, tmp_path):
+    spec = load_spec_with_overrides(tiny_corpus, tmp_path, ["train.steps=7"])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    entrypoint, runtime_env = build_job(spec, staging)
+    assert entrypoint.startswith(f"fotlab run {JOB_SPEC_FILE} --json")
+    assert runtime_env["working_dir"] == str(staging)
+    assert Path(runtime_env["py_modules"][0], "orchestrate", "jobs.py").is_file()
+    assert load_spec(staging / JOB_SPEC_FILE) == spec and spec.train.steps == 7
+
+
+def load_spec_with_overrides(corpus: Path, tmp_path: Path, overrides: list[str]):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(corpus, tmp_path, "sqlite:///unused.db")))
+    return load_spec(path, overrides)
+
+
+def test_cli_submit_bad_address_is_one_line(tmp_path):
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "x"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "submit", str(spec_file), "--address", "localhost:8265"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and "http://HEAD:8265" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
