@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="hyper-parameter sweep on Ray Tune")
     p.add_argument("spec", help="sweep spec (YAML)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep")
+    p.add_argument("--address", help="Ray cluster address to attach to (default: a local cluster)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.set_defaults(handler=_cmd_orchestrate)
 
@@ -190,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except FotlabError as exc:
         message = " ".join(str(exc).splitlines())
-        print(message if message.startswith("fotlab") else f"fotlab {args.command}: {message}", file=sys.stderr)
+        prefix = f"fotlab {args.command}: "
+        print(message if message.startswith(prefix) else prefix + message, file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # output piped into `head` & co.
         import os
