@@ -128,6 +128,7 @@ def test_resume_continues_exactly(corpus, cache_dir, tmp_path):
     first = Recorder(stop_at=3)
     stopped = train(make_spec(corpus, cache_dir, **kwargs), Runtime(output_dir=tmp_path / "split"), first)
     assert stopped.stopped_early and stopped.final_step == 3
+    assert stopped.metrics[M.LOSS] == full.losses()[3]
     assert latest_checkpoint(stopped.checkpoint_dir).name == "step-00000003"
 
     second = Recorder()

@@ -73,6 +73,7 @@ class _Run:
     last_eval_step: int = -1
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     window: _Window = dataclasses.field(default_factory=_Window)
+    last_step: tuple[float, float, int] = (0.0, 0.0, 0)  # (lr, grad_norm, crossbatch range) of the last step
 
     @property
     def bare_model(self) -> torch.nn.Module:
@@ -139,8 +140,9 @@ def _fit(run: _Run) -> bool:
         window.step_time_s += time.perf_counter() - started
         window.n_tokens += stats.n_input_tokens * run.runtime.world_size
         run.tokens_seen += stats.n_input_tokens * run.runtime.world_size
+        run.last_step = (lr, stats.grad_norm, crossbatch.range)
         if run.step % train_spec.log_every == 0 or run.step == train_spec.steps:
-            _report_train(run, lr, stats.grad_norm, crossbatch.range)
+            _report_train(run, *run.last_step)
         if train_spec.eval_every and run.step % train_spec.eval_every == 0:
             _evaluate(run, crossbatch)
         if train_spec.checkpoint_every and run.step % train_spec.checkpoint_every == 0:
@@ -211,7 +213,10 @@ def _checkpoint(run: _Run) -> Path:
 
 
 def _finish(run: _Run) -> None:
-    """Final validation (unless just done), final checkpoint (unless just written), HF model + tokenizer."""
+    """Unreported train metrics (early stop), final validation (unless just done), final checkpoint (unless just
+    written), HF model + tokenizer."""
+    if run.window.n_steps:
+        _report_train(run, *run.last_step)
     if run.last_eval_step != run.step and run.step > 0:
         _evaluate(run, crossbatch_at(run.spec, run.step - 1))
     if run.last_checkpoint_step != run.step:
