@@ -230,7 +230,8 @@ def test_default_locations(tmp_path, monkeypatch):
     assert project_root() == lonely.resolve()
 
 
-SWEEPS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if SWEEP_KEYS & set(yaml.safe_load(p.read_text())))
+SWEEPS = sorted(p for p in (REPO / "experiments").rglob("*.yaml")
+                if SWEEP_KEYS & set(yaml.safe_load(p.read_text()) or {}))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
