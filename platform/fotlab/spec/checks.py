@@ -5,7 +5,7 @@ The model shape is resolved the way training will resolve it: the preset (via
 `config.json`, then the spec's overrides. When the shape cannot be known (remote checkpoint, model package
 missing) the shape checks are skipped rather than guessed.
 
-Paths: data paths (local/jsonl/parquet/hf `path`) must exist unless they are URLs (`s3://...`);
+Paths: local/jsonl/parquet `path`s must exist unless they are URLs (`s3://...`); an hf `path`,
 `model.init_from` and `data.tokenizer.path` are checked only when they are explicitly local ('/', './', '../',
 '~'), anything else is a hub id or remote path resolved where the run executes. `check_paths=False`
 (`fotlab validate --no-check-paths`) skips every existence check, for specs meant for another machine.
