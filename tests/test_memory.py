@@ -28,6 +28,7 @@ def test_append_stores_in_mem_dtype_and_keeps_padding_masked():
     torch.testing.assert_close(mem[3].keys, torch.cat([k, k2], 2).bfloat16())
 
 
+@torch.no_grad()
 def test_append_is_amortised_geometric_buffer():
     mem = LayerMemory.empty(torch.float32)
     storages, sizes = set(), []
@@ -43,6 +44,7 @@ def test_append_is_amortised_geometric_buffer():
     assert mem.keys[:, :, 123].equal(kv(T=1, seed=123)[0][:, :, 0])
 
 
+@torch.no_grad()
 def test_old_memories_and_views_are_unchanged_by_later_appends():
     k, v = kv()
     first = LayerMemory.empty(torch.float32).append(k, v)
@@ -166,3 +168,16 @@ def test_memory_feeds_memory_attention():
     masked_slot[0, :, 0] = 1e3  # a value behind a padding mask must not leak into the output
     out2 = memory_attention(q, lk, lv, local, mem[0].keys, masked_slot, mem[0].valid)
     torch.testing.assert_close(out, out2)
+
+
+def test_append_after_grad_mode_read_keeps_backward_valid():
+    mem = LayerMemory.empty(torch.float32).append(*kv())
+    q = torch.randn(2, 2, 5, 4, requires_grad=True)
+    loss = (q @ mem.keys.transpose(-1, -2)).sum()  # autograd saves the memory view
+    grown = mem.append(*kv(seed=1))  # must not write into the saved view's storage
+    loss.backward()
+    torch.testing.assert_close(q.grad, mem.keys.sum(2, keepdim=True).expand(-1, -1, 5, -1))
+    assert grown.n_tokens == 6
+    with torch.no_grad():  # no autograd recording: reads do not force copies
+        ptr = grown.keys.untyped_storage().data_ptr()
+        assert grown.append(*kv(seed=2)).keys.untyped_storage().data_ptr() == ptr

@@ -9,6 +9,9 @@ Design choices:
 - Amortised growth: appends that do not require grad write into a preallocated buffer whose size doubles when
   full (O(1) amortised copy per token, no `torch.cat` of the whole memory). Only the memory object that owns the
   end of the buffer writes in place (past every length handed out so far); appending to an older memory copies.
+  Once a view was read with autograd recording (grad mode on), the next append copies into a fresh buffer instead
+  (autograd may have saved the view; see `_Buffer`): run inference under `torch.no_grad()` / `inference_mode()`
+  to get amortised appends.
 - Differentiable memory: once an appended tensor requires grad, the memory keeps a tuple of segments and
   concatenates them on read, so autograd reaches every segment.
 - Capacity (optional, slots per row): FIFO eviction, the oldest slots leave first, for all rows together.
@@ -34,13 +37,17 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 class _Buffer:
-    """Preallocated storage shared by successive memories; `filled` is the end of the newest live region."""
+    """Preallocated storage shared by successive memories; `filled` is the end of the newest live region.
+
+    `exposed` is set once a view was handed out while autograd was recording: autograd may have saved that view,
+    and any in-place write to the storage (even past the view) would fail its version check at backward time."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         self.keys = keys  # (B, Hkv, S, Dh), S = allocated slots
         self.values = values  # (B, Hkv, S, Dh)
         self.valid = valid  # (B, S)
         self.filled = 0
+        self.exposed = False
 
     @property
     def n_slots(self) -> int:
@@ -87,7 +94,7 @@ class LayerMemory:
         """Allocated slots of the underlying buffer (0 in differentiable mode or when empty)."""
         return 0 if self._buffer is None else self._buffer.n_slots
 
-    def _read(self, i: int) -> torch.Tensor | None:
+    def _read(self, i: int, expose: bool = True) -> torch.Tensor | None:
         if self._segments:
             if i not in self._cache:
                 parts = [seg[i] for seg in self._segments]
@@ -95,6 +102,8 @@ class LayerMemory:
             return self._cache[i]
         if self._buffer is None:
             return None
+        if expose and torch.is_grad_enabled():
+            self._buffer.exposed = True
         if i == 2:
             return self._buffer.valid[:, self._start:self._end]
         return (self._buffer.keys, self._buffer.values)[i][:, :, self._start:self._end]
@@ -130,7 +139,7 @@ class LayerMemory:
         return self._append_buffer(k, v, valid)
 
     def _check_shape(self, k: torch.Tensor) -> None:
-        old = self.keys
+        old = self._read(0, expose=False)
         if old is not None and (old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3]):
             raise ValueError(f"appended keys {tuple(k.shape)} do not fit memory (B, Hkv, M, Dh) {tuple(old.shape)}")
 
@@ -150,7 +159,7 @@ class LayerMemory:
         if self.capacity is not None:
             n_keep = min(n_keep, self.capacity - n_new)
         buffer, start = self._buffer, self._end - n_keep
-        owns_end = buffer is not None and buffer.filled == self._end
+        owns_end = buffer is not None and buffer.filled == self._end and not buffer.exposed
         if not owns_end or self._end + n_new > buffer.n_slots:
             buffer, start = self._grow(k, n_keep, n_new), 0
         end = start + n_keep + n_new
@@ -172,9 +181,9 @@ class LayerMemory:
             valid=torch.zeros(B, n_slots, dtype=torch.bool, device=k.device),
         )
         if n_keep > 0:
-            buffer.keys[:, :, :n_keep] = self.keys[:, :, -n_keep:]
-            buffer.values[:, :, :n_keep] = self.values[:, :, -n_keep:]
-            buffer.valid[:, :n_keep] = self.valid[:, -n_keep:]
+            buffer.keys[:, :, :n_keep] = self._read(0, expose=False)[:, :, -n_keep:]
+            buffer.values[:, :, :n_keep] = self._read(1, expose=False)[:, :, -n_keep:]
+            buffer.valid[:, :n_keep] = self._read(2, expose=False)[:, -n_keep:]
         return buffer
 
     def reset_rows(self, rows) -> "LayerMemory":
