@@ -282,3 +282,10 @@ def test_sweep_spec_errors_name_the_field(tmp_path, changes, words):
         load_sweep(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
     assert words in str(info.value), str(info.value)
+
+
+def test_check_paths_off_also_skips_init_from(tmp_path):
+    data = {"name": "x", "model": {"init_from": "/cluster/models/llama"},
+            "data": {"tokenizer": {"kind": "pretrained", "path": "/cluster/models/llama"}}}
+    assert "model.init_from" in _error(tmp_path, data)
+    assert load_spec(_write(tmp_path, data), check_paths=False).model.init_from == "/cluster/models/llama"

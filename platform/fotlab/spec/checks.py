@@ -87,7 +87,7 @@ def _declared(spec) -> dict[str, Any]:
     return dict(PRESETS.get(spec.model.preset or "debug", {}))
 
 
-def _model_problems(spec) -> Iterator[Problem]:
+def _model_problems(spec, check_paths: bool = True) -> Iterator[Problem]:
     preset = spec.model.preset
     if preset is not None and spec.model.init_from is not None:
         yield "model.preset", "set both preset and init_from; a checkpoint brings its own shape (drop preset)"
@@ -100,7 +100,7 @@ def _model_problems(spec) -> Iterator[Problem]:
             yield "model.preset", f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})"
             return
     init_from = spec.model.init_from
-    if init_from is not None and looks_local(init_from) and not Path(init_from).expanduser().exists():
+    if check_paths and init_from is not None and looks_local(init_from) and not Path(init_from).expanduser().exists():
         yield "model.init_from", f"directory {init_from!r} does not exist"
     base, origin = resolved_shape(spec)
     if base is None:
@@ -197,7 +197,7 @@ def _scaling_problems(spec) -> Iterator[Problem]:
 
 def problems(spec, check_paths: bool = True) -> Iterator[Problem]:
     """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling)."""
-    yield from _model_problems(spec)
+    yield from _model_problems(spec, check_paths)
     yield from _crossbatch_problems(spec)
     yield from _data_problems(spec, check_paths)
     yield from _scaling_problems(spec)
