@@ -99,8 +99,8 @@ class SourceSpec(StrictModel):
     split: str = Field("train", description="hf: dataset split to read.")
     streaming: bool = Field(False, description="hf: stream the dataset instead of downloading it whole.")
     weight: float = Field(1.0, gt=0, description="Relative share of this source in the training mixture.")
-    min_doc_tokens: int = Field(0, ge=0, description="Drop documents shorter than this many tokens.")
-    max_docs: int | None = Field(None, gt=0, description="Read at most this many documents (None = all).")
+    min_doc_tokens: int = Field(0, ge=0, description="Drop documents shorter than this many tokens (counted after tokenisation).")
+    max_docs: int | None = Field(None, gt=0, description="Keep at most this many documents, train + validation, after the length filter (None = all).")
     n_docs: int = Field(64, gt=0, description="Synthetic tasks: number of documents to generate.")
     doc_len: int = Field(512, gt=0, description="Synthetic tasks: target document length in tokens.")
     key_len: int = Field(4, gt=0, description="dictionary_lookup: tokens per key.")
@@ -131,7 +131,7 @@ class DataSpec(StrictModel):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer settings.")
     validation_docs: int = Field(8, ge=0, description="Documents held out for validation loss.")
     num_proc: int = Field(1, gt=0, description="Processes for dataset tokenization (datasets.map num_proc).")
-    cache_dir: str | None = Field(None, description="Datasets cache directory (None = the datasets default).")
+    cache_dir: str | None = Field(None, description="Cache for tokenised datasets and trained BPE tokenizers (None = ~/.cache/fotlab/datasets).")
 
 
 class CrossBatchSwitch(StrictModel):
