@@ -145,3 +145,18 @@ def test_padding_is_carried_into_memory():
     assert torch.allclose(a.logits[:, 5:], b.logits[:, 5:], atol=1e-6)
     layer = model.config.mem_layers[0]
     assert a.memory[layer].valid[0].tolist() == [False] * 5 + [True] * 37
+
+
+@pytest.mark.parametrize("overrides", [dict(mem_retrieval="topk", mem_topk=1000), dict(mem_retrieval="faiss",
+                                                                                     mem_topk=1000),
+                                       dict(mem_attention_grouping=(1, 4))])
+def test_retrieval_and_grouping_variants_equal_dense(overrides):
+    """Top-k retrieval with k >= M and (heads, queries) grouping are the dense computation (FOT_SPEC §1.3, §1.4)."""
+    torch.manual_seed(5)
+    dense = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8)).eval()
+    variant = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8,
+                                           **overrides)).eval()
+    variant.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 512, (2, 60))
+    with torch.no_grad():
+        assert torch.allclose(variant(ids).logits, dense(ids).logits, atol=1e-4)
