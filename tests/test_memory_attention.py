@@ -75,6 +75,15 @@ def test_no_memory_is_plain_causal_attention():
     torch.testing.assert_close(out, sdpa, atol=1e-6, rtol=1e-6)
 
 
+def test_mem_valid_none_means_all_valid():
+    q, k, v, local_mask, mem_k, mem_v, mem_valid = make_inputs()
+    mem_valid[:] = True
+    for retrieval in ("dense", "topk"):
+        torch.testing.assert_close(
+            memory_attention(q, k, v, local_mask, mem_k, mem_v, None, retrieval=retrieval, topk=4),
+            memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval=retrieval, topk=4))
+
+
 def test_bf16_memory_is_cast_to_query_dtype():
     inputs = make_inputs(mem_dtype=torch.bfloat16)
     out = memory_attention(*inputs, grouping=(1, 2))
@@ -179,6 +188,18 @@ def test_large_memory_is_chunked_and_bounded(monkeypatch):
     plan = ma._plan_chunks(inputs[0], inputs[1].shape[1], 16, 300, None, None)
     assert plan.n_heads * plan.n_queries < 4 * 16  # really chunked
     torch.testing.assert_close(memory_attention(*inputs), brute_force(*inputs), atol=1e-6, rtol=1e-6)
+
+
+def test_automatic_chunks_bound_the_score_tensor_for_64k_memory():
+    import fotlab.model.memory_attention as ma
+
+    q = torch.empty(1, 8, 1024, 128)
+    for n_kv, topk in [(8, None), (2, None), (8, 128)]:
+        plan = ma._plan_chunks(q, n_kv, 1024, 65536, None, topk)
+        mem_cols = 65536 if topk is None else plan.mem_block
+        score_bytes = plan.n_heads * plan.n_queries * (1024 + mem_cols) * 4
+        assert score_bytes <= ma.SCORE_BUDGET_BYTES and plan.n_heads * plan.n_queries >= 64
+    assert ma._plan_chunks(q, 2, 1024, 65536, (3, 100), None).n_heads == 2  # rounded to a divisor of G = 4
 
 
 @pytest.mark.slow

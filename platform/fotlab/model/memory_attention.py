@@ -219,7 +219,7 @@ def _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk):
         if mem_v.shape != mem_k.shape or (B, n_kv, head_dim) != (k.shape[0], k.shape[1], k.shape[3]):
             raise ValueError(f"mem_k/mem_v must be (B, Hkv, M, Dh) matching k {tuple(k.shape)}; got "
                              f"{tuple(mem_k.shape)}, {tuple(mem_v.shape)}")
-        if mem_valid.shape != (B, M):
+        if mem_valid is not None and mem_valid.shape != (B, M):
             raise ValueError(f"mem_valid must be (B, M) = {(B, M)}, got {tuple(mem_valid.shape)}")
 
 
@@ -265,7 +265,7 @@ def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval=
 
     q (B, H, T, Dh) queries (rotated by the caller); k, v (B, Hkv, S, Dh) local keys (rotated) and values;
     local_mask (B, 1|H, T, S) bool, True = visible; mem_k, mem_v (B, Hkv, M, Dh) raw memory keys / values in the
-    memory dtype (cast to q's dtype here) or None for no memory; mem_valid (B, M) bool.
+    memory dtype (cast to q's dtype here) or None for no memory; mem_valid (B, M) bool (None = all valid).
     retrieval: "dense" | "topk" | "faiss" (the two last need `topk`); grouping: (query heads, queries) per
     chunk, None = automatic; scale: default 1/sqrt(Dh). Returns (B, H, T, Dh) in q's dtype.
 
