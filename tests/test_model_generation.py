@@ -99,3 +99,21 @@ def test_sampling_runs_with_memory_prompt():
     out = model.generate(prompt, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
     assert out.shape == (2, 108)
     assert ((out[:, 100:] >= 0) & (out[:, 100:] < 512)).all()
+
+
+def test_generate_from_given_memory():
+    """Memory filled chunk by chunk (last_context_length=0), then `generate(..., memory=m)` continues from it."""
+    model = debug_model(seed=5)
+    document = torch.randint(1, 512, (1, 150))
+    memory = model.new_memory()
+    with torch.no_grad():
+        for chunk in document.split(64, dim=1):
+            memory = model(chunk, memory=memory, last_context_length=0).memory
+        question = torch.randint(1, 512, (1, 10))
+        first = model(question, memory=memory).logits[:, -1]
+        without = model(question).logits[:, -1]
+    seqs, scores = greedy(model, question, 5, memory=memory)
+    assert memory.n_tokens == 150
+    assert (scores[:, 0] - first).abs().max().item() <= 1e-5
+    assert (scores[:, 0] - without).abs().max().item() > 1e-3
+    assert seqs[0, 10].item() == first.argmax(-1).item()
