@@ -296,3 +296,13 @@ def test_flex_block_mask_with_padding_keeps_clean_blocks_full():
     q, k_rot, k_mem, v = random_inputs(3, 2, 2, 256, 8, seed=5)
     flex = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2, backend="flex"), key_valid)
     torch.testing.assert_close(flex, crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2), key_valid))
+
+
+def test_flex_backend_with_gradients_on_cpu_falls_back_to_sdpa():
+    """torch has no CPU backward for flex: a CPU training step with backend "flex" must still work (via sdpa)."""
+    q, k_rot, k_mem, v = random_inputs(4, 2, 2, 128, 8)
+    k_mem.requires_grad_(True)
+    out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(1, backend="flex"))
+    out[1].sum().backward()
+    assert k_mem.grad[0].abs().sum() > 0
+    torch.testing.assert_close(out.detach(), crossbatch_attention(q, k_rot, k_mem.detach(), v, CrossBatch(1)))

@@ -51,8 +51,9 @@ class CrossBatch:
         of entries with few and many contexts (LongLLaMA: packing 4, range 3 -> 1, 3, 4, 4 contexts).
     backend: "sdpa" (default; one torch SDPA call over a gathered (B, H, n*T, Dh) prefix and a dense block mask)
         or "flex" (FlexAttention over the flattened batch with a block-sparse mask: memory independent of range,
-        masked blocks skipped; compiled on CUDA, for GPU training with large ranges; needs T % 128 == 0 and
-        falls back to "sdpa" otherwise). Both compute the same function.
+        masked blocks skipped; compiled on CUDA, for GPU training with large ranges; needs T % 128 == 0, and off
+        CUDA runs only without autograd (torch has no CPU flex backward); falls back to "sdpa" otherwise).
+        Both compute the same function.
     """
 
     range: int
@@ -196,9 +197,17 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
     if crossbatch.range == 0 and key_valid is None:
         return _causal_sdpa(q, k_rot, v, scale)
-    if crossbatch.backend == "flex" and crossbatch.range > 0 and T % FLEX_BLOCK == 0:
+    if crossbatch.backend == "flex" and crossbatch.range > 0 and _flex_usable(q, k_rot, k_mem, v):
         return crossbatch_attention_flex(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
     return crossbatch_attention_sdpa(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
+
+
+def _flex_usable(q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Flex needs T % FLEX_BLOCK == 0; off CUDA torch has no flex backward, so there only without autograd."""
+    if q.shape[2] % FLEX_BLOCK != 0:
+        return False
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, *others))
+    return q.is_cuda or not needs_grad
 
 
 def _head_pad(q: torch.Tensor) -> int:
