@@ -39,6 +39,17 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_jobs_address(ray_session):
+    """The Ray Jobs (dashboard) HTTP address of the shared local cluster, e.g. http://127.0.0.1:8265."""
+    import ray
+
+    url = ray._private.worker.get_dashboard_url()  # no public getter after ray.init() returned
+    if not url:
+        pytest.skip("the local Ray cluster runs without a dashboard (ray[default] missing)")
+    return f"http://{url}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in tmp_path, also exported as MLFLOW_TRACKING_URI."""

@@ -189,7 +189,7 @@ def test_submit_job_ships_the_resolved_spec(tiny_corpus, tmp_path):
     staging = tmp_path / "staging"
     staging.mkdir()
     entrypoint, runtime_env = build_job(spec, staging)
-    assert entrypoint.startswith(f"fotlab run {JOB_SPEC_FILE} --json")
+    assert entrypoint.startswith(f"python -m fotlab.cli run {JOB_SPEC_FILE} --json")
     assert runtime_env["working_dir"] == str(staging)
     assert Path(runtime_env["py_modules"][0], "orchestrate", "jobs.py").is_file()
     assert load_spec(staging / JOB_SPEC_FILE) == spec and spec.train.steps == 7

@@ -5,7 +5,7 @@
 The spec is validated here (with its --set overrides applied) and shipped as one resolved `spec.yaml` in the
 job's working_dir, together with this checkout's `fotlab` package (runtime_env py_modules), so the cluster runs
 exactly the code and spec you have. The cluster's image provides the dependencies (torch, ray, mlflow, ...).
-The job's entrypoint is `fotlab run spec.yaml --json --no-progress`; follow it with `ray job logs --follow`.
+The job's entrypoint is `python -m fotlab.cli run spec.yaml --json --no-progress` (= `fotlab run`); follow it with `ray job logs --follow`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,15 @@ def check_address(address: str) -> str:
     return address.rstrip("/")
 
 
-def build_job(spec, staging_dir: Path, extra_args: list[str] = ()) -> tuple[str, dict]:
-    """Write the resolved spec into ``staging_dir``; return (entrypoint, runtime_env) for the job."""
+def build_job(spec, staging_dir: Path, *, python: str = "python") -> tuple[str, dict]:
+    """Write the resolved spec into ``staging_dir``; return (entrypoint, runtime_env) for the job.
+
+    ``python`` is the cluster's interpreter (default: `python` on the cluster's PATH)."""
     from fotlab.spec import spec_to_yaml
 
     (staging_dir / JOB_SPEC_FILE).write_text(spec_to_yaml(spec))
-    entrypoint = shlex.join(["fotlab", "run", JOB_SPEC_FILE, "--json", "--no-progress", *extra_args])
+    # `python -m fotlab.cli` == the `fotlab` console script, but needs no script on the cluster's PATH.
+    entrypoint = shlex.join([python, "-m", "fotlab.cli", "run", JOB_SPEC_FILE, "--json", "--no-progress"])
     runtime_env = {
         "working_dir": str(staging_dir),
         "py_modules": [str(Path(fotlab.__file__).parent)],
@@ -69,8 +72,12 @@ def build_job(spec, staging_dir: Path, extra_args: list[str] = ()) -> tuple[str,
     return entrypoint, runtime_env
 
 
-def submit_experiment(spec, address: str, *, submission_id: str | None = None) -> Submission:
-    """Submit ``spec`` as a Ray Job to the cluster whose dashboard is at ``address``; returns at once."""
+def submit_experiment(
+    spec, address: str, *, submission_id: str | None = None, python: str = "python"
+) -> Submission:
+    """Submit ``spec`` as a Ray Job to the cluster whose dashboard is at ``address``; returns at once.
+
+    ``python``: the interpreter on the cluster that has fotlab's dependencies (default `python`)."""
     address = check_address(address)
     from ray.job_submission import JobSubmissionClient
 
@@ -79,7 +86,7 @@ def submit_experiment(spec, address: str, *, submission_id: str | None = None) -
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SubmitError(f"--address {address}: cannot reach the Ray Jobs server ({err})") from None
     with tempfile.TemporaryDirectory(prefix="fotlab-submit-") as tmp:
-        entrypoint, runtime_env = build_job(spec, Path(tmp))
+        entrypoint, runtime_env = build_job(spec, Path(tmp), python=python)
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env=runtime_env,

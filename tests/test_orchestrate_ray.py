@@ -1,0 +1,74 @@
+"""`run_experiment` on a real local Ray cluster (Train V2 TorchTrainer, one worker) and Ray Jobs submission.
+
+Each test costs 30-120 s here (Ray worker start-up dominates), so there are few; all share one Ray session.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fotlab import tracking
+from fotlab.orchestrate import RunInterruptedError, run_experiment, submit_experiment
+from fotlab.spec import parse_spec
+
+from test_orchestrate import assert_tracked_run, client_for, interrupt_after_first_checkpoint, tiny_spec_dict
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.mark.timeout(420)
+def test_one_worker_ray_run_is_tracked_end_to_end(ray_session, tiny_corpus, tmp_path, mlflow_uri):
+    spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1))
+    outcome = run_experiment(spec, progress=False, report_every=2)
+    assert outcome.status == "FINISHED" and outcome.final_step == 4
+    assert_tracked_run(mlflow_uri, outcome, n_steps=4)
+    # Ray Train persisted the reported checkpoints under storage/<run name>/ (what a resume restores).
+    run_dir = Path(tmp_path / "runs" / outcome.run_name)
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert outcome.checkpoint == str(run_dir / "step-00000004")
+
+
+@pytest.mark.timeout(600)
+def test_ray_run_resumes_from_its_ray_checkpoint_into_the_same_mlflow_run(
+    ray_session, tiny_corpus, tmp_path, mlflow_uri
+):
+    n_steps = 14
+    spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=n_steps))
+    interrupt_after_first_checkpoint(tmp_path / "runs")
+    with pytest.raises(RunInterruptedError) as caught:
+        run_experiment(spec, progress=False)
+    run_id = caught.value.run_id
+    client = client_for(mlflow_uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    stopped_at = max(m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS))
+    assert stopped_at < n_steps
+
+    outcome = run_experiment(spec, resume=run_id, progress=False)
+    assert outcome.run_id == run_id and outcome.final_step == n_steps
+    assert [m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS)] == list(range(1, n_steps + 1))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.timeout(420)
+def test_submit_runs_the_spec_as_a_ray_job(ray_jobs_address, tiny_corpus, tmp_path, mlflow_uri):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = ray_jobs_address
+    data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=2)  # num_workers=0: runs in the job driver
+    spec = parse_spec(data)
+    submission = submit_experiment(spec, address, python=sys.executable)  # this cluster's interpreter
+    client = JobSubmissionClient(address)
+    deadline = time.time() + 380
+    status = client.get_job_status(submission.submission_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(submission.submission_id)
+    logs = client.get_job_logs(submission.submission_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    result = yaml.safe_load(logs.strip().splitlines()[-1])  # the job's stdout ends with fotlab run's JSON
+    assert client_for(mlflow_uri).get_run(result["run_id"]).info.status == "FINISHED"
