@@ -105,7 +105,7 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path):
     assert "eval/ppl_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
     out = generate_report(uri, tmp_path / "docs" / "results.md")
     text = out.read_text()
-    assert "| ppl_multi_doc | value |" in text and "mem_64" in text and "The paper's numbers" in text
+    assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]
     assert (out.parent / link[link.index("(") + 1:-1]).is_file()
 

@@ -3,9 +3,9 @@
     python -m fotlab.eval.report                                   # default store, all experiments
     python -m fotlab.eval.report --experiment paper_multi_doc_ppl --out docs/results.md
 
-Per run: a table per metric family (e.g. `ppl_multi_doc`: one row per memory size) and the run's eval plots
-(downloaded next to the markdown file, under `<out stem>/<run id>/`), then the paper's reference numbers
-(FOT_SPEC §3) for comparison.
+A table per metric family (e.g. `ppl_multi_doc`: one row per memory size, one column per run, so FoT and its
+baseline sit side by side), then per run its training summary and eval plots (downloaded next to the markdown
+file, under `<out stem>/<run id>/`), then the paper's reference numbers (FOT_SPEC §3) for comparison.
 """
 
 from __future__ import annotations
@@ -48,18 +48,53 @@ def _sort_key(param: str):
     return out
 
 
-def run_section(run, experiment_name: str, figure_links: list[str]) -> str:
-    """Markdown of one run: header, its eval metric tables, its plots."""
-    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-    name = run.info.run_name or run.info.run_id
-    lines = [f"### {experiment_name} / {name} (`{run.info.run_id[:12]}`)", ""]
-    spec_name = run.data.tags.get("fotlab.spec_name")
-    if spec_name:
-        lines += [f"spec: `{spec_name}`; status {run.info.status}", ""]
-    for family, items in group_metrics(metrics).items():
-        lines += [f"| {family} | value |", "|---|---|"]
-        lines += [f"| {param} | {value:.4g} |" for param, value in items]
+def _run_label(run) -> str:
+    name = run.data.tags.get("fotlab.spec_name") or run.info.run_name or run.info.run_id[:12]
+    return f"{name} (`{run.info.run_id[:8]}`)"
+
+
+def family_tables(runs) -> str:
+    """One table per metric family: a row per parameter (e.g. mem_256), a column per run that has it, so a
+    FoT run and its baseline sit side by side."""
+    per_run = [(run, group_metrics(run.data.metrics)) for run in runs]
+    families = sorted({fam for _, groups in per_run for fam in groups})
+    lines = []
+    for fam in families:
+        cols = [(run, dict(groups[fam])) for run, groups in per_run if fam in groups]
+        params = sorted({p for _, values in cols for p in values}, key=_sort_key)
+        lines += [f"#### {fam}", "", "| " + " | ".join([fam, *[_run_label(r) for r, _ in cols]]) + " |",
+                  "|" + "---|" * (len(cols) + 1)]
+        for param in params:
+            cells = [f"{values[param]:.4g}" if param in values else "" for _, values in cols]
+            lines.append("| " + " | ".join([param, *cells]) + " |")
         lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(runs) -> str:
+    """Per run and family: the value at the smallest and at the largest parameter (memory, length, d, context):
+    how each curve moves from 1x to its longest context."""
+    lines = ["| run | family | first | last | change |", "|---|---|---|---|---|"]
+    for run in runs:
+        for fam, items in group_metrics(run.data.metrics).items():
+            items = [(p, v) for p, v in items if "/" not in p and "layer_" not in p]  # curves, not sub-cells
+            if len(items) < 2:
+                continue
+            (p0, v0), (p1, v1) = items[0], items[-1]
+            change = f"{(v1 - v0) / v0:+.1%}" if v0 else f"{v1 - v0:+.4g}"
+            lines.append(f"| {_run_label(run)} | {fam} | {p0}: {v0:.4g} | {p1}: {v1:.4g} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_section(run, experiment_name: str, figure_links: list[str]) -> str:
+    """Markdown of one run: header, spec name, training summary and its plots."""
+    lines = [f"### {experiment_name} / {_run_label(run)}", ""]
+    spec_name = run.data.tags.get("fotlab.spec_name")
+    facts = [f"spec `{spec_name}`" if spec_name else None, f"status {run.info.status}"]
+    for key in ("train/loss", "val/loss", "time/train_s", "time/eval_s"):
+        if key in run.data.metrics:
+            facts.append(f"{key} {run.data.metrics[key]:.4g}")
+    lines += ["; ".join(f for f in facts if f), ""]
     lines += [f"![{Path(link).stem}]({link})" for link in figure_links]
     return "\n".join(lines) + "\n"
 
@@ -79,8 +114,9 @@ def _download_figures(client, run_id: str, dest: Path) -> list[Path]:
 
 
 def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] | None = None,
-                    max_runs: int = 50) -> Path:
-    """Write the results markdown to `out` (plots beside it); returns its path."""
+                    max_runs: int = 50, run_ids: list[str] | None = None) -> Path:
+    """Write the results markdown to `out` (plots beside it); returns its path. `run_ids` keeps only those runs
+    (id prefixes are enough)."""
     from mlflow import MlflowClient
 
     from fotlab import tracking
@@ -93,6 +129,8 @@ def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] |
     for exp in experiments or [None]:
         runs += tracking.search_runs(tracking_uri, experiment=exp, max_results=max_runs)
     runs = [r for r in runs if any(k.startswith("eval/") for k in r.data.metrics)]
+    if run_ids:
+        runs = [r for r in runs if any(r.info.run_id.startswith(prefix) for prefix in run_ids)]
     sections = []
     for run in runs:
         figures = _download_figures(client, run.info.run_id, assets / run.info.run_id[:12])
@@ -101,7 +139,9 @@ def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] |
     text = ["# fotlab results", "",
             f"Generated by `python -m fotlab.eval.report` from `{tracking_uri}` ({len(runs)} runs with eval metrics). "
             "Metric names: see `fotlab.eval.results`; protocols: `fotlab.eval` module docstrings.", "",
-            "## Runs", "", *(sections or ["(no run with eval metrics yet)", ""]), PAPER_REFERENCE]
+            "## Summary: first vs last point of every curve", "", summary_table(runs),
+            "## Metrics by family (runs side by side)", "", family_tables(runs) if runs else "(no run with eval "
+            "metrics yet)\n", "## Runs", "", *sections, PAPER_REFERENCE]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text))
     return out
@@ -113,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
     parser.add_argument("--out", default="docs/results.md", help="markdown file to write")
     parser.add_argument("--max-runs", type=int, default=50, help="newest runs per experiment")
+    parser.add_argument("--run", dest="run_ids", action="append", help="only this run id or id prefix (repeatable)")
     args = parser.parse_args(argv)
     from fotlab.spec import resolve_tracking_uri
 
     uri = args.tracking_uri or resolve_tracking_uri(None)
-    path = generate_report(uri, args.out, args.experiment, args.max_runs)
+    path = generate_report(uri, args.out, args.experiment, args.max_runs, args.run_ids)
     print(f"wrote {path}")
     return 0
 
