@@ -36,18 +36,18 @@ __all__ = ["ParamSpace", "SchedulerSpec", "SweepSpec", "load_sweep", "trial_spec
 class ParamSpace(StrictModel):
     """The values one spec field takes across trials."""
 
-    type: Literal["uniform", "loguniform", "int", "choice"] = Field(..., description="uniform/loguniform: a float "
-                                                                     "in [low, high]; int: an integer in [low, high];"
-                                                                     " choice: one of `values`.")
+    type: Literal["uniform", "loguniform", "int", "choice", "grid"] = Field(
+        ..., description="uniform/loguniform: a float in [low, high]; int: an integer in [low, high]; choice: one "
+        "of `values` (sampled); grid: every one of `values` (search 'grid' or 'random').")
     low: float | None = Field(None, description="Lower bound (uniform, loguniform, int).")
     high: float | None = Field(None, description="Upper bound, inclusive (uniform, loguniform, int).")
-    values: list[Any] | None = Field(None, min_length=1, description="Candidates (choice).")
+    values: list[Any] | None = Field(None, min_length=1, description="Candidates (choice, grid).")
 
     @model_validator(mode="after")
     def _bounds(self) -> ParamSpace:
-        if self.type == "choice":
+        if self.type in ("choice", "grid"):
             if self.values is None:
-                raise ValueError("values: required for type 'choice'")
+                raise ValueError(f"values: required for type {self.type!r}")
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"low and high: required for type {self.type!r}")
@@ -59,7 +59,7 @@ class ParamSpace(StrictModel):
 
     def corners(self) -> list[Any]:
         """Extreme values (used to check the field accepts the whole range)."""
-        if self.type == "choice":
+        if self.type in ("choice", "grid"):
             return list(self.values or [])
         if self.type == "int":
             return [int(self.low), int(self.high)]
@@ -85,12 +85,24 @@ class SweepSpec(StrictModel):
     search_space: dict[str, ParamSpace] = Field(..., min_length=1, description="Dotted spec field -> its values.")
     metric: str = Field("val/loss", description="Metric the search optimises (last reported value).")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
-    num_samples: int = Field(8, gt=0, description="Number of trials.")
-    max_concurrent_trials: int = Field(1, gt=0, description="Trials running at once.")
-    search: Literal["optuna", "random"] = Field("optuna", description="Search algorithm (Optuna TPE or random).")
+    num_samples: int = Field(8, gt=0, description="Number of trials (search 'grid': how many times the whole grid "
+                             "runs; once unless given).")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials running at once (None = as many as "
+                                              "the cluster's CPUs/GPUs hold, given each trial's workers).")
+    search: Literal["optuna", "random", "grid"] = Field("optuna", description="Search algorithm: Optuna TPE, "
+                                                         "random, or grid (every combination of grid/choice values).")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Early stopping.")
     seed: int = Field(0, ge=0, description="Seed of the search algorithm.")
     _base_spec: dict[str, Any] = PrivateAttr(default_factory=dict)  # the base spec's raw mapping (load_sweep)
+
+    @model_validator(mode="after")
+    def _grid_needs_a_grid_search(self) -> SweepSpec:
+        if self.search == "optuna":
+            for key, space in self.search_space.items():
+                if space.type == "grid":
+                    raise ValueError(f"search_space.{key}: type 'grid' needs search 'grid' or 'random' "
+                                     "(Optuna samples; use type 'choice')")
+        return self
 
 
 def trial_spec(sweep: SweepSpec, params: dict[str, Any], check_paths: bool = True) -> ExperimentSpec:
