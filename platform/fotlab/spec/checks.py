@@ -146,6 +146,8 @@ def _crossbatch_problems(spec) -> Iterator[Problem]:
             yield f"train.crossbatch.sample_from[{i}]", f"{r} must be in 0..{batch - 1} (train.batch_size = {batch})"
     if cb.sample_from and cb.switch:
         yield "train.crossbatch.sample_from", "use either switch or sample_from, not both"
+    if cb.backend == "flex" and train.context_length % 128:
+        yield "train.crossbatch.backend", f"flex needs train.context_length % 128 == 0 (got {train.context_length})"
 
 
 def _source_problems(source, field: str, check_paths: bool) -> Iterator[Problem]:

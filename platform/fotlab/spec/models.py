@@ -154,6 +154,9 @@ class CrossBatchSpec(StrictModel):
                                            "(e.g. start with d <= 8, later d >= 64).")
     sample_from: list[int] | None = Field(None, min_length=1, description="Draw the range per step uniformly "
                                           "from this set instead (e.g. [1, 127]); None = off.")
+    backend: Literal["sdpa", "flex"] = Field("sdpa", description="Attention kernel: sdpa (one SDPA call with a "
+                                            "block mask) or flex (FlexAttention, skips masked blocks; worth it on "
+                                            "GPUs with large ranges; needs context_length % 128 == 0).")
 
 
 class OptimizerSpec(StrictModel):
