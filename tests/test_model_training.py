@@ -108,3 +108,14 @@ def test_bfloat16_model_forward_and_generate():
     assert out.memory[layer].keys.dtype == torch.bfloat16
     gen = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)  # crosses a flush
     assert gen.shape == (2, 140)
+
+
+def test_checkpoint_every_ith_layer_same_gradients():
+    torch.manual_seed(6)
+    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=16,
+                                         gradient_checkpoint_every_ith=2))
+    ids = torch.randint(0, 512, (1, 40))
+    _, plain = grads_of(model, ids, checkpointing=False)
+    _, ckpt = grads_of(model, ids, checkpointing=True)
+    for name, grad in plain.items():
+        assert torch.allclose(grad, ckpt[name], atol=1e-6, rtol=1e-5), name

@@ -12,8 +12,9 @@ Design choices:
   (`FoTMemory` updates return new objects). With a cache, the cache carries the memory.
 - Generation uses `FoTCache` (local cache capped at W, flushed whole into memory; see cache.py).
 - lm_head runs only on the positions whose logits are returned (`logits_to_keep`), window by window.
-- Gradient checkpointing always uses non-reentrant `torch.utils.checkpoint` with memory tensors as real inputs,
-  so gradients into (differentiable) memory are exact.
+- Gradient checkpointing (HF `gradient_checkpointing_enable()`; every `gradient_checkpoint_every_ith` layer) always
+  uses non-reentrant `torch.utils.checkpoint` with memory tensors as real inputs, so gradients into
+  (differentiable) memory are exact.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class FoTModel(FoTPreTrainedModel):
         for i, layer in enumerate(self.layers):
             past = None if local is None else local[i]
             mem = _memory_view(memory, i) if layer.is_memory_layer else None
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and i % self.config.gradient_checkpoint_every_ith == 0:
                 x, k, v = checkpoint(layer, x, ctx, past, mem, use_reentrant=False)
             else:
                 x, k, v = layer(x, ctx, past, mem)
@@ -162,8 +163,10 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
 
         memory: memory to start from (ignored when a cache is given: the cache carries its memory).
         last_context_length: tokens kept local (default config.last_context_length); 0 = everything to memory.
-        logits_to_keep: int N > 0 = logits only for the last N positions. crossbatch: `CrossBatch` for training
-        (the whole input is one segment, L <= W). Returns logits, loss, cache (if use_cache), memory.
+        logits_to_keep: int N > 0 = logits only for the last N positions. Positions are always derived from the
+        padding mask per window (`cumsum - 1`); a `position_ids` argument is ignored.
+        crossbatch: `CrossBatch` for training (the whole input is one segment, L <= W).
+        Returns logits, loss, cache (if use_cache), memory.
         """
         cache = cache if cache is not None else past_key_values
         B, L = input_ids.shape
