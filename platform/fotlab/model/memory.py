@@ -133,7 +133,7 @@ class LayerMemory:
         if valid.shape != (k.shape[0], k.shape[2]):
             raise ValueError(f"valid must be (B, T) = {(k.shape[0], k.shape[2])}, got {tuple(valid.shape)}")
         self._check_shape(k)
-        k, v, valid = k.to(self.dtype), v.to(self.dtype), valid.to(torch.bool)
+        k, v, valid = k.to(self.dtype), v.to(self.dtype), valid.to(device=k.device, dtype=torch.bool)
         if self._segments or k.requires_grad or v.requires_grad:
             return self._append_segment(k, v, valid)
         return self._append_buffer(k, v, valid)
