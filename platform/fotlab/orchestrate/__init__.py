@@ -10,6 +10,7 @@ Ray and MLflow are imported lazily, so importing this package is cheap.
 from fotlab.orchestrate.commands import eval_command, run_command, submit_command
 from fotlab.orchestrate.jobs import Submission, SubmitError, submit_experiment
 from fotlab.orchestrate.runner import RunFailedError, RunInterruptedError, RunOutcome, run_experiment
+from fotlab.orchestrate.sweep import sweep_command
 
 __all__ = [
     "RunFailedError", "RunInterruptedError", "RunOutcome", "Submission", "SubmitError", "eval_command",
