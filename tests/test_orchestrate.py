@@ -210,3 +210,27 @@ def test_cli_submit_bad_address_is_one_line(tmp_path):
     )
     assert proc.returncode == 1 and "http://HEAD:8265" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_live_progress_follows_the_latest_records():
+    import io
+
+    from rich.console import Console
+
+    from fotlab.orchestrate.channel import ChannelHandle
+    from fotlab.orchestrate.progress import LiveProgress
+
+    channel = ChannelHandle.create(use_ray=False)
+    channel.push(10, {tracking.TRAIN_LOSS: 3.25, tracking.TOKENS_PER_S: 1234.0})
+    channel.push(20, {tracking.TRAIN_LOSS: 2.5})
+    channel.push(20, {tracking.VAL_LOSS: 2.75})
+    console = Console(file=io.StringIO(), force_terminal=False, width=120)
+    with LiveProgress(100, console=console) as display:
+        display.update(channel.drain())
+        assert display.task.completed == 20
+        assert display.task.fields == {"loss": "2.5000", "tps": "1,234"}
+        assert channel.drain() == []  # drained once
+    assert "20/100" in console.file.getvalue()
+    assert not channel.stop_requested()
+    channel.request_stop()
+    assert channel.stop_requested()

@@ -28,8 +28,11 @@ def pick_metric(metrics: dict[str, float], *candidates: str, contains: str | Non
 class LiveProgress:
     """A progress bar for one run; call `update(records)` with `(step, metrics)` records as they arrive."""
 
-    def __init__(self, total_steps: int, *, enabled: bool = True, description: str = "train") -> None:
+    def __init__(
+        self, total_steps: int, *, enabled: bool = True, description: str = "train", console: Console | None = None
+    ) -> None:
         self.enabled = enabled
+        self.console = console
         self.last_step = 0
         self.last_metrics: dict[str, float] = {}
         self._progress: Progress | None = None
@@ -46,7 +49,7 @@ class LiveProgress:
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=self.console or Console(stderr=True),
                 transient=False,
             )
             self._progress.__enter__()
@@ -57,6 +60,11 @@ class LiveProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = None
+
+    @property
+    def task(self):
+        """The rich task (None when the display is off)."""
+        return None if self._progress is None else self._progress.tasks[0]
 
     def update(self, records: list[tuple[int, dict[str, float]]]) -> None:
         """Fold new records into the display (train metrics only move the bar forward)."""

@@ -14,6 +14,7 @@ Steps (setup -> build -> fit -> close):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from fotlab.orchestrate import run_record
 from fotlab.orchestrate.channel import ChannelHandle
 from fotlab.orchestrate.progress import LiveProgress
 
+logger = logging.getLogger(__name__)
 DEFAULT_REPORT_EVERY = 50  # ray.train.report every this many steps between checkpoints
 
 
@@ -124,7 +126,7 @@ def build_trainer(
     if getattr(scaling, "use_tpu", False):
         scaling_kwargs.update(use_tpu=True, topology=scaling.topology, accelerator_type=scaling.accelerator_type)
     config = {
-        "spec": spec,
+        "spec": spec.model_dump(mode="json"),  # plain data: re-validated by the worker's own fotlab version
         "run_id": record.run_id,
         "tracking_uri": record.tracking_uri,
         "log_model": spec.tracking.log_model,
@@ -170,6 +172,9 @@ def run_experiment(
     from fotlab.orchestrate.cluster import apply_env_defaults, ensure_ray
 
     record = open_record(spec, resume)
+    if address and record.tracking_uri.startswith("sqlite:"):
+        logger.warning("a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
+                       "log to it: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server")
     in_process = spec.scaling.num_workers == 0
     resume_hint = f"resume with `fotlab run {spec_path or 'SPEC'} --resume {record.run_id}`"
     channel = None

@@ -113,9 +113,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    from fotlab.spec import parse_spec
     from fotlab.train.runtime import Runtime, TrainHooks
 
-    spec = config["spec"]
+    spec = parse_spec(config["spec"], "<run spec>", check_paths=False)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
