@@ -5,6 +5,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
+# Tiny models on a 2-core box: one torch thread per process; two threads per process were up to 10x slower when several processes ran.
+test test-fast: export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup quickstart test test-fast
 
