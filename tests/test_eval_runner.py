@@ -11,7 +11,7 @@ import yaml
 
 from fotlab.data import byte_tokenizer
 from fotlab.eval.report import generate_report, group_metrics
-from fotlab.eval.runner import log_eval_result, run_evaluations
+from fotlab.eval.runner import log_eval_result, result_file_stem, run_evaluations
 from fotlab.eval.spec import EvalSpec
 from fotlab.model import FoTForCausalLM, preset_config
 
@@ -71,10 +71,10 @@ def test_run_evaluations_all_sections(model, tok, corpus, tmp_path):
     results = run_evaluations(spec, model, tok, output_dir=tmp_path / "out", seed=0, validation_docs=val_docs,
                               on_result=lambda r: seen.append(r.name))
     assert list(results) == spec.selected() == seen
-    assert "eval/valppl_single_doc/mem_32" in results["perplexity:valppl"].metrics
+    assert "eval/valppl_single_doc/mem_32" in results["perplexity:valppl:single_doc"].metrics
     for name, r in results.items():
         assert r.metrics and r.figure_path.is_file()
-        saved = json.loads((tmp_path / "out" / f"{name.replace(':', '_')}.json").read_text())
+        saved = json.loads((tmp_path / "out" / f"{result_file_stem(name)}.json").read_text())
         assert saved["metrics"] == pytest.approx(r.metrics)
 
 
@@ -102,7 +102,7 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path):
     expected = {k: v for r in results.values() for k, v in r.metrics.items()}
     assert logged == pytest.approx(expected)
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run.run_id, "eval")}
-    assert "eval/ppl_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
+    assert "eval/ppl_multi_doc_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
     out = generate_report(uri, tmp_path / "docs" / "results.md")
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text

@@ -39,7 +39,11 @@ def test_parse_and_reject():
     spec = EvalSpec.model_validate({"perplexity": [{"memory_sizes": [1024, 0, 256, 256]}],
                                     "passkey": {"lengths": [2048]}, "distraction": {}})
     assert spec.perplexity[0].memory_sizes == [0, 256, 1024]
-    assert spec.selected() == ["perplexity:ppl", "passkey", "distraction"]
+    assert spec.selected() == ["perplexity:ppl:single_doc", "passkey", "distraction"]
+    two = EvalSpec.model_validate({"perplexity": [{"modes": ["single_doc"]}, {"modes": ["multi_doc"]}]})
+    assert len(set(two.selected())) == 2
+    with pytest.raises(ValidationError, match="collide"):
+        EvalSpec.model_validate({"perplexity": [{"modes": ["single_doc"]}, {"modes": ["single_doc", "multi_doc"]}]})
     assert EvalSpec(enabled=False, passkey=PasskeyEvalSpec()).selected() == []
     with pytest.raises(ValidationError, match="memroy_sizes"):
         EvalSpec.model_validate({"perplexity": [{"memroy_sizes": [1]}]})

@@ -26,7 +26,7 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, ppl_metric
-from fotlab.eval.spec import PerplexityEvalSpec
+from fotlab.eval.spec import PerplexityEvalSpec, perplexity_key
 from fotlab.eval.streaming import (TokenScores, empty_memory, frame_documents, model_device, progress,
                                    resolve_chunk_len, shifted_targets)
 
@@ -90,7 +90,7 @@ def perplexity_vs_memory(model, tokenizer, cfg: PerplexityEvalSpec, docs: list[l
         raise ValueError(f"perplexity {cfg.name!r}: no token was scored (streams shorter than the scored range "
                          f"{score_from} tokens?)")
     x = [T + m for m in cfg.memory_sizes if any(r["memory"] == m for r in rows)]
-    figure = line_plot(Path(output_dir) / f"{cfg.name}_vs_memory.png", x, series, xlabel="context tokens (T + memory)",
+    figure = line_plot(Path(output_dir) / f"{cfg.name}_{'_'.join(cfg.modes)}_vs_memory.png", x, series, xlabel="context tokens (T + memory)",
                        ylabel="perplexity", title=f"{cfg.name}: perplexity vs memory (T = {T})", logx=True)
-    return EvalResult(name=f"perplexity:{cfg.name}", metrics=metrics, rows=rows, figure_path=figure,
+    return EvalResult(name=perplexity_key(cfg), metrics=metrics, rows=rows, figure_path=figure,
                       info={"chunk_len": T, "token_set": cfg.token_set, "n_docs": len(docs)})

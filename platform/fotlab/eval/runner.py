@@ -13,9 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fotlab.eval.results import EvalResult
-from fotlab.eval.spec import EvalSpec
+from fotlab.eval.spec import EvalSpec, perplexity_key
 
 EVAL_ARTIFACT_DIR = "eval"  # MLflow artifact folder of eval plots and JSON results
+
+
+def result_file_stem(name: str) -> str:
+    """File-system safe stem of an evaluation name ("perplexity:ppl:single_doc" -> "perplexity_ppl_single_doc")."""
+    return name.replace(":", "_").replace("+", "_")
 
 
 def _needs_validation(eval_spec: EvalSpec) -> bool:
@@ -46,7 +51,7 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
     common = dict(output_dir=out, show_progress=show)
     jobs: list[tuple[str, Callable[[], EvalResult]]] = []
     for p in eval_spec.perplexity:
-        jobs.append((f"perplexity:{p.name}", lambda p=p: perplexity_vs_memory(
+        jobs.append((perplexity_key(p), lambda p=p: perplexity_vs_memory(
             model, tokenizer, p, docs_of(p.source), context_length=context_length, **common)))
     if eval_spec.passkey is not None:
         jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, seed=seed, **common)))
@@ -88,7 +93,7 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
     results = {}
     for name, job in _jobs(eval_spec, model, tokenizer, out, seed, context_length, docs_of):
         result = job()
-        result.save_json(out / f"{name.replace(':', '_')}.json")
+        result.save_json(out / f"{result_file_stem(name)}.json")
         if console is not None:
             console.print(result.table(name))
         if on_result is not None:
@@ -106,7 +111,7 @@ def log_eval_result(result: EvalResult, run, step: int = 0) -> dict[str, float]:
     if result.figure_path is not None and Path(result.figure_path).is_file():
         run.log_artifact(result.figure_path, EVAL_ARTIFACT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{result.name.replace(':', '_')}.json"
+        path = Path(tmp) / f"{result_file_stem(result.name)}.json"
         path.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
         run.log_artifact(path, EVAL_ARTIFACT_DIR)
     return logged

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SourceKind = Literal["validation", "embedded", "local", "jsonl", "parquet", "hf"]
 PplMode = Literal["single_doc", "multi_doc"]
@@ -132,6 +132,11 @@ class FewShotEvalSpec(_Strict):
         "Tokens kept local (the rest goes to memory); None = the model config's last_context_length."))
 
 
+def perplexity_key(p: PerplexityEvalSpec) -> str:
+    """Unique name of a perplexity evaluation: `perplexity:{name}:{mode+mode}`."""
+    return f"perplexity:{p.name}:{'+'.join(p.modes)}"
+
+
 class EvalSpec(_Strict):
     """Evaluations run after training and by `fotlab eval` (each section optional)."""
 
@@ -144,10 +149,23 @@ class EvalSpec(_Strict):
     few_shot: list[FewShotEvalSpec] = Field(default_factory=list, description="Few-shot ICL accuracy vs context.")
     progress: bool = Field(True, description="Show rich/tqdm progress bars for long evaluations.")
 
+    @model_validator(mode="after")
+    def _unique_metric_names(self) -> "EvalSpec":
+        pairs = [(p.name, mode) for p in self.perplexity for mode in p.modes]
+        dup = {pair for pair in pairs if pairs.count(pair) > 1}
+        if dup:
+            name, mode = sorted(dup)[0]
+            raise ValueError(f"perplexity: two entries named {name!r} both run mode {mode!r} (their metrics would "
+                             "collide); give one another name")
+        names = [f.name for f in self.few_shot]
+        if len(set(names)) < len(names):
+            raise ValueError("few_shot: entry names must be unique (they prefix the metric names)")
+        return self
+
     def selected(self) -> list[str]:
-        """Names of the evaluations this spec runs, in run order."""
+        """Names of the evaluations this spec runs, in run order (unique; also their result file names)."""
         if not self.enabled:
             return []
-        names = [f"perplexity:{p.name}" for p in self.perplexity]
+        names = [perplexity_key(p) for p in self.perplexity]
         names += [n for n in ("passkey", "distraction", "dictionary_lookup") if getattr(self, n) is not None]
         return names + [f"few_shot:{f.name}" for f in self.few_shot]
