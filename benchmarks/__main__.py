@@ -1,0 +1,48 @@
+"""`python -m benchmarks [BENCHMARK ...] [--size full|tiny] [--repeats N] [--json PATH]`: run the suite.
+
+Examples: `python -m benchmarks --size tiny` (smoke, ~1-2 min), `python -m benchmarks retrieval train_step`,
+`python -m benchmarks --repeats 5 --json bench.json`. Benchmarks: prefill, train_step, retrieval, overhead, growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from benchmarks.runner import BENCHMARKS, add_ratios, collect_cases, format_table, machine_info, run_cases
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("benchmarks", nargs="*", choices=[[], *BENCHMARKS], default=[],
+                        help="benchmarks to run (default: all)")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full sizes or a tiny smoke run")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats per case (median shown)")
+    parser.add_argument("--json", dest="json_path", help="also write all samples, medians and ratios here")
+    parser.add_argument("--quiet", action="store_true", help="no per-sample progress lines")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    names = list(args.benchmarks) or list(BENCHMARKS)
+    cases = collect_cases(names, args.size)
+    log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    started = time.time()
+    info = machine_info()
+    records = run_cases(cases, args.repeats, log)
+    add_ratios(records)
+    print(format_table(records))
+    print(f"\n{len(cases)} cases x {args.repeats} repeats (fresh process each; medians); "
+          f"{time.time() - started:.0f} s; machine: {info}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "records": records,
+                       "started_unix": started, "finished_unix": time.time()}, f, indent=1)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Cost growth: fotlab prefill time and memory as the prompt grows (4k -> 64k tokens), and bytes per token.
+
+One case per length (fotlab top-k k 128 by default; the "full" model of models.py, 2 bf16 memory layers); the
+ratio column is relative to the shortest prompt, so linear growth shows as ratio = length ratio. Reported per
+case: prefill seconds, `prefill_rss_mib` (peak RSS minus the RSS before the prompt), `mem_bytes_per_token` (the
+FoT memory's stored key/value/valid bytes divided by the tokens in memory) and `alloc_bytes_per_token` (the same
+for the allocated, capacity-doubling buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import models
+from benchmarks.runner import Case, current_rss_mib, peak_rss_mib, timed
+
+LENGTHS = {"full": [4096, 8192, 16384, 32768, 65536], "tiny": [128, 256]}
+TOPK = {"full": 128, "tiny": 8}
+
+
+def cases(size: str) -> list[Case]:
+    return [Case("growth", "fotlab-topk vs length", f"{n // 1024}k" if n >= 1024 else str(n),
+                 {"size": size, "length": n, "topk": TOPK[size]}, max_repeats=1 if n >= 32768 else None)
+            for n in LENGTHS[size]]
+
+
+def memory_bytes(memory) -> tuple[int, int, int]:
+    """(used bytes, allocated bytes, tokens) of a FoTMemory: keys + values + valid over all layers."""
+    used = allocated = 0
+    for layer in memory.layers.values():
+        for tensor in (layer.keys, layer.values, layer.valid):
+            used += tensor.numel() * tensor.element_size()
+            allocated += tensor.untyped_storage().nbytes()
+    return used, allocated, memory.n_tokens
+
+
+def run(params: dict) -> dict:
+    config = models.fot_config(params["size"], models.PREFILL_MEM_LAYERS[params["size"]], mem_retrieval="topk",
+                               mem_topk=params["topk"])
+    model = models.build_fot(config)
+    window = config.max_position_embeddings
+    with torch.inference_mode():
+        model(models.random_ids(1, 2 * window, config.vocab_size, seed=1), logits_to_keep=1, use_cache=False)
+        rss_before = current_rss_mib()
+        ids = models.random_ids(1, params["length"], config.vocab_size)
+        seconds, out = timed(model, ids, logits_to_keep=1, use_cache=False)
+    used, allocated, n_tokens = memory_bytes(out.memory)
+    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "prefill_rss_mib": peak_rss_mib() - rss_before,
+            "mem_tokens": n_tokens, "mem_bytes_per_token": used / max(n_tokens, 1),
+            "alloc_bytes_per_token": allocated / max(n_tokens, 1), "us_per_token": 1e6 * seconds / params["length"]}

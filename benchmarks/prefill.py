@@ -1,0 +1,73 @@
+"""Prefill: time to ingest one long prompt and produce next-token logits, and the process's peak RSS.
+
+Cases per length (4k / 16k / 64k tokens; "full" model of models.py, 2 memory layers, bf16 memory):
+fotlab dense (the ratio baseline), fotlab top-k (k 128), fotlab FAISS (k 128), the naive implementation of the
+same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain full attention: a
+different, quadratic model, shown where it runs in reasonable time). Everything runs under inference_mode in
+fp32 with logits for the last position only; each case's process first runs a short warm-up prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import models
+from benchmarks.runner import Case, current_rss_mib, peak_rss_mib, timed
+
+LENGTHS = {"full": [4096, 16384, 65536], "tiny": [256]}
+LLAMA_MAX_LEN = {"full": 16384, "tiny": 256}  # full attention beyond this takes many minutes per run on 2 cores
+NAIVE_MAX_LEN = {"full": 16384, "tiny": 256}
+TOPK = {"full": 128, "tiny": 8}
+SLOW_LEN = 65536  # cases this long run once per repeat budget of 1
+
+
+def cases(size: str) -> list[Case]:
+    out = []
+    for length in LENGTHS[size]:
+        group = f"{length // 1024}k tokens" if length >= 1024 else f"{length} tokens"
+        variants = [("fotlab-dense", "dense"), ("fotlab-topk", "topk"), ("fotlab-faiss", "faiss")]
+        if length <= NAIVE_MAX_LEN[size]:
+            variants.append(("naive-dense", "naive"))
+        if length <= LLAMA_MAX_LEN[size]:
+            variants.append(("hf-llama", "llama"))
+        for name, impl in variants:
+            params = {"size": size, "length": length, "impl": impl, "topk": TOPK[size]}
+            out.append(Case("prefill", group, name, params, max_repeats=1 if length >= SLOW_LEN else None))
+    return out
+
+
+def _model(params: dict):
+    impl = params["impl"]
+    retrieval = impl if impl in ("topk", "faiss") else "dense"
+    config = models.fot_config(params["size"], models.PREFILL_MEM_LAYERS[params["size"]],
+                               mem_retrieval=retrieval, mem_topk=params["topk"])
+    model = models.build_fot(config)
+    if impl == "naive":
+        from benchmarks import naive
+
+        naive.install()
+    if impl == "llama":
+        model = models.llama_twin(model, params["length"]).eval()
+    return model
+
+
+def prefill(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) after reading all of `ids` (B, L); memory is built and dropped inside."""
+    out = model(ids, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1]
+
+
+def run(params: dict) -> dict:
+    torch.manual_seed(0)
+    model = _model(params)
+    vocab = model.config.vocab_size
+    window = models.SHAPES[params["size"]]["max_position_embeddings"]
+    with torch.inference_mode():
+        prefill(model, models.random_ids(1, 2 * window, vocab, seed=1))  # warm-up: kernels, allocator
+        rss_before = current_rss_mib()
+        ids = models.random_ids(1, params["length"], vocab)
+        seconds, logits = timed(prefill, model, ids)
+    assert torch.isfinite(logits).all()
+    peak = peak_rss_mib()
+    return {"seconds": seconds, "peak_rss_mib": peak, "prefill_rss_mib": peak - rss_before,
+            "tokens_per_s": params["length"] / seconds}

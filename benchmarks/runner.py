@@ -1,0 +1,166 @@
+"""The benchmark runner: every case runs in a fresh subprocess, cases are interleaved per repeat, medians and
+ratios go in one table.
+
+Design choices:
+- One subprocess per (case, repeat): peak RSS (`ru_maxrss`) is then the case's own, and no case warms caches or
+  the allocator for the next. The child prints one JSON line; the parent keeps only that.
+- Repeats are interleaved (repeat 1 of every case, then repeat 2, ...) so that a busy machine slows all the
+  cases of a comparison alike; the table shows medians, and the spread (min..max of the timed metric).
+- Each benchmark module exposes `cases(size) -> list[Case]` and `run(params) -> dict` (run inside the child).
+  A case's `group` names the comparison; the first case of a group is the baseline of its ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Case:
+    """One configuration of one benchmark. `metric` is the timed value ratios are taken of (lower = better)."""
+
+    benchmark: str
+    group: str
+    name: str
+    params: dict
+    metric: str = "seconds"
+    max_repeats: int | None = None  # cap for very slow cases (None = the runner's --repeats)
+    timeout_s: float = 1800.0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    """(wall seconds, result) of one call."""
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - t0, result
+
+
+def run_in_subprocess(case: Case) -> dict:
+    """Run `case` in a fresh Python; returns its metrics dict, or {"error": ...}."""
+    cmd = [sys.executable, "-m", "benchmarks.child", case.benchmark, json.dumps(case.params)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=case.timeout_s, cwd=REPO_ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {case.timeout_s:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def collect_cases(names: list[str], size: str) -> list[Case]:
+    cases = []
+    for name in names:
+        module = importlib.import_module(f"benchmarks.{name}")
+        cases.extend(module.cases(size))
+    return cases
+
+
+def run_cases(cases: list[Case], repeats: int, log=print) -> list[dict]:
+    """Run every case `repeats` times, interleaved; returns one record per case with all samples."""
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
+    for rep in range(repeats):
+        for i, case in enumerate(cases):
+            if case.max_repeats is not None and rep >= case.max_repeats:
+                continue
+            result = run_in_subprocess(case)
+            samples[i].append(result)
+            shown = result.get("error") or f"{case.metric}={result.get(case.metric, float('nan')):.3f}"
+            log(f"[{rep + 1}/{repeats}] {case.benchmark}/{case.group}/{case.name}: {shown}")
+    return [summarise(case, samples[i]) for i, case in enumerate(cases)]
+
+
+def summarise(case: Case, results: list[dict]) -> dict:
+    """Medians of every numeric metric over the successful samples, plus the spread of the timed metric."""
+    ok = [r for r in results if "error" not in r]
+    record = {"benchmark": case.benchmark, "group": case.group, "name": case.name, "params": case.params,
+              "metric": case.metric, "n_ok": len(ok), "errors": [r["error"] for r in results if "error" in r],
+              "samples": ok, "median": {}}
+    keys = sorted({k for r in ok for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for key in keys:
+        values = [r[key] for r in ok if key in r]
+        record["median"][key] = statistics.median(values)
+    timed_values = [r[case.metric] for r in ok if case.metric in r]
+    if timed_values:
+        record["min"], record["max"] = min(timed_values), max(timed_values)
+    return record
+
+
+def add_ratios(records: list[dict]) -> None:
+    """ratio = median metric / median metric of the first case of the same (benchmark, group)."""
+    baselines: dict[tuple, float] = {}
+    for rec in records:
+        value = rec["median"].get(rec["metric"])
+        key = (rec["benchmark"], rec["group"])
+        if key not in baselines and value is not None:
+            baselines[key] = value
+        base = baselines.get(key)
+        rec["ratio"] = None if value is None or not base else value / base
+
+
+def format_table(records: list[dict]) -> str:
+    """Plain-text table: one row per case, medians, spread and ratio to its group's first case."""
+    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {'median':>10} {'min..max':>17} {'ratio':>6} " \
+             f"{'peak RSS MiB':>12} {'n':>2}  notes"
+    rows = [header, "-" * len(header)]
+    for rec in records:
+        med = rec["median"]
+        value = med.get(rec["metric"])
+        unit = "s" if rec["metric"] == "seconds" else ""
+        shown = "-" if value is None else f"{value:.3f}{unit}"
+        spread = f"{rec['min']:.3f}..{rec['max']:.3f}" if "min" in rec else "-"
+        ratio = "-" if rec.get("ratio") is None else f"{rec['ratio']:.2f}x"
+        rss = f"{med['peak_rss_mib']:.0f}" if "peak_rss_mib" in med else "-"
+        notes = "; ".join(rec["errors"][:1]) or _notes(med)
+        rows.append(f"{rec['benchmark']:<11} {rec['group']:<22} {rec['name']:<22} {shown:>10} {spread:>17} "
+                    f"{ratio:>6} {rss:>12} {rec['n_ok']:>2}  {notes}")
+    return "\n".join(rows)
+
+
+def _notes(median: dict) -> str:
+    """Extra metrics worth a glance (everything numeric except the standard columns)."""
+    skip = {"seconds", "peak_rss_mib"}
+    return " ".join(f"{k}={v:.4g}" for k, v in median.items() if k not in skip)[:120]
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import platform
+
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "processor": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,66 @@
+"""Training step: one optimizer step (forward, backward, AdamW) of FoT with crossbatch against LLaMA.
+
+Cases ("full" model of models.py, fp32, B 4 rows x T 512 tokens, local context T for both):
+fotlab with crossbatch (range 3, packing 4, stepping: the LongLLaMA mixture of 1, 3, 4, 4 contexts) in 3 memory
+layers (the ratio baseline), fotlab without crossbatch (range 0: the same model as plain causal attention), and
+transformers LlamaForCausalLM on the same weights. Each process takes `warmup` steps, then times `steps` steps
+and reports their median.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import models
+from benchmarks.runner import Case, timed
+
+SHAPES = {"full": dict(batch=4, seq_len=512, warmup=1, steps=3), "tiny": dict(batch=4, seq_len=64, warmup=1, steps=2)}
+
+
+def cases(size: str) -> list[Case]:
+    base = {"size": size, **SHAPES[size]}
+    group = f"B{base['batch']} T{base['seq_len']}"
+    return [Case("train_step", group, name, {**base, "impl": impl})
+            for name, impl in [("fotlab-crossbatch", "crossbatch"), ("fotlab-range0", "range0"),
+                               ("hf-llama", "llama")]]
+
+
+def _setup(params: dict):
+    size = params["size"]
+    config = models.fot_config(size, models.TRAIN_MEM_LAYERS[size], max_position_embeddings=params["seq_len"],
+                               last_context_length=params["seq_len"])
+    model = models.build_fot(config)
+    crossbatch = None
+    if params["impl"] == "llama":
+        model = models.llama_twin(model)
+    else:
+        from fotlab.model.crossbatch import CrossBatch
+
+        crossbatch = CrossBatch(range=3 if params["impl"] == "crossbatch" else 0, packing=4, stepping=True)
+    return model.train(), crossbatch
+
+
+def step(model, optimizer, ids: torch.Tensor, targets: torch.Tensor, crossbatch=None) -> float:
+    """One fp32 optimizer step; returns the loss."""
+    kwargs = {} if crossbatch is None else {"crossbatch": crossbatch}
+    logits = model(ids, **kwargs).logits  # (B, T, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run(params: dict) -> dict:
+    model, crossbatch = _setup(params)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = models.random_ids(params["batch"], params["seq_len"] + 1, model.config.vocab_size)
+    ids, targets = tokens[:, :-1], tokens[:, 1:]
+    for _ in range(params["warmup"]):
+        step(model, optimizer, ids, targets, crossbatch)
+    times = [timed(step, model, optimizer, ids, targets, crossbatch)[0] for _ in range(params["steps"])]
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "tokens_per_s": ids.numel() / seconds}
