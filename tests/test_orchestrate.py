@@ -234,3 +234,27 @@ def test_live_progress_follows_the_latest_records():
     assert not channel.stop_requested()
     channel.request_stop()
     assert channel.stop_requested()
+
+
+def test_trainer_configs_come_from_the_spec(tmp_path):
+    from fotlab.orchestrate.channel import ChannelHandle
+    from fotlab.orchestrate.run_record import RunRecord
+    from fotlab.orchestrate.runner import build_trainer
+
+    spec = parse_spec({
+        "name": "cfg", "train": {"keep_checkpoints": 3}, "failure": {"max_failures": 2},
+        "scaling": {"num_workers": 4, "use_gpu": True, "accelerator_type": "H100",
+                    "resources_per_worker": {"CPU": 2, "GPU": 1}},
+    }, check_paths=False)
+    record = RunRecord(run=tracking.TrackedRun("sqlite:///unused.db", "run-1", "0"), run_name="cfg-1",
+                       ray_run_name="cfg-20260101-000000-abcdef", storage_path=str(tmp_path / "runs"))
+    trainer = build_trainer(spec, record, ChannelHandle.create(use_ray=False), report_every=7)
+    scaling, run_config = trainer.scaling_config, trainer.run_config
+    assert (scaling.num_workers, scaling.use_gpu, scaling.accelerator_type) == (4, True, "H100")
+    assert scaling.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
+    assert run_config.name == record.ray_run_name and run_config.storage_path == str(tmp_path / "runs")
+    assert run_config.failure_config.max_failures == 2 and run_config.checkpoint_config.num_to_keep == 3
+    config = trainer.train_loop_config
+    assert config["run_id"] == "run-1" and config["report_every"] == 7
+    assert config["output_dir"] == str(tmp_path / "runs" / record.ray_run_name / "output")
+    assert parse_spec(config["spec"], check_paths=False) == spec  # shipped as plain data

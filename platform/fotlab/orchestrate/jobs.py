@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,6 +21,8 @@ import fotlab
 from fotlab.errors import FotlabError
 
 JOB_SPEC_FILE = "spec.yaml"
+SUBMIT_ATTEMPTS = 10  # the job agent can answer "try again later" while it starts
+SUBMIT_RETRY_S = 3.0
 
 
 class SubmitError(FotlabError):
@@ -85,12 +88,16 @@ def submit_experiment(
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SubmitError(f"--address {address}: cannot reach the Ray Jobs server ({err})") from None
+    metadata = {"fotlab.spec_name": spec.name, "fotlab.version": fotlab.__version__}
     with tempfile.TemporaryDirectory(prefix="fotlab-submit-") as tmp:
         entrypoint, runtime_env = build_job(spec, Path(tmp), python=python)
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"fotlab.spec_name": spec.name, "fotlab.version": fotlab.__version__},
-        )
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                           submission_id=submission_id, metadata=metadata)
+                break
+            except RuntimeError as err:  # the head's job agent may still be starting ("try again later")
+                if "try again" not in str(err) or attempt == SUBMIT_ATTEMPTS - 1:
+                    raise SubmitError(f"--address {address}: job submission failed ({err})") from None
+                time.sleep(SUBMIT_RETRY_S)
     return Submission(job_id, address, entrypoint)

@@ -123,8 +123,10 @@ def build_trainer(
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
     if scaling.resources_per_worker:
         scaling_kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
-    if getattr(scaling, "use_tpu", False):
-        scaling_kwargs.update(use_tpu=True, topology=scaling.topology, accelerator_type=scaling.accelerator_type)
+    if scaling.use_tpu:
+        scaling_kwargs.update(use_tpu=True, topology=scaling.topology)
+    if scaling.accelerator_type:
+        scaling_kwargs["accelerator_type"] = scaling.accelerator_type
     config = {
         "spec": spec.model_dump(mode="json"),  # plain data: re-validated by the worker's own fotlab version
         "run_id": record.run_id,
@@ -136,10 +138,14 @@ def build_trainer(
         "resume": record.resumed,
         "train_fn": train_fn,
     }
+    filesystem = storage_filesystem(spec.storage.filesystem)
+    storage_path = record.storage_path
+    if filesystem is not None and "://" in storage_path:
+        storage_path = storage_path.split("://", 1)[1]  # Ray wants `bucket/path` beside a custom filesystem
     run_config = RunConfig(
         name=record.ray_run_name,
-        storage_path=record.storage_path,
-        storage_filesystem=storage_filesystem(spec.storage.filesystem),
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=spec.failure.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
     )
