@@ -49,7 +49,7 @@ def print_summary(outcome) -> None:
     """The closing lines of a run: status, key metrics, where the model is, how to browse the run."""
     from fotlab import tracking
 
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and ids stay on one line (copy-pasteable)
     console.print(f"[bold green]run {outcome.run_id} {outcome.status}[/] ({outcome.run_name}, step {outcome.final_step})")
     for name in (tracking.VAL_LOSS, tracking.VAL_PPL, tracking.TRAIN_LOSS):
         if name in outcome.metrics:
