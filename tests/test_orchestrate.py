@@ -258,3 +258,22 @@ def test_trainer_configs_come_from_the_spec(tmp_path):
     assert config["run_id"] == "run-1" and config["report_every"] == 7
     assert config["output_dir"] == str(tmp_path / "runs" / record.ray_run_name / "output")
     assert parse_spec(config["spec"], check_paths=False) == spec  # shipped as plain data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_run_json_reports_a_failed_run_too(tiny_corpus, tmp_path, mlflow_uri):
+    # An absurd learning rate without clipping: the loss turns NaN at step 2 and the loop stops.
+    data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=4, grad_clip=None, optimizer={"lr": 1e12},
+                          schedule={"name": "constant", "warmup_steps": 0})
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--json"],
+        capture_output=True, text=True, timeout=280, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "FAILED" and "LossNotFiniteError" in result["error"]
+    run = client_for(mlflow_uri).get_run(result["run_id"])
+    assert run.info.status == "FAILED" and "nan" in run.data.tags[tracking.TAG_ERROR]

@@ -13,12 +13,13 @@ import sys
 
 from rich.console import Console
 
+EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
 def run_command(args: argparse.Namespace) -> dict | int:
     """`fotlab run SPEC [--set k=v] [--json] [--resume RUN] [--address URL] [--no-progress]`."""
-    from fotlab.orchestrate.runner import RunInterruptedError, run_experiment
+    from fotlab.orchestrate.runner import RunFailedError, RunInterruptedError, run_experiment
     from fotlab.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
@@ -35,11 +36,13 @@ def run_command(args: argparse.Namespace) -> dict | int:
                 progress=getattr(args, "progress", True),
                 spec_path=args.spec,
             )
-    except RunInterruptedError as err:
-        print(str(err), file=sys.stderr)
-        if as_json:
-            print(json.dumps({"run_id": err.run_id, "status": "KILLED", "model_dir": None, "metrics": {}}))
-        return EXIT_INTERRUPTED
+    except (RunInterruptedError, RunFailedError) as err:
+        status = "KILLED" if isinstance(err, RunInterruptedError) else "FAILED"
+        print(f"fotlab run: {err}", file=sys.stderr)
+        if as_json:  # scripts still get one JSON object
+            print(json.dumps({"run_id": err.run_id, "status": status, "model_dir": None, "metrics": {},
+                              "error": str(err)}))
+        return EXIT_INTERRUPTED if status == "KILLED" else EXIT_FAILED
     if not as_json:
         print_summary(outcome)
     return outcome.to_json()
