@@ -22,6 +22,7 @@ trainer); multi-worker trials (nested TorchTrainer) only run without early stopp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -144,12 +145,13 @@ def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool):
         return tuner
     total = n_trials(sweep)
     concurrency = sweep_space.max_concurrency(sweep, context.resources, cluster_resources(), total)
-    max_steps = max(base_spec.train.steps, *[int(v) for v in _swept_values(sweep, "train.steps")])
+    max_steps = max([base_spec.train.steps, *[int(v) for v in _swept_values(sweep, "train.steps")]])
     tune_config = tune.TuneConfig(
         search_alg=sweep_space.search_algorithm(sweep, concurrency),
         scheduler=sweep_space.scheduler(sweep, base_spec, max_steps),
         num_samples=sweep_space.num_samples(sweep),
-        max_concurrent_trials=concurrency,
+        # Optuna is a Searcher (Tune caps it with a ConcurrencyLimiter); the basic generator caps itself.
+        max_concurrent_trials=concurrency if sweep.search == "optuna" else None,
         reuse_actors=False,
     )
     run_config = tune.RunConfig(
@@ -188,7 +190,8 @@ def run_sweep(sweep, *, resume: bool = False, address: str | None = None, progre
         tuner = build_tuner(sweep, base_spec, context, monitor, resume)
         monitor.start()
         try:
-            results = tuner.fit()
+            with contextlib.redirect_stdout(sys.stderr):  # Tune's own banners; stdout is for the summary
+                results = tuner.fit()
         finally:
             monitor.close()
     except BaseException as err:
@@ -247,20 +250,24 @@ def finish_sweep(sweep, parent: tracking.TrackedRun, sweep_dir: Path, results, d
 
 def print_summary(outcome: SweepOutcome, sweep) -> None:
     """The closing lines: leaderboard (top 10), best spec path, how to browse."""
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(100, shutil.get_terminal_size(fallback=(160, 24)).columns))
     table = Table(title=f"sweep {sweep.name}: leaderboard ({sweep.metric}, {sweep.mode})")
-    columns = ["trial_id", "status", "step", *sweep.search_space, sweep.metric, "run_id"]
+    columns = ["trial_id", "status", "step", *sweep.search_space, sweep.metric]
     for column in columns:
         table.add_column(column, no_wrap=True)
     for row in outcome.rows[:10]:
         table.add_row(*[_cell(row[c]) for c in columns])
     console.print(table)
-    console.print(f"[bold green]sweep {sweep.name} FINISHED[/] (parent run {outcome.parent_run_id})")
-    console.print(f"best spec: {outcome.best_spec}   ->  fotlab run {outcome.best_spec}")
-    console.print(f"browse: `fotlab runs list --sweep {sweep.name}`  or  `fotlab ui`")
+    console.print(f"[bold green]sweep {sweep.name} FINISHED[/] (parent run {outcome.parent_run_id}, best trial "
+                  f"{outcome.best['trial_id']}: run {outcome.best['run_id']})", soft_wrap=True)
+    console.print(f"best spec: {outcome.best_spec}", soft_wrap=True)
+    console.print(f"  train it: fotlab run {outcome.best_spec}", soft_wrap=True)
+    console.print(f"browse: `fotlab runs list --sweep {sweep.name}`  or  `fotlab ui`", soft_wrap=True)
 
 
 def _cell(value: Any) -> str:
@@ -271,8 +278,6 @@ def _cell(value: Any) -> str:
 
 def sweep_command(args: argparse.Namespace) -> dict | int:
     """`fotlab sweep SWEEP_SPEC [--resume] [--address URL] [--json]`."""
-    import contextlib
-
     from fotlab.spec import load_sweep
 
     sweep = load_sweep(args.spec)

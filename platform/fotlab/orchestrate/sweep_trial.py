@@ -9,6 +9,10 @@ Design choices:
   through `TuneReportCallback`. The driver refuses early stopping for them (`sweep_space.check_stopping`).
 - Every report carries the sweep metric (Tune checks it), `step` (ASHA's time) and `steps_total`; a checkpoint
   goes with the report whenever the loop writes one, so `Tuner.restore` resumes a trial where it stopped.
+- A report is where Tune stops a trial (`ray.tune.report` raises SystemExit). So nothing is reported at the last
+  step from inside the loop: the trial saves its model, runs the spec's evaluations, closes its MLflow run and
+  only then makes its final report. A trial stopped early (or by Ctrl-C) leaves its run to the driver
+  (`sweep_monitor`), which knows which of the two it was.
 - MLflow: the trial owns its child run (tags: `mlflow.parentRunId`, `fotlab.sweep`, `fotlab.trial_id`). A restored
   trial finds its run by trial id and continues it (no duplicate runs) and does not log steps it already logged.
 """
@@ -98,14 +102,15 @@ class TrialReporter:
         if step > self.logged_up_to:
             self.run.log_metrics(metrics, step)
         self.latest.update(numeric_metrics(metrics))
-        if self.metric in metrics:
+        if self.metric in metrics and step < self.steps_total:  # the last step is reported after train()
             self.report(step)
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         from ray.tune import Checkpoint
 
         self.latest.update(numeric_metrics(metrics))
-        if self.metric in self.latest:  # Tune wants the metric in every report; else resume uses our own copy
+        # Tune wants the metric in every report (without it a resume uses the trial's own checkpoint copy).
+        if self.metric in self.latest and step < self.steps_total:
             self.report(step, checkpoint=Checkpoint.from_directory(str(path)))
 
     def report(self, step: int, checkpoint=None, **extra: Any) -> None:
@@ -140,16 +145,14 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     output_dir = Path(context.sweep_dir) / "outputs" / trial_id
     try:
         if context.resources.nested:
-            metrics = _train_nested(spec, context, run, output_dir, trial_id)
+            _train_nested(spec, context, run, output_dir, trial_id)
         else:
-            metrics = _train_here(spec, context, run, output_dir, logged_up_to)
+            _train_here(spec, context, run, output_dir, logged_up_to)
+    except SystemExit:
+        raise  # Tune stopped the trial (scheduler or Ctrl-C): the driver closes the run (sweep_monitor)
     except BaseException as err:
         run.fail(err)
         raise
-    run.log_metrics({k: v for k, v in metrics.items() if k not in run.client.get_run(run.run_id).data.metrics},
-                    spec.train.steps)
-    run.set_tags({TAG_STOPPED_EARLY: "false"})
-    run.finish("FINISHED")
 
 
 def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
@@ -172,9 +175,18 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
     metrics.update(run_evaluations(spec, result, runtime.device, run))
     if spec.tracking.log_model:
         run.log_model_dir(result.model_dir)
+    close_child_run(run, metrics, result.final_step)
     reporter.latest.update(metrics)
     reporter.report(result.final_step, model_dir=str(result.model_dir))
     return metrics
+
+
+def close_child_run(run: tracking.TrackedRun, metrics: dict[str, float], step: int) -> None:
+    """Final metrics not logged yet, then FINISHED (a trial that ran to its last step)."""
+    logged = run.client.get_run(run.run_id).data.metrics
+    run.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
+    run.set_tags({TAG_STOPPED_EARLY: "false"})
+    run.finish("FINISHED")
 
 
 def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
@@ -209,4 +221,7 @@ def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_
         ),
     )
     result = trainer.fit()
-    return numeric_metrics((result.return_value or {}).get("metrics") or result.metrics or {})
+    value = result.return_value or {}
+    metrics = numeric_metrics(value.get("metrics") or result.metrics or {})
+    close_child_run(run, metrics, int(value.get("final_step") or spec.train.steps))
+    return metrics
