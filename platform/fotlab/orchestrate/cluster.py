@@ -1,8 +1,9 @@
 """Start or attach the Ray cluster a run uses.
 
 Design choices:
-- Local by default: one in-process local cluster per driver (``ray.init()``); ``address`` attaches to a running
-  cluster instead (``"auto"`` for one started with ``ray start --head`` on this host, ``ray://HEAD:10001`` remote).
+- Local by default, one pinned cluster per host: ``ray.init()`` attaches to the cluster ``ray start --head`` runs
+  on this host (or $RAY_ADDRESS) when there is one, else starts a local cluster for this driver. ``address``
+  names a cluster explicitly (``ray://HEAD:10001``, ``HEAD:6379``). Two clusters on one host confuse Train V2.
 - If Ray is already initialised in this process (tests share one session), it is reused: two clusters on one host
   confuse Train V2's placement-group cleaner.
 - Environment defaults are set here, once, before Ray starts, never at import time.
