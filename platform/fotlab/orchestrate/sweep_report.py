@@ -115,18 +115,27 @@ def _parallel_coordinates(rows: list[dict[str, Any]], sweep, out_dir: Path, plt)
     columns = []
     for key in keys:
         values, labels = _axis_values(rows, key)
-        low, high = min(values), max(values)
-        columns.append(([(v - low) / (high - low) if high > low else 0.5 for v in values], labels, low, high))
+        space = sweep.search_space.get(key)
+        log_axis = labels is None and space is not None and space.type == "loguniform"
+        scaled = [math.log10(v) for v in values] if log_axis else values
+        low, high = min(scaled), max(scaled)
+        span = (high - low) or 1.0
+        columns.append(([(v - low) / span if high > low else 0.5 for v in scaled], labels, min(values), max(values)))
     metric_scaled = columns[-1][0]
-    fig, ax = plt.subplots(figsize=(2.2 * len(keys) + 1, 4))
+    fig, ax = plt.subplots(figsize=(2.4 * len(keys) + 1, 4))
     cmap = plt.get_cmap("viridis_r" if sweep.mode == "min" else "viridis")
     for i in range(len(rows)):
         ax.plot(range(len(keys)), [col[0][i] for col in columns], color=cmap(metric_scaled[i]), alpha=0.8)
     ax.set_xticks(range(len(keys)), keys, rotation=10)
     for x, (_, labels, low, high) in enumerate(columns):
         ax.axvline(x, color="grey", lw=0.5)
-        text = " / ".join(labels) if labels else f"{low:.3g} .. {high:.3g}"
-        ax.annotate(text, (x, -0.08), ha="center", fontsize=7, annotation_clip=False)
+        if labels:  # categorical axis: each value at its level
+            for level, name in enumerate(labels):
+                y = level / (len(labels) - 1) if len(labels) > 1 else 0.5
+                ax.annotate(name, (x, y), xytext=(3, 0), textcoords="offset points", fontsize=7, va="center")
+        else:
+            ax.annotate(f"{low:.3g}", (x, 0), xytext=(3, -8), textcoords="offset points", fontsize=7)
+            ax.annotate(f"{high:.3g}", (x, 1), xytext=(3, 4), textcoords="offset points", fontsize=7)
     ax.set_yticks([])
     ax.set_title(f"{sweep.name}: trials (colour: {sweep.metric}, {'lighter' if sweep.mode == 'min' else 'darker'}"
                  " is better)")
