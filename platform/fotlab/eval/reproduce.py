@@ -17,8 +17,11 @@ from pathlib import Path
 
 
 def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Path | None = None,
-              threads: int | None = None) -> dict:
-    """Train the spec's model (fotlab.train.train), run its evaluations, log both to MLflow; returns a summary."""
+              threads: int | None = None, run_id: str | None = None, model_dir: str | Path | None = None) -> dict:
+    """Train the spec's model (fotlab.train.train), run its evaluations, log both to MLflow; returns a summary.
+
+    `model_dir` skips training and evaluates that saved model; `run_id` continues that MLflow run (e.g. one
+    whose training finished but whose evaluations failed) instead of starting a new one."""
     import torch
     from rich.console import Console
 
@@ -33,24 +36,33 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     spec = load_spec(spec_path, list(overrides))
     console = Console(file=sys.stderr)
     out = Path(output_dir or tempfile.mkdtemp(prefix=f"fotlab-{spec.name}-"))
-    run = tracking.start_spec_run(spec, tags={"fotlab.kind": "reproduce"})
+    run = tracking.start_spec_run(spec, tags={"fotlab.kind": "reproduce"}, run_id=run_id)
+    if run_id is not None and tracking.TAG_ERROR in tracking.get_run(run.uri, run_id).data.tags:
+        run.client.delete_tag(run_id, tracking.TAG_ERROR)  # the earlier failure is being repaired
     t0 = time.time()
     try:
-        hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
-                                                         console.print(f"step {step}: {_short(metrics)}")))
-        result = train(spec, Runtime(output_dir=out, device="cpu"), hooks)
+        if model_dir is None:
+            hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
+                                                             console.print(f"step {step}: {_short(metrics)}")))
+            result = train(spec, Runtime(output_dir=out, device="cpu"), hooks)
+            model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
+        else:
+            model_dir, final_step, train_metrics = Path(model_dir), spec.train.steps, {}
         train_s = time.time() - t0
-        model, tokenizer = load_model_and_tokenizer(Path(result.model_dir), spec, device="cpu")
-        results = run_spec_evaluations(spec, model, tokenizer, out / "eval", run=run, step=result.final_step,
+        model, tokenizer = load_model_and_tokenizer(model_dir, spec, device="cpu")
+        results = run_spec_evaluations(spec, model, tokenizer, out / "eval", run=run, step=final_step,
                                        console=console)
-        run.log_metrics({"time/train_s": train_s, "time/eval_s": time.time() - t0 - train_s}, step=result.final_step)
+        timings = {"time/eval_s": time.time() - t0 - train_s}
+        if train_metrics:
+            timings["time/train_s"] = train_s
+        run.log_metrics(timings, step=final_step)
     except BaseException as exc:
         run.fail(exc)
         raise
     run.finish()
     metrics = {k: v for r in results.values() for k, v in r.metrics.items()}
-    return {"run_id": run.run_id, "model_dir": str(result.model_dir), "train_s": round(train_s, 1),
-            "total_s": round(time.time() - t0, 1), "train_metrics": result.metrics, "metrics": metrics}
+    return {"run_id": run.run_id, "model_dir": str(model_dir), "train_s": round(train_s, 1),
+            "total_s": round(time.time() - t0, 1), "train_metrics": train_metrics, "metrics": metrics}
 
 
 def _short(metrics: dict) -> str:
@@ -65,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output-dir", help="run folder (default: a new temp dir)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--run-id", help="continue this MLflow run instead of starting a new one")
+    parser.add_argument("--model-dir", help="evaluate this saved model instead of training")
     args = parser.parse_args(argv)
-    summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads)
+    summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads,
+                        run_id=args.run_id, model_dir=args.model_dir)
     print(json.dumps(summary, default=str))
     return 0
 
