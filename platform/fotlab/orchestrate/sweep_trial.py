@@ -31,6 +31,7 @@ from fotlab.orchestrate.sweep_space import TIME_ATTR, TrialResources, decode_par
 TAG_TRIAL_ID = "fotlab.trial_id"
 TAG_SWEEP_ROLE = "fotlab.sweep_role"  # "parent" | "trial"
 TAG_STOPPED_EARLY = "fotlab.stopped_early"
+TAG_RESUMED_FROM = "fotlab.resumed_from"  # the checkpoint a restored trial continued from
 STEPS_TOTAL = "steps_total"
 NESTED_REPORT_EVERY = 10  # nested TorchTrainer: ray.train.report every this many steps between checkpoints
 
@@ -162,6 +163,7 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
 
     from fotlab.orchestrate.worker import run_evaluations
     from fotlab.train import train
+    from fotlab.train.checkpoint import resolve_checkpoint
     from fotlab.train.runtime import Runtime, TrainHooks
 
     resources = context.resources
@@ -169,7 +171,10 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
     device = "cuda" if resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     reporter = TrialReporter(run, context.sweep.metric, spec.train.steps, logged_up_to)
     with contextlib.ExitStack() as stack:
-        runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_dir(output_dir, stack))
+        resume_from = resume_dir(output_dir, stack)
+        if resume_from is not None:
+            run.set_tags({TAG_RESUMED_FROM: str(resolve_checkpoint(resume_from))})
+        runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_from)
         result = train(spec, runtime, TrainHooks(reporter.on_log, reporter.on_checkpoint))
     metrics = numeric_metrics(result.metrics)
     metrics.update(run_evaluations(spec, result, runtime.device, run))
