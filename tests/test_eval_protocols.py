@@ -156,6 +156,14 @@ def test_uniform_memory_layer_gives_one_over_d(tok, docs, tmp_path):
     assert _is_png(r.figure_path)
 
 
+def test_ratio_skips_rows_without_memory_mass():
+    from fotlab.eval.distraction import _ratio
+
+    mass = torch.tensor([[[[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]]])  # (B, H, T, 1 + d): row 2 has no memory mass
+    assert _ratio(mass, 0) == pytest.approx(0.6)
+    assert math.isnan(_ratio(mass[..., 1:, :], 0))
+
+
 def test_distraction_ratio_sees_the_relevant_context(tok, docs, tmp_path):
     """A memory layer whose queries equal its keys (q_proj = k_proj, no RoPE) and whose relevant context repeats
     the current chunk attends mostly to that context: r_d far above 1/d."""

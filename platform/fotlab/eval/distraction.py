@@ -10,6 +10,7 @@ Protocol (per sample, seeded; the same samples for every d so the curve is paire
   are taken (same softmax as the model: `fotlab.model.memory_attention.memory_attention_mass`), and
   r_d = mass on the relevant context / mass on all memory, per query and head, then averaged.
 - A layer that attends uniformly gives exactly 1/d; a standard transformer ~1/d; FoT stays far above.
+- (query, head) rows whose memory mass underflows to exactly 0 have no ratio and are not averaged.
 """
 
 from __future__ import annotations
@@ -100,9 +101,15 @@ class _MassProbe:
 
 
 def _ratio(mass: torch.Tensor, relevant: int) -> float:
-    """mass (B, H, T, 1 + d) -> mean over queries and heads of mass[relevant] / mass on all memory."""
-    mem = mass[..., 1:]
-    return float((mem[..., relevant] / mem.sum(-1).clamp_min(1e-30)).mean())
+    """mass (B, H, T, 1 + d) -> mean over (query, head) rows of mass[relevant] / mass on all memory. Rows that put
+    no mass at all on memory (fp32 underflow: every memory score far below the local ones) have no ratio and are
+    left out; NaN when no row attends to memory."""
+    mem = mass[..., 1:].double()
+    total = mem.sum(-1)
+    ok = total > 0
+    if not bool(ok.any()):
+        return float("nan")
+    return float((mem[..., relevant][ok] / total[ok]).mean())
 
 
 @torch.no_grad()
