@@ -121,7 +121,7 @@ def interrupt_after_first_checkpoint(storage: Path) -> threading.Thread:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri):
-    n_steps = 14
+    n_steps = 30  # enough steps that the stop (polled every 5) lands mid-run
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
     interrupt_after_first_checkpoint(tmp_path / "runs")
     with pytest.raises(RunInterruptedError) as caught:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fotlab import tracking
-from fotlab.orchestrate import RunInterruptedError, run_experiment, submit_experiment
+from fotlab.orchestrate import RunInterruptedError, SubmitError, run_experiment, submit_experiment
 from fotlab.spec import parse_spec
 
 from test_orchestrate import assert_tracked_run, client_for, interrupt_after_first_checkpoint, tiny_spec_dict
@@ -37,7 +37,7 @@ def test_one_worker_ray_run_is_tracked_end_to_end(ray_session, tiny_corpus, tmp_
 def test_ray_run_resumes_from_its_ray_checkpoint_into_the_same_mlflow_run(
     ray_session, tiny_corpus, tmp_path, mlflow_uri
 ):
-    n_steps = 14
+    n_steps = 40  # enough steps that the stop (polled every 5) lands mid-run
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=n_steps))
     interrupt_after_first_checkpoint(tmp_path / "runs")
     with pytest.raises(RunInterruptedError) as caught:
@@ -61,7 +61,14 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_jobs_address, tiny_corpus, tmp_pa
     address = ray_jobs_address
     data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=2)  # num_workers=0: runs in the job driver
     spec = parse_spec(data)
-    submission = submit_experiment(spec, address, python=sys.executable)  # this cluster's interpreter
+    try:
+        submission = submit_experiment(spec, address, python=sys.executable)  # this cluster's interpreter
+    except SubmitError as err:
+        if "No available agent" in str(err) and not address.endswith(":8265"):
+            # A second Ray cluster on this host (another test session) holds the dashboard agent's port, so this
+            # cluster has no job agent. One cluster per host (CI, a laptop) does not hit this.
+            pytest.skip(f"another Ray cluster on this host owns the job agent port: {err}")
+        raise
     client = JobSubmissionClient(address)
     deadline = time.time() + 380
     status = client.get_job_status(submission.submission_id)
