@@ -143,6 +143,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues_the_same_run(tiny_c
         run_experiment(spec, resume=run_id, progress=False)
 
 
+@pytest.mark.slow  # a fresh MLflow sqlite store takes ~10 s to migrate here
 def test_resume_of_an_unknown_run_is_a_one_line_error(tiny_corpus, tmp_path, mlflow_uri):
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri))
     with pytest.raises(Exception, match="no-such-run"):
