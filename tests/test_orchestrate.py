@@ -104,14 +104,14 @@ def test_failure_at_runtime_marks_the_run_failed(tiny_corpus, tmp_path, mlflow_u
     assert "FAILED" in str(caught.value) and caught.value.run_id in str(caught.value)
 
 
-def interrupt_after_first_checkpoint(storage: Path) -> threading.Thread:
-    """Press Ctrl-C (SIGINT to this process) once the run has written its first checkpoint."""
+def interrupt_after_first_checkpoint(storage: Path, signum: int = signal.SIGINT) -> threading.Thread:
+    """Press Ctrl-C (SIGINT to this process; or send `signum`) once the run has written its first checkpoint."""
 
     def watch() -> None:
         deadline = time.time() + 240
         while time.time() < deadline and not list(storage.glob("*/output/checkpoints/step-*")):
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -120,10 +120,11 @@ def interrupt_after_first_checkpoint(storage: Path) -> threading.Thread:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri, signum):
     n_steps = 30  # enough steps that the stop (polled every 5) lands mid-run
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
-    interrupt_after_first_checkpoint(tmp_path / "runs")
+    interrupt_after_first_checkpoint(tmp_path / "runs", signum)
     with pytest.raises(RunInterruptedError) as caught:
         run_experiment(spec, progress=False)
     run_id = caught.value.run_id

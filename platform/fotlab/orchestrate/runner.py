@@ -7,15 +7,18 @@ Steps (setup -> build -> fit -> close):
 1. driver: resolve the tracking URI, create/reopen the MLflow run (params, spec YAML, tags);
 2. start/attach Ray (skipped for `num_workers=0`, which runs the worker function in this process);
 3. build a Train V2 `TorchTrainer` around `worker.train_worker` and fit it in a background thread while this
-   thread draws progress and turns the first Ctrl-C into a graceful stop (checkpoint, then exit resumable);
+   thread draws progress and turns the first Ctrl-C (or a SIGTERM) into a graceful stop (checkpoint, then exit
+   resumable);
 4. close the MLflow run: FINISHED with final metrics, KILLED (resumable) when stopped, FAILED with the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -227,7 +230,7 @@ def _fit_with_progress(trainer, channel: ChannelHandle, display: LiveProgress):
 
     threading.Thread(target=fit, name="fotlab-fit", daemon=True).start()
     stopping = False
-    with display:
+    with display, _stop_on_sigterm(channel):
         while not done.is_set():
             try:
                 done.wait(0.25)
@@ -242,6 +245,19 @@ def _fit_with_progress(trainer, channel: ChannelHandle, display: LiveProgress):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(channel: ChannelHandle):
+    """SIGTERM (`ray job stop`, a pod being evicted) asks for the same graceful stop as Ctrl-C, while fitting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: channel.request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _drain(channel: ChannelHandle) -> list:
