@@ -121,7 +121,7 @@ def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] |
 
     from fotlab import tracking
 
-    out = Path(out)
+    out = Path(out).resolve()
     assets = out.parent / out.stem
     client = MlflowClient(tracking_uri=tracking_uri)
     names = tracking.experiment_names(tracking_uri)
