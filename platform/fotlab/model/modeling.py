@@ -7,7 +7,8 @@ Design choices:
 - A long input (L tokens) is processed as FOT_SPEC §1.1: the first `max(L - last_context_length, 0)` tokens in
   windows of W = max_position_embeddings tokens (each window through all layers, then its raw keys/values appended
   to memory in every memory layer), the remaining tokens last as the local context. Positions restart at 0 in each
-  window and follow the padding mask (`cumsum - 1`).
+  window and follow the padding mask: HF positions `cumsum - 1` taken relative to the window's first local key (a
+  masked first key keeps its HF position, so the next real token is at 1, as in the LongLLaMA reference).
 - Memory is explicit state: `forward(memory=m)` reads `m` and returns the updated memory as `.memory`
   (`FoTMemory` updates return new objects). With a cache, the cache carries the memory.
 - Generation uses `FoTCache` (local cache capped at W, flushed whole into memory; see cache.py).
@@ -52,10 +53,14 @@ def segment_context(key_valid: torch.Tensor, n_new: int, config: FoTConfig, dtyp
                     crossbatch=None) -> SegmentContext:
     """Positions, RoPE tables and the local mask for n_new queries after S - n_new cached keys.
 
-    key_valid: (B, S) bool. Positions are `cumsum(valid) - 1` from the window start (pads clamp to 0).
+    key_valid: (B, S) bool. Positions are the HF positions `cumsum(valid) - 1` minus that of the first local key,
+    i.e. `cumsum(valid) - valid[:, 0]`: when the first key is masked (a mid-sequence pad at a window start, or
+    left padding) the first real token is at position 1, not 0. This matters once memory is non-empty (queries
+    meet unrotated memory keys), and is what the LongLLaMA reference computes.
     """
     S = key_valid.shape[1]
-    positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    counts = key_valid.long().cumsum(-1)  # (B, S)
+    positions = counts - counts[:, :1]  # (B, S): cumsum - valid[:, 0] (counts[:, 0] = valid[:, 0])
     cos, sin = rope_tables(positions, config.head_dim, config.rope_theta, dtype)  # (B, S, Dh)
     q_idx = torch.arange(S - n_new, S, device=key_valid.device)[:, None]  # (T, 1) absolute query index
     k_idx = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
@@ -164,7 +169,7 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         memory: memory to start from (ignored when a cache is given: the cache carries its memory).
         last_context_length: tokens kept local (default config.last_context_length); 0 = everything to memory.
         logits_to_keep: int N > 0 = logits only for the last N positions. Positions are always derived from the
-        padding mask per window (`cumsum - 1`); a `position_ids` argument is ignored.
+        padding mask per window (see `segment_context`); a `position_ids` argument is ignored.
         crossbatch: `CrossBatch` for training (the whole input is one segment, L <= W).
         Returns logits, loss, cache (if use_cache), memory.
         """
