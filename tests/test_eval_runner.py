@@ -85,7 +85,7 @@ def test_validation_source_needs_documents(model, tok, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_log_eval_result_and_report(model, tok, corpus, tmp_path):
+def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from fotlab import tracking
@@ -103,7 +103,8 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path):
     assert logged == pytest.approx(expected)
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run.run_id, "eval")}
     assert "eval/ppl_multi_doc_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
-    out = generate_report(uri, tmp_path / "docs" / "results.md")
+    monkeypatch.chdir(tmp_path)
+    out = generate_report(uri, "docs/results.md", run_ids=[run.run_id[:8]])  # relative path, like the CLI default
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]

@@ -90,7 +90,8 @@ def perplexity_vs_memory(model, tokenizer, cfg: PerplexityEvalSpec, docs: list[l
         raise ValueError(f"perplexity {cfg.name!r}: no token was scored (streams shorter than the scored range "
                          f"{score_from} tokens?)")
     x = [T + m for m in cfg.memory_sizes if any(r["memory"] == m for r in rows)]
-    figure = line_plot(Path(output_dir) / f"{cfg.name}_{'_'.join(cfg.modes)}_vs_memory.png", x, series, xlabel="context tokens (T + memory)",
-                       ylabel="perplexity", title=f"{cfg.name} ({', '.join(cfg.modes)}): perplexity vs memory (T = {T})", logx=True)
+    figure = line_plot(Path(output_dir) / f"{cfg.name}_{'_'.join(cfg.modes)}_vs_memory.png", x, series,
+                       xlabel="context tokens (T + memory)", ylabel="perplexity", logx=True,
+                       title=f"{cfg.name} ({', '.join(cfg.modes)}): perplexity vs memory (T = {T})")
     return EvalResult(name=perplexity_key(cfg), metrics=metrics, rows=rows, figure_path=figure,
                       info={"chunk_len": T, "token_set": cfg.token_set, "n_docs": len(docs)})
