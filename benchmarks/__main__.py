@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="benchmarks to run (default: all)")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full sizes or a tiny smoke run")
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats per case (median shown)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="math threads per case (default 1: CPU time is then robust on a busy machine; 0 = "
+                             "library defaults)")
     parser.add_argument("--json", dest="json_path", help="also write all samples, medians and ratios here")
     parser.add_argument("--quiet", action="store_true", help="no per-sample progress lines")
     return parser.parse_args(argv)
@@ -31,15 +34,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = collect_cases(names, args.size)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()
-    info = machine_info()
-    records = run_cases(cases, args.repeats, log)
+    info = {**machine_info(), "threads_per_case": args.threads or "default"}
+    records = run_cases(cases, args.repeats, log, args.threads or None)
     add_ratios(records)
     print(format_table(records))
     print(f"\n{len(cases)} cases x {args.repeats} repeats (fresh process each; medians); "
           f"{time.time() - started:.0f} s; machine: {info}")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "records": records,
+            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "threads": args.threads, "records": records,
                        "started_unix": started, "finished_unix": time.time()}, f, indent=1)
     return records
 

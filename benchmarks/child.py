@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 from benchmarks.runner import peak_rss_mib
@@ -12,6 +13,10 @@ from benchmarks.runner import peak_rss_mib
 
 def main(argv: list[str]) -> None:
     benchmark, params = argv[0], json.loads(argv[1])
+    if os.environ.get("BENCH_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     module = importlib.import_module(f"benchmarks.{benchmark}")
     metrics = module.run(params)
     metrics.setdefault("peak_rss_mib", peak_rss_mib())

@@ -2,7 +2,7 @@
 
 Cases per k: fotlab's top-k search as used by `memory_attention(retrieval="topk")` (the ratio baseline),
 FAISS `IndexFlatIP` (building the index and searching, as fotlab's "faiss" path does on every call), and the
-plain `torch.topk(q @ k.T)`. Each process times `calls` calls after one warm-up call and reports the median.
+plain `torch.topk(q @ k.T)`. Each process times `calls` calls after one warm-up call and reports the medians (CPU and wall).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def search(impl: str, queries: torch.Tensor, keys: torch.Tensor, k: int) -> torc
     if impl == "faiss-flatip":
         import faiss
 
+        faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatIP(keys.shape[-1])
         index.add(keys.numpy())
         return torch.from_numpy(index.search(queries.numpy(), k)[1])
@@ -53,5 +54,5 @@ def data(params: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def run(params: dict) -> dict:
     queries, keys = data(params)
     search(params["impl"], queries, keys, params["k"])  # warm-up
-    times = [timed(search, params["impl"], queries, keys, params["k"])[0] for _ in range(params["calls"])]
-    return {"seconds": statistics.median(times)}
+    times = [timed(search, params["impl"], queries, keys, params["k"])[:2] for _ in range(params["calls"])]
+    return {"cpu_seconds": statistics.median(t[1] for t in times), "seconds": statistics.median(t[0] for t in times)}

@@ -4,6 +4,10 @@ ratios go in one table.
 Design choices:
 - One subprocess per (case, repeat): peak RSS (`ru_maxrss`) is then the case's own, and no case warms caches or
   the allocator for the next. The child prints one JSON line; the parent keeps only that.
+- Timing: the compared metric is the CPU time of the timed region (`process_time`, all threads), by default
+  with ONE math thread per case: on a shared, busy machine wall time mostly measures the neighbours (two
+  OpenMP threads on two loaded cores spin at every barrier), while single-thread CPU time measures the work.
+  Wall seconds are reported beside it (`seconds`); `--threads N` changes the thread count.
 - Repeats are interleaved (repeat 1 of every case, then repeat 2, ...) so that a busy machine slows all the
   cases of a comparison alike; the table shows medians, and the spread (min..max of the timed metric).
 - Each benchmark module exposes `cases(size) -> list[Case]` and `run(params) -> dict` (run inside the child).
@@ -35,7 +39,7 @@ class Case:
     group: str
     name: str
     params: dict
-    metric: str = "seconds"
+    metric: str = "cpu_seconds"
     max_repeats: int | None = None  # cap for very slow cases (None = the runner's --repeats)
     timeout_s: float = 1800.0
 
@@ -51,17 +55,25 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    """(wall seconds, result) of one call."""
-    t0 = time.perf_counter()
+def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process (all threads), result) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - t0, result
+    return time.perf_counter() - t0, time.process_time() - c0, result
 
 
-def run_in_subprocess(case: Case) -> dict:
-    """Run `case` in a fresh Python; returns its metrics dict, or {"error": ...}."""
+def thread_env(threads: int | None) -> dict:
+    """Environment pinning the math libraries (OpenMP, MKL, torch, FAISS) to `threads` threads (None = defaults)."""
+    if threads is None:
+        return {}
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BENCH_THREADS")}
+
+
+def run_in_subprocess(case: Case, threads: int | None = 1) -> dict:
+    """Run `case` in a fresh Python with `threads` math threads; returns its metrics dict, or {"error": ...}."""
     cmd = [sys.executable, "-m", "benchmarks.child", case.benchmark, json.dumps(case.params)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **thread_env(threads)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=case.timeout_s, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -81,14 +93,14 @@ def collect_cases(names: list[str], size: str) -> list[Case]:
     return cases
 
 
-def run_cases(cases: list[Case], repeats: int, log=print) -> list[dict]:
+def run_cases(cases: list[Case], repeats: int, log=print, threads: int | None = 1) -> list[dict]:
     """Run every case `repeats` times, interleaved; returns one record per case with all samples."""
     samples: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     for rep in range(repeats):
         for i, case in enumerate(cases):
             if case.max_repeats is not None and rep >= case.max_repeats:
                 continue
-            result = run_in_subprocess(case)
+            result = run_in_subprocess(case, threads)
             samples[i].append(result)
             shown = result.get("error") or f"{case.metric}={result.get(case.metric, float('nan')):.3f}"
             log(f"[{rep + 1}/{repeats}] {case.benchmark}/{case.group}/{case.name}: {shown}")
@@ -125,13 +137,13 @@ def add_ratios(records: list[dict]) -> None:
 
 def format_table(records: list[dict]) -> str:
     """Plain-text table: one row per case, medians, spread and ratio to its group's first case."""
-    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {'median':>10} {'min..max':>17} {'ratio':>6} " \
+    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {'CPU s':>10} {'min..max':>17} {'ratio':>6} " \
              f"{'peak RSS MiB':>12} {'n':>2}  notes"
     rows = [header, "-" * len(header)]
     for rec in records:
         med = rec["median"]
         value = med.get(rec["metric"])
-        unit = "s" if rec["metric"] == "seconds" else ""
+        unit = "s" if rec["metric"].endswith("seconds") else ""
         shown = "-" if value is None else f"{value:.3f}{unit}"
         spread = f"{rec['min']:.3f}..{rec['max']:.3f}" if "min" in rec else "-"
         ratio = "-" if rec.get("ratio") is None else f"{rec['ratio']:.2f}x"
@@ -144,7 +156,7 @@ def format_table(records: list[dict]) -> str:
 
 def _notes(median: dict) -> str:
     """Extra metrics worth a glance (everything numeric except the standard columns)."""
-    skip = {"seconds", "peak_rss_mib"}
+    skip = {"cpu_seconds", "peak_rss_mib"}
     return " ".join(f"{k}={v:.4g}" for k, v in median.items() if k not in skip)[:120]
 
 

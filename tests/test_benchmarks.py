@@ -1,0 +1,103 @@
+"""Smoke tests of the benchmark suite: every benchmark's tiny cases run (in-process, to stay fast), the runner
+builds medians and ratios from real child processes, and the naive reference computes what fotlab computes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the `benchmarks` package
+
+from benchmarks import growth, models, naive, prefill, retrieval, runner, train_step  # noqa: E402
+
+
+@pytest.mark.parametrize("module", [retrieval, train_step])
+def test_tiny_cases_run_in_process(module):
+    for case in runner.collect_cases([module.__name__.split(".")[-1]], "tiny"):
+        metrics = module.run(case.params)
+        assert metrics["cpu_seconds"] > 0 and metrics["seconds"] > 0, case.name
+
+
+@pytest.mark.slow
+def test_tiny_prefill_and_growth_run():
+    for case in runner.collect_cases(["prefill"], "tiny"):
+        if case.params["impl"] == "naive":
+            continue  # install() patches fotlab for the rest of this process; covered by the child test below
+        metrics = prefill.run(case.params)
+        assert metrics["cpu_seconds"] > 0 and metrics["tokens_per_cpu_s"] > 0, case.name
+    metrics = growth.run(runner.collect_cases(["growth"], "tiny")[-1].params)
+    # 2 bf16 memory layers x (key + value) x D 64 x 2 bytes + 2 valid flags = 514 bytes per token in memory
+    assert metrics["mem_bytes_per_token"] == 2 * 2 * 64 * 2 + 2
+    assert metrics["mem_tokens"] == 256 - 32  # everything but the last local context goes to memory
+
+
+def test_retrieval_implementations_agree():
+    params = {"n_keys": 4096, "n_queries": 32, "head_dim": 32, "k": 8}
+    queries, keys = retrieval.data(params)
+    found = {impl: retrieval.search(impl, queries, keys, 8) for impl in ("fotlab-topk", "faiss-flatip",
+                                                                         "torch-matmul-topk")}
+    reference = found["torch-matmul-topk"].sort(-1).values
+    for impl, slots in found.items():
+        assert torch.equal(slots.sort(-1).values, reference), impl
+
+
+def test_naive_reference_matches_fotlab_dense():
+    """The prefill speed reference computes the same function as fotlab's memory attention."""
+    from fotlab.model.memory_attention import memory_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, M, Dh = 2, 4, 2, 16, 40, 8
+    q = torch.randn(B, H, T, Dh, generator=gen)
+    k, v = torch.randn(B, Hkv, T, Dh, generator=gen), torch.randn(B, Hkv, T, Dh, generator=gen)
+    mem_k, mem_v = torch.randn(B, Hkv, M, Dh, generator=gen), torch.randn(B, Hkv, M, Dh, generator=gen)
+    mem_valid = torch.rand(B, M, generator=gen) > 0.3
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    expected = memory_attention(q, k, v, mask, mem_k, mem_v, mem_valid)
+    got = naive.naive_memory_attention(q, k, v, mask, mem_k, mem_v, mem_valid)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_twin_has_the_same_weights():
+    model = models.build_fot(models.fot_config("tiny", [1]))
+    llama = models.llama_twin(model)
+    ids = models.random_ids(1, 16, model.config.vocab_size)
+    with torch.no_grad():  # within one window and no memory yet, FoT is LLaMA
+        torch.testing.assert_close(llama(ids).logits, model(ids, last_context_length=16).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_runner_table_medians_and_ratios(tmp_path):
+    """Real child processes: a fast benchmark through the whole runner, JSON included."""
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "bench.json"
+    records = main(["retrieval", "--size", "tiny", "--repeats", "2", "--json", str(out), "--quiet"])
+    assert [r["n_ok"] for r in records] == [2, 2, 2], [r["errors"] for r in records]
+    assert records[0]["ratio"] == 1.0 and all(r["ratio"] > 0 for r in records)
+    for rec in records:
+        assert rec["min"] <= rec["median"]["cpu_seconds"] <= rec["max"]
+        assert rec["median"]["peak_rss_mib"] > 50  # a real process with torch loaded
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cpus"] >= 1 and len(saved["records"]) == 3
+
+
+def test_add_ratios_per_group():
+    recs = [{"benchmark": "b", "group": g, "metric": "cpu_seconds", "median": {"cpu_seconds": s}}
+            for g, s in [("x", 2.0), ("x", 3.0), ("y", 4.0), ("y", 1.0)]]
+    runner.add_ratios(recs)
+    assert [r["ratio"] for r in recs] == [1.0, 1.5, 1.0, 0.25]
+
+
+def test_overhead_commands_share_the_spec(tmp_path):
+    from benchmarks import overhead
+
+    direct = overhead.command("train-direct", 3, tmp_path)
+    run = overhead.command("fotlab-run", 3, tmp_path)
+    assert str(overhead.SPEC) in direct and str(overhead.SPEC) in run
+    sets = overhead.overrides(3, tmp_path)
+    assert all(s in direct for s in sets) and all(s in run for s in sets)
+    assert run[1] == "run" and "--json" in run
