@@ -219,3 +219,20 @@ def test_few_shot_accuracy_metrics_and_plot(model, tok, tmp_path):
                               "eval/trec_acc_std/ctx_200"}
     assert all(0.0 <= r.metrics[f"eval/trec_acc/ctx_{n}"] <= 1.0 for n in (48, 200))
     assert _is_png(r.figure_path)
+
+
+def test_few_shot_reads_hf_dataset_with_class_labels(model, tok, tmp_path):
+    import datasets
+
+    from fotlab.eval.few_shot import load_examples
+
+    features = datasets.Features({"question": datasets.Value("string"),
+                                  "coarse": datasets.ClassLabel(names=["ABBR", "DESC", "NUM"])})
+    ds = datasets.Dataset.from_dict({"question": [f"q {i}?" for i in range(12)], "coarse": [i % 3 for i in range(12)]},
+                                    features=features)
+    ds.save_to_disk(str(tmp_path / "trec"))
+    cfg = FewShotEvalSpec(name="trec", source={"kind": "hf", "path": str(tmp_path / "trec"), "text_field": "question"},
+                          label_field="coarse", context_lengths=[48], n_samplings=1, n_queries=3)
+    assert load_examples(cfg)[:3] == [("q 0?", "ABBR"), ("q 1?", "DESC"), ("q 2?", "NUM")]
+    r = few_shot_accuracy(model, tok, cfg, output_dir=tmp_path, seed=1)
+    assert 0.0 <= r.metrics["eval/trec_acc/ctx_48"] <= 1.0 and r.info["n_labels"] == 3
