@@ -126,7 +126,10 @@ def test_concurrency_follows_cluster_resources_and_trial_workers(tmp_path, tiny_
     spec = load_spec(tmp_path / "base.yaml", ["scaling.num_workers=4", "scaling.use_gpu=true"])
     resources = sweep_space.trial_resources(spec)
     assert resources.nested and resources.total() == {"CPU": 4.0, "GPU": 4.0}
-    assert resources.trainable() == {"CPU": 0}  # the nested trainer's workers hold the resources
+    assert resources.trainable()["CPU"] < 0.1  # the nested trainer's workers hold the resources
+    sweep_space.check_fits(resources, {"CPU": 8, "GPU": 4})
+    with pytest.raises(sweep_space.SweepSetupError, match="needs 4 GPU .* cluster has 2"):
+        sweep_space.check_fits(resources, {"CPU": 8, "GPU": 2})
 
 
 def test_early_stopping_is_refused_for_nested_trainers(tmp_path, tiny_corpus):

@@ -160,3 +160,23 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tiny_c
     resumed = client.get_run(interrupted[0]).data.tags[TAG_RESUMED_FROM]
     assert Path(resumed).name.startswith("step-") and Path(resumed).name != f"step-{n_steps:08d}"
     assert_no_placement_group_left()
+
+
+@pytest.mark.timeout(480)
+def test_multi_worker_trial_runs_a_nested_trainer_without_early_stopping(ray_session, tiny_corpus, tmp_path):
+    sweep, path = tiny_sweep(tmp_path, tiny_corpus, steps=4, search="grid", num_samples=None,
+                             search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
+                             scheduler={"name": "none"})
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    # DDP over 2 workers (half a CPU each: the shared session has 2): a nested Train V2 TorchTrainer per trial
+    base["scaling"] = {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = load_sweep(path)
+    outcome = run_sweep(sweep, progress=False, sweep_path=str(path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (child,) = child_runs(uri, outcome.parent_run_id)
+    assert child.info.status == "FINISHED" and child.data.tags[TAG_STOPPED_EARLY] == "false"
+    history = client_for(uri).get_metric_history(child.info.run_id, tracking.TRAIN_LOSS)
+    assert [m.step for m in history] == [2, 4]  # logged by rank 0 of the nested trainer into the child run
+    assert outcome.rows[0]["status"] == "COMPLETED" and outcome.rows[0]["val/loss"] is not None
+    assert_no_placement_group_left()

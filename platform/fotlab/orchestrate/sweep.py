@@ -128,7 +128,7 @@ def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
-def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool):
+def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool, local: bool = True):
     """A Tuner for the sweep: new, or restored from `context.sweep_dir` (--resume)."""
     from ray import tune
 
@@ -144,7 +144,10 @@ def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool):
         tuner._local_tuner.get_run_config().callbacks = [monitor]  # the pickled callback has no live display
         return tuner
     total = n_trials(sweep)
-    concurrency = sweep_space.max_concurrency(sweep, context.resources, cluster_resources(), total)
+    cluster = cluster_resources()
+    if local:
+        sweep_space.check_fits(context.resources, cluster)  # an autoscaling cluster may still grow
+    concurrency = sweep_space.max_concurrency(sweep, context.resources, cluster, total)
     max_steps = max([base_spec.train.steps, *[int(v) for v in _swept_values(sweep, "train.steps")]])
     tune_config = tune.TuneConfig(
         search_alg=sweep_space.search_algorithm(sweep, concurrency),
@@ -187,7 +190,7 @@ def run_sweep(sweep, *, resume: bool = False, address: str | None = None, progre
         _, decode = sweep_space.param_space(sweep)
         context = TrialContext(sweep, decode, uri, experiment_name(sweep), parent.run_id, str(sweep_dir), resources)
         monitor = SweepMonitor(sweep, uri, parent.run_id, progress=progress)
-        tuner = build_tuner(sweep, base_spec, context, monitor, resume)
+        tuner = build_tuner(sweep, base_spec, context, monitor, resume, local=address is None)
         monitor.start()
         try:
             with contextlib.redirect_stdout(sys.stderr):  # Tune's own banners; stdout is for the summary

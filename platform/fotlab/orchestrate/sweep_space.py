@@ -25,6 +25,7 @@ from fotlab.errors import FotlabError
 
 SCALARS = (str, int, float, bool, type(None))
 TIME_ATTR = "step"  # every trial report carries the optimizer step it was made at
+NESTED_DRIVER_CPU = 0.01  # a nested trainer's Tune trainable only waits (Tune refuses an empty request)
 
 
 class SweepSetupError(FotlabError):
@@ -139,7 +140,7 @@ class TrialResources:
     def trainable(self) -> dict[str, float]:
         """Resources for `tune.with_resources`: the worker itself, or a CPU-free driver of a nested trainer."""
         if self.nested:
-            return {"CPU": 0}
+            return {"CPU": NESTED_DRIVER_CPU}
         return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
 
     def total(self) -> dict[str, float]:
@@ -153,6 +154,18 @@ def trial_resources(spec) -> TrialResources:
     cpus = float(extra.get("CPU", 1.0))
     gpus = float(extra.get("GPU", 1.0 if scaling.use_gpu else 0.0))
     return TrialResources(max(1, scaling.num_workers), cpus, gpus)
+
+
+def check_fits(resources: TrialResources, cluster: dict[str, float]) -> None:
+    """Refuse a trial bigger than the whole cluster (it would wait forever for its workers)."""
+    trial = {**resources.total(), "CPU": resources.total()["CPU"] + resources.trainable()["CPU"] * resources.nested}
+    for kind, amount in trial.items():
+        if amount > cluster.get(kind, 0.0):
+            raise SweepSetupError(
+                f"scaling: one trial needs {amount:g} {kind} ({resources.n_workers} worker(s) x "
+                f"{resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU) but the cluster has "
+                f"{cluster.get(kind, 0.0):g}; lower scaling.num_workers / resources_per_worker or use a bigger cluster"
+            )
 
 
 def max_concurrency(sweep, resources: TrialResources, cluster: dict[str, float], n_trials: int) -> int:

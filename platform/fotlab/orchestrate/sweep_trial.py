@@ -210,7 +210,8 @@ def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
     if scaling.resources_per_worker:
         scaling_kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
-    config = {"spec": spec, "run_id": run.run_id, "tracking_uri": run.uri, "log_model": spec.tracking.log_model,
+    config = {"spec": spec.model_dump(mode="json"),  # plain data, re-validated by the workers (as `fotlab run`)
+              "run_id": run.run_id, "tracking_uri": run.uri, "log_model": spec.tracking.log_model,
               "output_dir": str(output_dir), "report_every": NESTED_REPORT_EVERY, "channel": None,
               "resume": True, "train_fn": None}
     trainer = TorchTrainer(
