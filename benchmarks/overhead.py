@@ -4,7 +4,8 @@ Both cases run the quickstart spec with `train.steps` lowered and evaluations of
 model, train, save the model) as a fresh command, and time it end to end (interpreter start to exit; wall time is the compared metric here: the platform's
 cost is mostly waiting for Ray to start, which CPU time would hide; the CPU time of the command is reported too). The
 difference is what the platform adds: Ray start, the Train controller and worker, MLflow tracking, reporting.
-Storage and the MLflow store go to a temporary directory.
+Storage and the MLflow store go to a temporary directory. A third case runs `fotlab run` with
+`scaling.num_workers=0` (Ray Train runs the training function in the driver process: no worker actor).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def cases(size: str) -> list[Case]:
     params = {"steps": STEPS[size]}
     return [Case("overhead", f"quickstart {params['steps']} steps", name, {**params, "impl": name}, metric="seconds",
                  timeout_s=900)
-            for name in ("train-direct", "fotlab-run")]
+            for name in ("train-direct", "fotlab-run", "fotlab-run-inprocess")]
 
 
 def overrides(steps: int, tmp: Path) -> list[str]:
@@ -47,6 +48,8 @@ def command(impl: str, steps: int, tmp: Path) -> list[str]:
     sets = overrides(steps, tmp)
     if impl == "train-direct":
         return [sys.executable, "-c", DIRECT, str(SPEC), str(tmp / "direct"), *sets]
+    if impl == "fotlab-run-inprocess":  # Ray Train's in-process mode: no worker actor (no checkpoint persistence)
+        sets = [*sets, "scaling.num_workers=0"]
     fotlab = str(Path(sys.executable).with_name("fotlab"))
     return [fotlab, "run", str(SPEC), *[arg for s in sets for arg in ("--set", s)], "--json"]
 

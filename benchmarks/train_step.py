@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from benchmarks import models
 from benchmarks.runner import Case, timed
 
-SHAPES = {"full": dict(batch=4, seq_len=512, warmup=1, steps=3), "tiny": dict(batch=4, seq_len=64, warmup=1, steps=2)}
+SHAPES = {"full": dict(batch=4, seq_len=512, warmup=1, steps=2), "tiny": dict(batch=4, seq_len=64, warmup=1, steps=2)}
 
 
 def cases(size: str) -> list[Case]:
