@@ -13,6 +13,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,12 @@ class SegmentContext:
     key_valid: torch.Tensor
     crossbatch: object | None = None
 
+    @functools.cached_property
+    def causal_only(self) -> bool:
+        """True when local_mask is exactly the causal mask (no cached keys, no padding): SDPA can then use
+        `is_causal=True`, whose kernels skip the masked half instead of reading a boolean mask."""
+        return self.local_mask.shape[-2] == self.local_mask.shape[-1] and bool(self.key_valid.all())
+
 
 class FoTAttention(nn.Module):
     """LLaMA attention (torch SDPA) over the local keys only; returns raw keys/values for the cache."""
@@ -122,7 +129,8 @@ class FoTAttention(nn.Module):
         T = q.shape[2]
         q = apply_rope(q, ctx.cos[:, -T:], ctx.sin[:, -T:])
         k_rot = apply_rope(k_all, ctx.cos, ctx.sin)
-        out = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=ctx.local_mask,
+        mask = None if ctx.causal_only else ctx.local_mask
+        out = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
         return self.merge(out), k, v
 
