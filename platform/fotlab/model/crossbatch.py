@@ -141,17 +141,20 @@ def _slot_sources(batch_size: int, n_slots: int, device: torch.device) -> torch.
 
 
 def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n_heads: int,
-                     head_pad: int = 0) -> torch.Tensor:
+                     head_pad: int = 0, entries: torch.Tensor | None = None) -> torch.Tensor:
     """Flat prefix of n_slots contexts per entry: slot 0 = x_own[b], slot c = x_extra[b - c].
 
     x_own, x_extra: (B, Hkv, T, Dh) -> (B, H, n_slots*T, Dh), a strided view of one (B, n, T, H, Dh) buffer made
     by a single gather: the GQA head repeat is an expand (no copy) of the source, materialised by the gather itself,
     and the (T, H) layout lets n and T merge into one key axis without a second copy. head_pad zero-pads Dh
-    (also inside the gather); the result then has Dh + head_pad features.
+    (also inside the gather); the result then has Dh + head_pad features. entries (E,) long: gather only for
+    these batch entries (result (E, H, n_slots*T, Dh')); None = all B.
     """
     B, Hkv, T, Dh = x_own.shape
     group = n_heads // Hkv
     sources = _slot_sources(B, n_slots, x_own.device)  # (B, n)
+    if entries is not None:
+        sources = sources.index_select(0, entries)  # (E, n)
     if x_extra is x_own:
         table = x_own  # (B, Hkv, T, Dh)
     else:  # rows 0..B-1 own contexts, rows B..2B-1 extra contexts
@@ -162,7 +165,7 @@ def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n
     head_dim = Dh + head_pad
     table = table.transpose(1, 2)[:, :, :, None].expand(-1, T, Hkv, group, head_dim)  # (B', T, Hkv, g, Dh') view
     gathered = table.index_select(0, sources.flatten())  # (B*n, T, Hkv, g, Dh') contiguous: the one copy
-    return gathered.view(B, n_slots * T, n_heads, head_dim).transpose(1, 2)  # (B, H, n*T, Dh')
+    return gathered.view(sources.shape[0], n_slots * T, n_heads, head_dim).transpose(1, 2)  # (B|E, H, n*T, Dh')
 
 
 def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -195,11 +198,45 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     _check_shapes(q, k_rot, k_mem, v, key_valid)
     B, H, T, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    if key_valid is not None and bool(key_valid.all()):
+        key_valid = None  # no padding: the cheaper paths below apply
     if crossbatch.range == 0 and key_valid is None:
         return _causal_sdpa(q, k_rot, v, scale)
     if crossbatch.backend == "flex" and crossbatch.range > 0 and _flex_usable(q, k_rot, k_mem, v):
         return crossbatch_attention_flex(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
+    if key_valid is None:
+        return crossbatch_attention_grouped(q, k_rot, k_mem, v, crossbatch, scale=scale)
     return crossbatch_attention_sdpa(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
+
+
+def crossbatch_attention_grouped(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
+                                 crossbatch: CrossBatch, *, scale: float | None = None) -> torch.Tensor:
+    """crossbatch_attention for batches without padding, one SDPA call per distinct number of allowed contexts.
+
+    Entries that may see a contexts gather exactly a (no slot that the mask would hide is computed); entries that
+    see only themselves (a = 1: the first row of each packing group with stepping, and entry 0) run plain causal
+    attention, whose kernel skips the masked half. Measured (busy 2-core CPU, one thread, 8-layer D 512 model,
+    B 4, T 512, range 3, packing 4, stepping): see docs/performance.md.
+    """
+    B, H, T, Dh = q.shape
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale
+    allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)  # (B,)
+    head_pad = _head_pad(q)
+    out = q.new_zeros(B, H, T, Dh)
+    for n_slots in sorted(set(allowed.tolist())):
+        entries = (allowed == n_slots).nonzero().squeeze(-1)  # (E,)
+        q_e = q.index_select(0, entries)  # (E, H, T, Dh)
+        if n_slots == 1:
+            o = _causal_sdpa(q_e, k_rot.index_select(0, entries), v.index_select(0, entries), scale)
+        else:
+            keys = _gather_contexts(k_rot, k_mem, n_slots, H, head_pad, entries)  # (E, H, n*T, Dh')
+            values = _gather_contexts(v, v, n_slots, H, head_pad, entries)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T)
+            mask = torch.cat([causal, causal.new_ones(T, (n_slots - 1) * T)], dim=1)  # (T, n*T): slot 0 causal
+            q_e = F.pad(q_e, (0, head_pad)) if head_pad else q_e
+            o = _sdpa(q_e, keys, values, mask, False, scale)[..., :Dh]  # (E, H, T, Dh)
+        out = out.index_copy(0, entries, o)
+    return out
 
 
 def _flex_usable(q: torch.Tensor, *others: torch.Tensor) -> bool:
