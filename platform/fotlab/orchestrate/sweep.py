@@ -1,6 +1,6 @@
 """`fotlab sweep SWEEP_SPEC [--resume]`: a Ray Tune sweep of `fotlab.train.train`, one MLflow parent run.
 
-    fotlab sweep experiments/sweeps/fot_cpu.yaml            # ~10 min on 2 CPU cores; live table of trials
+    fotlab sweep experiments/sweeps/fot_cpu.yaml            # 3-10 min on 2 CPU cores; live table of trials
     fotlab sweep experiments/sweeps/fot_cpu.yaml --resume   # continue the newest unfinished run of that sweep
     fotlab runs list --sweep fot-cpu                        # parent + child runs in the terminal
 
@@ -264,7 +264,7 @@ def print_summary(outcome: SweepOutcome, sweep) -> None:
     for column in columns:
         table.add_column(column, no_wrap=True)
     for row in outcome.rows[:10]:
-        table.add_row(*[_cell(row[c]) for c in columns])
+        table.add_row(*[_cell(row[c], metric=c == sweep.metric) for c in columns])
     console.print(table)
     console.print(f"[bold green]sweep {sweep.name} FINISHED[/] (parent run {outcome.parent_run_id}, best trial "
                   f"{outcome.best['trial_id']}: run {outcome.best['run_id']})", soft_wrap=True)
@@ -273,9 +273,9 @@ def print_summary(outcome: SweepOutcome, sweep) -> None:
     console.print(f"browse: `fotlab runs list --sweep {sweep.name}`  or  `fotlab ui`", soft_wrap=True)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, metric: bool = False) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" if metric else f"{value:.4g}"
     return "" if value is None else str(value)
 
 
