@@ -45,6 +45,18 @@ def test_retrieval_implementations_agree():
         assert torch.equal(slots.sort(-1).values, reference), impl
 
 
+def test_topk_search_through_faiss_selects_the_exact_top_k():
+    """From 1k query rows and 16k slots fotlab's top-k searches with FAISS; the selection stays exact."""
+    from fotlab.model import memory_attention as ma
+
+    params = {"n_keys": ma.FAISS_MIN_SLOTS, "n_queries": ma.FAISS_MIN_ROWS, "head_dim": 32, "k": 16}
+    queries, keys = retrieval.data(params)
+    assert ma._faiss_wins(queries[None, None], keys.shape[0])
+    got = retrieval.search("fotlab-topk", queries, keys, 16).sort(-1).values
+    expected = retrieval.search("torch-matmul-topk", queries, keys, 16).sort(-1).values
+    assert (got == expected).float().mean() > 0.999  # fp32 summation order may swap exact near-ties only
+
+
 def test_naive_reference_matches_fotlab_dense():
     """The prefill speed reference computes the same function as fotlab's memory attention."""
     from fotlab.model.memory_attention import memory_attention
