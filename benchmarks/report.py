@@ -8,17 +8,22 @@ import sys
 EXTRA = ("seconds", "prefill_rss_mib", "mem_bytes_per_token", "alloc_bytes_per_token", "child_cpu_seconds")
 
 
+def _num(x: float) -> str:
+    """3 significant digits below 10, 1 decimal above."""
+    return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+
+
 def markdown(records: list[dict]) -> str:
     """One Markdown table row per case: median of the compared metric, spread, ratio, peak RSS, extras."""
     lines = ["| benchmark | group | case | median | min..max | ratio | peak RSS MiB | n | also (medians) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         med, metric = rec["median"], rec["metric"]
-        value = f"{med[metric]:.2f} {'CPU s' if metric == 'cpu_seconds' else 'wall s'}" if metric in med else "-"
-        spread = f"{rec['min']:.2f}..{rec['max']:.2f}" if "min" in rec else "-"
+        value = f"{_num(med[metric])} {'CPU s' if metric == 'cpu_seconds' else 'wall s'}" if metric in med else "-"
+        spread = f"{_num(rec['min'])}..{_num(rec['max'])}" if "min" in rec else "-"
         ratio = "-" if rec.get("ratio") is None else f"{rec['ratio']:.2f}x"
         rss = f"{med['peak_rss_mib']:.0f}" if "peak_rss_mib" in med else "-"
-        extra = ", ".join(f"{k} {med[k]:.1f}" for k in EXTRA if k in med and k != metric)
+        extra = ", ".join(f"{k} {_num(med[k])}" for k in EXTRA if k in med and k != metric)
         if rec.get("errors"):
             extra = (extra + "; " if extra else "") + "error: " + rec["errors"][0][:80]
         lines.append(f"| {rec['benchmark']} | {rec['group']} | {rec['name']} | {value} | {spread} | {ratio} | {rss} "
