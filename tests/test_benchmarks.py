@@ -22,7 +22,6 @@ def test_tiny_cases_run_in_process(module):
         assert metrics["cpu_seconds"] > 0 and metrics["seconds"] > 0, case.name
 
 
-@pytest.mark.slow
 def test_tiny_prefill_and_growth_run():
     for case in runner.collect_cases(["prefill"], "tiny"):
         if case.params["impl"] == "naive":
@@ -82,6 +81,7 @@ def test_llama_twin_has_the_same_weights():
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # six child processes: 15-40 s on the busy 2-core box
 def test_runner_table_medians_and_ratios(tmp_path):
     """Real child processes: a fast benchmark through the whole runner, JSON included."""
     from benchmarks.__main__ import main
@@ -95,6 +95,17 @@ def test_runner_table_medians_and_ratios(tmp_path):
         assert rec["median"]["peak_rss_mib"] > 50  # a real process with torch loaded
     saved = json.loads(out.read_text())
     assert saved["machine"]["cpus"] >= 1 and len(saved["records"]) == 3
+
+
+def test_markdown_report_rows():
+    from benchmarks.report import markdown
+
+    recs = [{"benchmark": "b", "group": "g", "name": n, "metric": "cpu_seconds", "n_ok": 2, "errors": [],
+             "median": {"cpu_seconds": s, "peak_rss_mib": 100.0, "seconds": 2 * s}, "min": s, "max": s}
+            for n, s in [("x", 2.0), ("y", 3.0)]]
+    runner.add_ratios(recs)
+    lines = markdown(recs).splitlines()
+    assert len(lines) == 4 and "| 1.50x |" in lines[3] and "2 CPU s" in lines[2] and "seconds 6" in lines[3]
 
 
 def test_add_ratios_per_group():
