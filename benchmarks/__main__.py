@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{time.time() - started:.0f} s; machine: {info}")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "threads": args.threads, "records": records,
+            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "threads": args.threads,
+                       "records": records,
                        "started_unix": started, "finished_unix": time.time()}, f, indent=1)
     return records
 

@@ -3,9 +3,9 @@
 
 One case per length (fotlab dense retrieval, the default; the "full" model of models.py, 2 bf16 memory layers); the
 ratio column is relative to the shortest prompt, so linear growth shows as ratio = length ratio. Reported per
-case: prefill CPU seconds (ratio column) and wall seconds, `prefill_rss_mib` (peak RSS minus the RSS before the prompt), `mem_bytes_per_token` (the
-FoT memory's stored key/value/valid bytes divided by the tokens in memory) and `alloc_bytes_per_token` (the same
-for the allocated, capacity-doubling buffers).
+case: prefill CPU seconds (ratio column) and wall seconds, `prefill_rss_mib` (peak RSS minus the RSS before the
+prompt), `mem_bytes_per_token` (the FoT memory's stored key/value/valid bytes divided by the tokens in memory)
+and `alloc_bytes_per_token` (the same for the allocated, capacity-doubling buffers).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def run(params: dict) -> dict:
         ids = models.random_ids(1, params["length"], config.vocab_size)
         seconds, cpu_seconds, out = timed(model, ids, logits_to_keep=1, use_cache=False)
     used, allocated, n_tokens = memory_bytes(out.memory)
-    return {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak_rss_mib(), "prefill_rss_mib": peak_rss_mib() - rss_before,
+    peak = peak_rss_mib()
+    return {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak, "prefill_rss_mib": peak - rss_before,
             "mem_tokens": n_tokens, "mem_bytes_per_token": used / max(n_tokens, 1),
-            "alloc_bytes_per_token": allocated / max(n_tokens, 1), "cpu_us_per_token": 1e6 * cpu_seconds / params["length"]}
+            "alloc_bytes_per_token": allocated / max(n_tokens, 1),
+            "cpu_us_per_token": 1e6 * cpu_seconds / params["length"]}

@@ -1,11 +1,12 @@
 """Platform overhead: `fotlab run` of the quickstart against calling `train()` directly on the same spec.
 
 Both cases run the quickstart spec with `train.steps` lowered and evaluations off (the same work: build data and
-model, train, save the model) as a fresh command, and time it end to end (interpreter start to exit; wall time is the compared metric here: the platform's
-cost is mostly waiting for Ray to start, which CPU time would hide; the CPU time of the command is reported too). The
-difference is what the platform adds: Ray start, the Train controller and worker, MLflow tracking, reporting.
-Storage and the MLflow store go to a temporary directory. A third case runs `fotlab run` with
-`scaling.num_workers=0` (Ray Train runs the training function in the driver process: no worker actor).
+model, train, save the model) as a fresh command, timed end to end (interpreter start to exit). Wall time is the
+compared metric here: the platform's cost is mostly waiting for Ray, which CPU time would hide; the commands' CPU
+time is reported too. The difference is what the platform adds: Ray start, the Train controller and worker,
+MLflow tracking, reporting. Storage and the MLflow store go to a temporary directory. A third case runs
+`fotlab run` with `scaling.num_workers=0` (Ray Train runs the training function in the driver process: no worker
+actor).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Prefill: time to ingest one long prompt and produce next-token logits, and the process's peak RSS.
 
 Cases per length (4k / 16k / 64k tokens; "full" model of models.py, 2 memory layers, bf16 memory):
-fotlab dense (the ratio baseline), fotlab top-k (k 128), fotlab FAISS (k 128; not at 64k), the naive implementation of the
-same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain full attention: a
+fotlab dense (the ratio baseline), fotlab top-k (k 128), fotlab FAISS (k 128; not at 64k), the naive
+implementation of the same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain full attention: a
 different, quadratic model, shown where it runs in reasonable time). Everything runs under inference_mode in
 fp32 with logits for the last position only; each case's process first runs a short warm-up prompt.
 """

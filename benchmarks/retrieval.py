@@ -2,7 +2,8 @@
 
 Cases per k: fotlab's top-k search as used by `memory_attention(retrieval="topk")` (the ratio baseline),
 FAISS `IndexFlatIP` (building the index and searching, as fotlab's "faiss" path does on every call), and the
-plain `torch.topk(q @ k.T)`. Each process times `calls` calls after one warm-up call and reports the medians (CPU and wall).
+plain `torch.topk(q @ k.T)`. Each process times `calls` calls after one warm-up call and reports the medians
+(CPU and wall).
 """
 
 from __future__ import annotations
