@@ -298,10 +298,12 @@ def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, 
 
 
 def _can_fuse(q, k, v, local_mask, mem_k, mem_v, retrieval: str) -> bool:
-    """The fused CPU path applies: dense retrieval on fp32 CPU tensors, no autograd (the fused kernel returns a
+    """The fused CPU path applies: dense retrieval on fp32 CPU tensors outside autocast, no autograd (the fused kernel returns a
     log-sum-exp without gradient) and every query sees at least one local key (so no row is fully masked)."""
-    if retrieval != "dense" or q.device.type != "cpu" or q.dtype != torch.float32 or _FLASH_CPU is None:
+    if retrieval != "dense" or q.device.type != "cpu" or _FLASH_CPU is None:
         return False
+    if any(t.dtype != torch.float32 for t in (q, k, v)) or torch.is_autocast_enabled("cpu"):
+        return False  # the kernel wants one dtype; under autocast the caller's tensors may be mixed
     tensors = (q, k, v) if mem_k is None else (q, k, v, mem_k, mem_v)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
