@@ -1,7 +1,8 @@
 """`python -m benchmarks [BENCHMARK ...] [--size full|tiny] [--repeats N] [--json PATH]`: run the suite.
 
 Examples: `python -m benchmarks --size tiny` (smoke, ~1-2 min), `python -m benchmarks retrieval train_step`,
-`python -m benchmarks --repeats 5 --json bench.json`. Benchmarks: prefill, train_step, retrieval, overhead, growth.
+`python -m benchmarks --repeats 5 --json bench.json`. Benchmarks: prefill, train_step, retrieval, overhead, growth,
+prefill_longllama (against the public LongLLaMA code: needs `--longllama-code DIR --longllama-python PY`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "library defaults)")
     parser.add_argument("--json", dest="json_path", help="also write all samples, medians and ratios here")
     parser.add_argument("--quiet", action="store_true", help="no per-sample progress lines")
+    parser.add_argument("--longllama-code", metavar="DIR",
+                        help="prefill_longllama: a dir with the public LongLLaMA modeling files (modeling_longllama.py, "
+                             "configuration_longllama.py, longllama_utils.py)")
+    parser.add_argument("--longllama-python", metavar="PY",
+                        help="prefill_longllama: an interpreter where that code runs (transformers 4.33)")
+    parser.add_argument("--longllama-ckpt", metavar="DIR",
+                        help="prefill_longllama: where the shared LongLLaMA-format checkpoint is written/reused "
+                             "(default: $TMPDIR/fotlab-bench-longllama)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     names = list(args.benchmarks) or list(BENCHMARKS)
+    if "prefill_longllama" in names:
+        from benchmarks import longllama_ref
+
+        longllama_ref.configure(args.longllama_code, args.longllama_python, args.longllama_ckpt)
     cases = collect_cases(names, args.size)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     started = time.time()

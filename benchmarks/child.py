@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from benchmarks.runner import peak_rss_mib
+from benchmarks.runner import module_name, peak_rss_mib
 
 
 def main(argv: list[str]) -> None:
@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-    module = importlib.import_module(f"benchmarks.{benchmark}")
+    module = importlib.import_module(module_name(benchmark))
     metrics = module.run(params)
     metrics.setdefault("peak_rss_mib", peak_rss_mib())
     print(json.dumps(metrics), flush=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-EXTRA = ("seconds", "prefill_rss_mib", "mem_bytes_per_token", "alloc_bytes_per_token", "child_cpu_seconds")
+EXTRA = ("seconds", "prefill_rss_mib", "mem_bytes_per_token", "alloc_bytes_per_token", "child_cpu_seconds",
+         "logits_max_abs_diff")
 
 
 def _num(x: float) -> str:

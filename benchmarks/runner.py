@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth")
+BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama")
+MODULES = {"prefill_longllama": "longllama_ref"}  # benchmark name -> module under benchmarks/ (default: same name)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,6 +43,12 @@ class Case:
     metric: str = "cpu_seconds"
     max_repeats: int | None = None  # cap for very slow cases (None = the runner's --repeats)
     timeout_s: float = 1800.0
+    python: str | None = None  # interpreter of the child (None = this one; e.g. a reference implementation's venv)
+
+
+def module_name(benchmark: str) -> str:
+    """The `benchmarks.*` module that implements `benchmark`."""
+    return f"benchmarks.{MODULES.get(benchmark, benchmark)}"
 
 
 def peak_rss_mib() -> float:
@@ -71,7 +78,7 @@ def thread_env(threads: int | None) -> dict:
 
 def run_in_subprocess(case: Case, threads: int | None = 1) -> dict:
     """Run `case` in a fresh Python with `threads` math threads; returns its metrics dict, or {"error": ...}."""
-    cmd = [sys.executable, "-m", "benchmarks.child", case.benchmark, json.dumps(case.params)]
+    cmd = [case.python or sys.executable, "-m", "benchmarks.child", case.benchmark, json.dumps(case.params)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            **thread_env(threads)}
     try:
@@ -88,7 +95,7 @@ def run_in_subprocess(case: Case, threads: int | None = 1) -> dict:
 def collect_cases(names: list[str], size: str) -> list[Case]:
     cases = []
     for name in names:
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(module_name(name))
         cases.extend(module.cases(size))
     return cases
 
