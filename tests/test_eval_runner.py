@@ -105,6 +105,14 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     assert "eval/ppl_multi_doc_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
     monkeypatch.chdir(tmp_path)
     out = generate_report(uri, "docs/results.md", run_ids=[run.run_id[:8]])  # relative path, like the CLI default
+    # `fotlab results` writes the same report (its default --out is docs/results.md, relative to the cwd)
+    from fotlab import cli
+
+    (tmp_path / "notes.md").write_text("## Status\nhand-written notes\n")
+    assert cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--out", "cli.md",
+                     "--notes", "notes.md"]) == 0
+    assert "hand-written notes" in (tmp_path / "cli.md").read_text()
+    assert cli.main(["results", "--tracking-uri", uri, "--notes", "missing.md"]) == 1
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]

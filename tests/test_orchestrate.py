@@ -279,3 +279,16 @@ def test_cli_run_json_reports_a_failed_run_too(tiny_corpus, tmp_path, mlflow_uri
     assert result["status"] == "FAILED" and "LossNotFiniteError" in result["error"]
     run = client_for(mlflow_uri).get_run(result["run_id"])
     assert run.info.status == "FAILED" and "nan" in run.data.tags[tracking.TAG_ERROR]
+
+
+def test_closing_summary_shows_perplexity_with_and_without_memory():
+    from fotlab.orchestrate.commands import memory_effect_lines
+
+    metrics = {"val/loss": 2.0, "eval/ppl_single_doc/mem_1024": 8.0, "eval/ppl_single_doc/mem_0": 10.0,
+               "eval/ppl_single_doc/mem_256": 9.0, "eval/ppl_multi_doc/mem_0": 5.0,
+               "eval/passkey_acc/len_256": 1.0}
+    assert memory_effect_lines(metrics) == [
+        "ppl_multi_doc  no memory 5.000",
+        "ppl_single_doc  no memory 10.000 | memory 256: 9.000 (-10.0%) | memory 1024: 8.000 (-20.0%)",
+    ]
+    assert memory_effect_lines({"val/loss": 2.0}) == []

@@ -3,6 +3,7 @@
     fotlab validate experiments/*.yaml             # check specs (one line per problem)
     fotlab run experiments/quickstart.yaml --set train.steps=20 --json
     fotlab runs list                               # browse MLflow runs in the terminal; `fotlab ui` for the web UI
+    fotlab results --out docs/results.md           # tables + plots of every run's evaluations
 
 Design choices:
 - argparse only; every heavy import (mlflow, ray, torch) happens inside the handler that needs it, so
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_runs_parser(sub)
 
+    p = sub.add_parser("results", help="write docs/results.md (tables + plots) from the runs' eval metrics")
+    _add_report_args(p)
+    p.set_defaults(handler=_cmd_results)
+
     p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -103,6 +108,18 @@ def _add_runs_parser(sub) -> None:
     p.add_argument("--uri", default=argparse.SUPPRESS, help=uri_help)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or names")
     runs.set_defaults(handler=_cmd_runs, runs_command="list", experiment=None, sweep=None, limit=30)
+
+
+def _add_report_args(p: argparse.ArgumentParser) -> None:
+    from fotlab.eval.report import add_arguments  # light: argparse and pathlib only
+
+    add_arguments(p)
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from fotlab.eval.report import run
+
+    return run(args)
 
 
 def _version() -> str:

@@ -148,22 +148,34 @@ def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] |
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fotlab.eval.report", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's options (shared by `python -m fotlab.eval.report` and `fotlab results`)."""
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or the project db)")
     parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
-    parser.add_argument("--out", default="docs/results.md", help="markdown file to write")
+    parser.add_argument("--out", default="docs/results.md", help="markdown file to write (default docs/results.md)")
     parser.add_argument("--max-runs", type=int, default=50, help="newest runs per experiment")
     parser.add_argument("--notes", help="markdown file placed after the header (commentary on the runs)")
     parser.add_argument("--run", dest="run_ids", action="append", help="only this run id or id prefix (repeatable)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report for parsed `add_arguments` options; a missing notes file is a one-line user error."""
+    from fotlab.errors import FotlabError
     from fotlab.spec import resolve_tracking_uri
 
     uri = args.tracking_uri or resolve_tracking_uri(None)
+    if args.notes and not Path(args.notes).is_file():
+        raise FotlabError(f"--notes {args.notes}: no such file")
     notes = Path(args.notes).read_text() if args.notes else None
     path = generate_report(uri, args.out, args.experiment, args.max_runs, args.run_ids, notes)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fotlab.eval.report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

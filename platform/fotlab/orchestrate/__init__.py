@@ -2,7 +2,8 @@
 
 - `run_experiment(spec)`: one Ray Train (V2) run of `fotlab.train.train` tracked as one MLflow run.
 - `submit_experiment(spec, address)`: the same run on a remote cluster through Ray Jobs.
-- `run_command`, `submit_command`, `eval_command`: the handlers behind `fotlab run / submit / eval`.
+- `run_command`, `submit_command`, `eval_command`, `sweep_command`: the handlers behind
+  `fotlab run / submit / eval / sweep`.
 
 Ray and MLflow are imported lazily, so importing this package is cheap.
 """
@@ -14,5 +15,5 @@ from fotlab.orchestrate.sweep import sweep_command
 
 __all__ = [
     "RunFailedError", "RunInterruptedError", "RunOutcome", "Submission", "SubmitError", "eval_command",
-    "run_command", "run_experiment", "submit_command", "submit_experiment",
+    "run_command", "run_experiment", "submit_command", "submit_experiment", "sweep_command",
 ]

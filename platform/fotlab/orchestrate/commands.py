@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 
 from rich.console import Console
@@ -57,8 +58,35 @@ def print_summary(outcome) -> None:
     for name in (tracking.VAL_LOSS, tracking.VAL_PPL, tracking.TRAIN_LOSS):
         if name in outcome.metrics:
             console.print(f"  {name:<12} {outcome.metrics[name]:.4f}")
+    for line in memory_effect_lines(outcome.metrics):
+        console.print(f"  {line}")
     console.print(f"  model        {outcome.model_dir}")
     console.print(f"browse: `fotlab runs show {outcome.run_id}`  or  `fotlab ui`")
+
+
+def memory_effect_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per perplexity evaluation: perplexity without memory, with each memory size, and the change.
+
+    `{"eval/ppl_single_doc/mem_0": 9.1, "eval/ppl_single_doc/mem_1024": 8.2}` ->
+    `["ppl_single_doc  no memory 9.100 | memory 1024: 8.200 (-9.9%)"]`.
+    """
+    curves: dict[str, dict[int, float]] = {}
+    for name, value in metrics.items():
+        match = _PPL_METRIC.match(name)
+        if match:
+            curves.setdefault(match["family"], {})[int(match["mem"])] = value
+    lines = []
+    for family, curve in sorted(curves.items()):
+        base = curve.get(0)
+        parts = [f"no memory {base:.3f}"] if base is not None else []
+        for size in sorted(m for m in curve if m > 0):
+            change = f" ({(curve[size] / base - 1) * 100:+.1f}%)" if base else ""
+            parts.append(f"memory {size}: {curve[size]:.3f}{change}")
+        lines.append(f"{family}  " + " | ".join(parts))
+    return lines
+
+
+_PPL_METRIC = re.compile(r"^eval/(?P<family>ppl\w*)/mem_(?P<mem>\d+)$")
 
 
 def submit_command(args: argparse.Namespace) -> dict:

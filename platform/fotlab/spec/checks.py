@@ -1,9 +1,9 @@
 """Cross-field checks of an `ExperimentSpec`: each problem is (dotted field, what is wrong).
 
-The model shape is resolved the way training will resolve it: the preset (via
-`fotlab.model.presets.preset_config`, when that module imports) or a local `init_from` directory's
-`config.json`, then the spec's overrides. When the shape cannot be known (remote checkpoint, model package
-missing) the shape checks are skipped rather than guessed.
+The model shape is resolved the way training will resolve it: the preset's declared fields (`fotlab.presets`,
+plain data, so validating imports no torch) or a local `init_from` directory's `config.json`, then the spec's
+overrides; fields a preset leaves out take FoTConfig's defaults (GQA off, dense retrieval). When the shape cannot
+be known (remote checkpoint) the shape checks are skipped rather than guessed.
 
 Paths: local/jsonl/parquet `path`s must exist unless they are URLs (`s3://...`); an hf `path`,
 `model.init_from` and `data.tokenizer.path` are checked only when they are explicitly local ('/', './', '../',
@@ -63,16 +63,12 @@ def resolved_shape(spec) -> tuple[dict[str, Any] | None, str]:
             return json.loads(config_file.read_text()), f"checkpoint {init_from!r}"
         except (OSError, ValueError):
             return None, f"checkpoint {init_from!r}"
-    try:
-        from fotlab.model.presets import preset_config
-    except ImportError:
-        return None, "model package unavailable"
+    from fotlab.presets import PRESETS
+
     name = spec.model.preset or "debug"
-    try:
-        config = preset_config(name)
-    except ValueError:
+    if name not in PRESETS:
         return None, f"preset {name!r}"
-    return config.to_dict(), f"preset {name!r}"
+    return dict(PRESETS[name]), f"preset {name!r}"
 
 
 def _declared(spec) -> dict[str, Any]:
@@ -80,10 +76,8 @@ def _declared(spec) -> dict[str, Any]:
     if spec.model.init_from is not None:
         base, _ = resolved_shape(spec)
         return base or {}
-    try:
-        from fotlab.model.presets import PRESETS
-    except ImportError:
-        return {}
+    from fotlab.presets import PRESETS
+
     return dict(PRESETS.get(spec.model.preset or "debug", {}))
 
 
@@ -92,11 +86,9 @@ def _model_problems(spec, check_paths: bool = True) -> Iterator[Problem]:
     if preset is not None and spec.model.init_from is not None:
         yield "model.preset", "set both preset and init_from; a checkpoint brings its own shape (drop preset)"
     if preset is not None:
-        try:
-            from fotlab.model.presets import PRESETS
-        except ImportError:
-            PRESETS = None
-        if PRESETS is not None and preset not in PRESETS:
+        from fotlab.presets import PRESETS
+
+        if preset not in PRESETS:
             yield "model.preset", f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})"
             return
     init_from = spec.model.init_from
