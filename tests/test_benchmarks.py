@@ -4,6 +4,7 @@ builds medians and ratios from real child processes, and the naive reference com
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,3 +125,47 @@ def test_overhead_commands_share_the_spec(tmp_path):
     sets = overhead.overrides(3, tmp_path)
     assert all(s in direct for s in sets) and all(s in run for s in sets)
     assert run[1] == "run" and "--json" in run
+
+
+def test_longllama_checkpoint_round_trip_and_fotlab_side(tmp_path):
+    """prefill_longllama's shared checkpoint (LongLLaMA format) loads in fotlab with the benchmark model's weights;
+    the fotlab side of a tiny case runs and leaves its logits for the reference side to compare with."""
+    from benchmarks import longllama_ref
+    from benchmarks.prefill import prefill as next_logits
+    from fotlab.model import FoTForCausalLM
+
+    longllama_ref.configure(None, None)
+    assert longllama_ref.cases("tiny") == []  # not configured: skipped, nothing built
+    ckpt = longllama_ref.write_checkpoint("tiny", tmp_path / "ckpt")
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "longllama"
+    loaded = FoTForCausalLM.from_pretrained(ckpt)
+    assert loaded.config.mem_layers == models.PREFILL_MEM_LAYERS["tiny"] and loaded.config.mem_dtype == "bfloat16"
+    built = models.build_fot(models.fot_config("tiny", models.PREFILL_MEM_LAYERS["tiny"]), seed=longllama_ref.SEED)
+    ids = models.random_ids(1, 200, loaded.config.vocab_size)
+    with torch.inference_mode():  # 200 tokens, W 64: memory windows included
+        torch.testing.assert_close(next_logits(loaded, ids), next_logits(built, ids), rtol=0, atol=0)
+    params = {"size": "tiny", "length": 256, "impl": "fotlab", "ckpt": str(ckpt), "run_id": "t"}
+    metrics = longllama_ref.run(params)
+    assert metrics["cpu_seconds"] > 0 and metrics["logits_max_abs"] > 0
+    saved = torch.load(longllama_ref._exchange_file(params))
+    assert saved["ids"].shape == (1, 256) and saved["logits"].shape == (1, loaded.config.vocab_size)
+
+
+@pytest.mark.slow  # two child processes, one of them the reference's interpreter
+@pytest.mark.skipif(not (os.environ.get("FOTLAB_LONGLLAMA_CODE") and os.environ.get("FOTLAB_LONGLLAMA_PYTHON")),
+                    reason="set FOTLAB_LONGLLAMA_CODE and FOTLAB_LONGLLAMA_PYTHON to run against the LongLLaMA code")
+def test_longllama_reference_computes_what_fotlab_computes(tmp_path):
+    """With the public LongLLaMA code available: a tiny prefill_longllama run, both sides in child processes,
+    gives the same next-token logits."""
+    from benchmarks import longllama_ref
+
+    longllama_ref.configure(os.environ["FOTLAB_LONGLLAMA_CODE"], os.environ["FOTLAB_LONGLLAMA_PYTHON"], tmp_path)
+    try:
+        by_name = {case.name: case for case in longllama_ref.cases("tiny")}
+    finally:
+        longllama_ref.configure(None, None)
+    ours = runner.run_in_subprocess(by_name["fotlab"])
+    theirs = runner.run_in_subprocess(by_name["longllama-ref"])
+    assert "error" not in ours and "error" not in theirs, (ours, theirs)
+    assert theirs["logits_max_abs_diff"] < 1e-4 and theirs["argmax_equal"] == 1
+    assert theirs["transformers"].startswith("4.")
