@@ -114,10 +114,15 @@ def storage_filesystem(kind: str | None):
 
 
 def build_trainer(
-    spec, record: run_record.RunRecord, channel: ChannelHandle, report_every: int, train_fn: str | None = None
+    spec, record: run_record.RunRecord, channel: ChannelHandle, report_every: int, train_fn: str | None = None,
+    quiet: bool = False,
 ):
-    """A Train V2 TorchTrainer whose workers run `worker.train_worker` with this run's config."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """A Train V2 TorchTrainer whose workers run `worker.train_worker` with this run's config.
+
+    quiet: the driver draws the live display, so workers and the Ray Train controller keep their console output
+    to warnings (per-step lines, "Reporting training result" and worker-group chatter would interleave with it).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fotlab.orchestrate.worker import train_worker
@@ -140,6 +145,7 @@ def build_trainer(
         "channel": channel,
         "resume": record.resumed,
         "train_fn": train_fn,
+        "quiet": quiet,
     }
     filesystem = storage_filesystem(spec.storage.filesystem)
     storage_path = record.storage_path
@@ -151,6 +157,7 @@ def build_trainer(
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=spec.failure.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+        logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
     )
     return TorchTrainer(
         train_worker,
@@ -193,8 +200,9 @@ def run_experiment(
         else:
             ensure_ray(address)
         channel = ChannelHandle.create(use_ray=not in_process)
-        trainer = build_trainer(spec, record, channel, report_every, train_fn)
-        display = LiveProgress(spec.train.steps, enabled=progress and not json_output, description=spec.name)
+        show = progress and not json_output
+        trainer = build_trainer(spec, record, channel, report_every, train_fn, quiet=show)
+        display = LiveProgress(spec.train.steps, enabled=show, description=spec.name)
         result = _fit_with_progress(trainer, channel, display)
     except KeyboardInterrupt as err:
         record.fail(err, status="KILLED", resumable=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     from fotlab.train.runtime import Runtime, TrainHooks
 
     spec = parse_spec(config["spec"], "<run spec>", check_paths=False)
+    if config.get("quiet"):
+        quiet_worker_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -146,6 +149,23 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         "stopped_early": bool(result.stopped_early),
         "resumed_from": str(resume_from) if resume_from else None,
     }
+
+
+def quiet_worker_logs() -> None:
+    """Keep this worker's console to warnings: the driver's live display already shows step, loss and tokens/s.
+
+    The training loop's per-step lines and transformers' save/load bars go quiet, and so does Ray Train's "Reporting training result" line, whose
+    logger (Ray 2.60) is named after its source file rather than "ray.train" (so `LoggingConfig` misses it).
+    """
+    logging.getLogger("fotlab.train").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars, one line each under Ray
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: the line stays, nothing breaks
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def run_evaluations(spec, result, device: torch.device, run: TrackedRun) -> dict[str, float]:
