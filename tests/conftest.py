@@ -9,6 +9,18 @@ import os
 
 import pytest
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest single-threaded, and on a busy 2-core box two OpenMP threads per process
+    contending with other work were 10-100x slower (`make test` also exports OMP_NUM_THREADS=1)."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
 TINY_SENTENCES = [
     "the quick brown fox jumps over the lazy dog. ",
     "a focused transformer keeps a memory of keys and values. ",

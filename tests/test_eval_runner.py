@@ -16,14 +16,6 @@ from fotlab.eval.spec import EvalSpec
 from fotlab.model import FoTForCausalLM, preset_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()

@@ -14,22 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from fotlab import tracking
 from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
 from fotlab.orchestrate.jobs import JOB_SPEC_FILE, SubmitError, build_job, check_address
 from fotlab.spec import load_spec, parse_spec
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded on a busy 2-core box."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
 
 
 def tiny_spec_dict(corpus: Path, tmp_path: Path, uri: str, *, num_workers: int = 0, **train) -> dict:

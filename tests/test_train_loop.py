@@ -13,15 +13,6 @@ from fotlab.spec import parse_spec
 from fotlab.train import LossNotFiniteError, Runtime, TrainHooks, latest_checkpoint, list_checkpoints, train
 from fotlab.train import metrics as M
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded, and a busy 2-core CI box makes 2 threads ~20x slower."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog. ",
     "a focused transformer keeps a memory of keys and values. ",

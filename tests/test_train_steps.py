@@ -14,15 +14,6 @@ from fotlab.train.steps import evaluate_loss, train_step
 V = 259
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest single-threaded, and a busy 2-core CI box makes 2 threads ~20x slower."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     return FoTForCausalLM(preset_config("debug", vocab_size=V)).train()

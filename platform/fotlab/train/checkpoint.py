@@ -39,7 +39,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file or directory to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -50,7 +50,7 @@ def _fsync_path(path: Path) -> None:
 
 def _torch_save(obj: Any, path: Path) -> None:
     torch.save(obj, path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -120,24 +120,24 @@ def save_checkpoint(
     _torch_save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
     if rank == 0:
         save_model(model, str(tmp_dir / "model.safetensors"))
-        _fsync_path(tmp_dir / "model.safetensors")
+        fsync_path(tmp_dir / "model.safetensors")
         _torch_save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
     barrier()
     if rank == 0:
         state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
         (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        _fsync_path(tmp_dir / STATE_FILE)
-        _fsync_path(tmp_dir)
-        _replace_dir(tmp_dir, final_dir)
-        _fsync_path(root)
+        fsync_path(tmp_dir / STATE_FILE)
+        fsync_path(tmp_dir)
+        replace_dir(tmp_dir, final_dir)
+        fsync_path(root)
         prune_checkpoints(root, keep)
         logger.info("checkpoint step %d -> %s", step, final_dir)
     barrier()
     return final_dir
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` (same step saved twice) is moved aside first, then deleted."""
     if dst.exists():
         aside = dst.with_name(f".old-{dst.name}")

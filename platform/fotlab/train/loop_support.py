@@ -4,13 +4,13 @@ and the atomic final-model write (HF format + tokenizer)."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from fotlab.model.crossbatch import CrossBatch
+from fotlab.train.checkpoint import fsync_path, replace_dir
 from fotlab.train.crossbatch_schedule import crossbatch_for_step
 from fotlab.train.runtime import TrainError
 from fotlab.train.steps import bf16_supported
@@ -77,24 +77,9 @@ def save_final_model(model: torch.nn.Module, tokenizer, model_dir: Path) -> Path
     tokenizer.save_pretrained(str(tmp_dir))
     for file in tmp_dir.iterdir():
         if file.is_file():
-            _fsync(file)
-    _fsync(tmp_dir)
-    if model_dir.exists():
-        aside = model_dir.with_name(f".old-{model_dir.name}")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(model_dir, aside)
-        os.replace(tmp_dir, model_dir)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, model_dir)
-    _fsync(model_dir.parent)
+            fsync_path(file)
+    fsync_path(tmp_dir)
+    replace_dir(tmp_dir, model_dir)
+    fsync_path(model_dir.parent)
     logger.info("final model -> %s", model_dir)
     return model_dir
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
