@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -269,6 +270,23 @@ def test_cli_run_json_reports_a_failed_run_too(tiny_corpus, tmp_path, mlflow_uri
     assert result["status"] == "FAILED" and "LossNotFiniteError" in result["error"]
     run = client_for(mlflow_uri).get_run(result["run_id"])
     assert run.info.status == "FAILED" and "nan" in run.data.tags[tracking.TAG_ERROR]
+
+
+def test_cli_run_unreachable_ray_address_fails_fast_in_one_line(tiny_corpus, tmp_path, mlflow_uri):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--address", f"127.0.0.1:{port}", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "FAILED" and f"could not reach a Ray cluster at '127.0.0.1:{port}'" in result["error"]
+    assert client_for(mlflow_uri).get_run(result["run_id"]).info.status == "FAILED"
 
 
 def test_closing_summary_shows_perplexity_with_and_without_memory():

@@ -12,6 +12,7 @@ Design choices:
 from __future__ import annotations
 
 import os
+import socket
 
 # Defaults for a local, offline machine. Set only when the user has not set them.
 LOCAL_ENV_DEFAULTS = {
@@ -19,6 +20,9 @@ LOCAL_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no phoning home
     # ray.train.report() blocks until the controller's next poll (default 2 s): poll often on local runs.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # The preemption watcher (one more actor process) follows node draining on cloud clusters; a local
+    # single-node cluster is never drained, and on 2 cores the extra process delays the worker start.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 # Set for every run: workers must keep the driver's working directory so relative paths keep their meaning.
 RUN_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
@@ -49,6 +53,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> st
     if address is None:
         kwargs.update(num_cpus=num_cpus)
     try:
+        _check_reachable(address)
         ray.init(**kwargs)
     except ConnectionError as err:
         raise ConnectionError(
@@ -56,3 +61,17 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> st
             "or leave --address out to run on a local cluster."
         ) from err
     return ray.get_runtime_context().gcs_address
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast on a `HOST:PORT` / `ray://HOST:PORT` address nothing listens on (`ray.init` would keep retrying
+    for minutes). "auto", "local" and no address are left to Ray."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {err.strerror or err}") from None

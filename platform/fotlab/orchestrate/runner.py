@@ -187,18 +187,24 @@ def run_experiment(
     """
     from fotlab.orchestrate.cluster import apply_env_defaults, ensure_ray
 
-    record = open_record(spec, resume)
+    in_process = spec.scaling.num_workers == 0
+    ray_error = None
+    if resume or in_process:
+        record = open_record(spec, resume)  # a bad --resume is a user error: say so before starting anything
+    else:
+        record, ray_error = _open_record_while_ray_starts(spec, address)
     if address and record.tracking_uri.startswith("sqlite:"):
         logger.warning("a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
                        "log to it: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server")
-    in_process = spec.scaling.num_workers == 0
     resume_hint = f"resume with `fotlab run {spec_path or 'SPEC'} --resume {record.run_id}`"
     channel = None
     try:
         if in_process:
             apply_env_defaults(local=True)
+        elif ray_error is not None:
+            raise ray_error
         else:
-            ensure_ray(address)
+            ensure_ray(address)  # returns at once when Ray already started beside the MLflow run
         channel = ChannelHandle.create(use_ray=not in_process)
         show = progress and not json_output
         trainer = build_trainer(spec, record, channel, report_every, train_fn, quiet=show)
@@ -221,6 +227,22 @@ def run_experiment(
         if channel is not None:
             channel.close()
     return close_run(record, result, resume_hint)
+
+
+def _open_record_while_ray_starts(spec, address: str | None):
+    """Create the MLflow run in a thread while Ray starts here, so a new sqlite store's schema migrations (~5 s)
+    overlap Ray's start instead of adding to it. Returns (record, the error Ray's start raised or None)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fotlab.orchestrate.cluster import ensure_ray
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fotlab-mlflow") as pool:
+        pending = pool.submit(open_record, spec, None)
+        try:
+            ensure_ray(address)
+        except Exception as err:  # noqa: BLE001 - reported through the run (FAILED) by the caller
+            return pending.result(), err
+        return pending.result(), None
 
 
 def _fit_with_progress(trainer, channel: ChannelHandle, display: LiveProgress):
