@@ -10,10 +10,9 @@ Design choices:
   its own score block and softmax, and the two are merged exactly by their log-sum-exp (flash-attention style), so
   the result is the single softmax over concat(local, memory). Memory K/V are cast to q's dtype one kv-head chunk
   at a time.
-- Fast path (CPU inference, fp32, dense): when nothing needs a gradient, the local part and blocks of memory go
-  through torch's fused flash-attention CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`, which also
-  returns the log-sum-exp), merged exactly by log-sum-exp: no score tensor is materialised and memory is cast to
-  fp32 one block at a time. 8-layer D 512 model, 4k-token prefill on the busy 2-core CPU: see
+- Fast path (CPU inference, fp32, dense; `memory_attention_fused`): when nothing needs a gradient, the local part
+  and blocks of memory go through torch's fused flash-attention CPU kernel, merged exactly by log-sum-exp: no
+  score tensor is materialised and memory is cast to fp32 one block at a time. 8-layer D 512 model, 4k-token prefill on the busy 2-core CPU: see
   docs/performance.md. Everything else (training, top-k, FAISS, CUDA, fp64) takes the chunked path below.
 - Memory-efficient: the work is split into chunks of (query heads, queries) so that one chunk's score tensor stays
   near `SCORE_BUDGET_BYTES` (M = 64k keys, T = 1024, H = 8 runs in well under a GiB). Chunking is exact: each
@@ -38,13 +37,15 @@ from typing import NamedTuple
 
 import torch
 
+from fotlab.model.memory_attention_fused import can_fuse as _can_fuse
+from fotlab.model.memory_attention_fused import fold as _fold
+from fotlab.model.memory_attention_fused import fused_dense as _fused_dense
+
 MASKED_SCORE = -1e6
 SCORE_BUDGET_BYTES = 256 * 2**20  # target size of one chunk's score tensors
 TOPK_MEMORY_BLOCK = 32768  # memory slots scored at once by top-k retrieval
 FAISS_MIN_ROWS, FAISS_MIN_SLOTS = 1024, 16384  # from here "topk" searches with FAISS on CPU (see _faiss_wins)
 RETRIEVALS = ("dense", "topk", "faiss")
-FUSED_MEMORY_BLOCK = 16384  # memory slots per fused-kernel call (bounds the fp32 copy of memory keys/values)
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)  # -> (out, lse)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,6 @@ def _plan_chunks(q, n_kv_heads, n_local, n_mem, grouping, topk) -> _Chunking:
         n_heads = max(d for d in range(1, n_heads + 1) if group % d == 0)
     mem_block = n_mem if topk is None else min(n_mem, TOPK_MEMORY_BLOCK)
     return _Chunking(n_heads, min(n_queries, T), max(mem_block, 1))
-
-
-def _fold(x: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """(B, h, t, Dh) query heads of `n_kv` consecutive kv heads -> (B, n_kv, h / n_kv * t, Dh)."""
-    B, h, t, head_dim = x.shape
-    return x.reshape(B, n_kv, (h // n_kv) * t, head_dim)
 
 
 def _scores(qf, keys, scale, work_dtype) -> torch.Tensor:
@@ -295,63 +290,6 @@ def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, 
             weights = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk, scale,
                                      plan.mem_block)
             yield h0, h1, t0, t1, weights, v[:, kv0:kv1], mv
-
-
-def _can_fuse(q, k, v, local_mask, mem_k, mem_v, retrieval: str) -> bool:
-    """The fused CPU path applies: dense retrieval on fp32 CPU tensors outside autocast, no autograd (the fused kernel returns a
-    log-sum-exp without gradient) and every query sees at least one local key (so no row is fully masked)."""
-    if retrieval != "dense" or q.device.type != "cpu" or _FLASH_CPU is None:
-        return False
-    if any(t.dtype != torch.float32 for t in (q, k, v)) or torch.is_autocast_enabled("cpu"):
-        return False  # the kernel wants one dtype; under autocast the caller's tensors may be mixed
-    tensors = (q, k, v) if mem_k is None else (q, k, v, mem_k, mem_v)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return bool(local_mask.any(-1).all())
-
-
-def _merge_parts(out, lse, out_part, lse_part):
-    """Exact merge of two softmax parts by their log-sum-exps: out (..., R, Dh), lse (..., R)."""
-    total = torch.logaddexp(lse, lse_part)
-    return out * torch.exp(lse - total)[..., None] + out_part * torch.exp(lse_part - total)[..., None], total
-
-
-def _fused_dense(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale) -> torch.Tensor:
-    """Dense memory attention with torch's fused (flash) CPU kernel: no score tensor is materialised.
-
-    The local part (GQA heads repeated, causal or the given mask) and each block of `FUSED_MEMORY_BLOCK` memory
-    slots (queries folded per kv head, memory cast to fp32 one block at a time) are separate kernel calls whose
-    outputs are merged exactly by their log-sum-exps. Masks become -inf biases; a memory block with no valid slot
-    for a batch row contributes nothing to that row.
-    """
-    B, H, T, head_dim = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    group = H // n_kv
-    k_loc, v_loc = (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
-    if S == T and bool((local_mask == causal).all()):
-        out, lse = _FLASH_CPU(q, k_loc, v_loc, 0.0, True, scale=scale)  # (B, H, T, Dh), (B, H, T)
-    else:
-        bias = torch.zeros(local_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~local_mask, -math.inf)
-        out, lse = _FLASH_CPU(q, k_loc, v_loc, 0.0, False, attn_mask=bias, scale=scale)
-    if mem_k is None or mem_k.shape[2] == 0:
-        return out
-    out, lse = _fold(out, n_kv), lse.reshape(B, n_kv, group * T)  # (B, Hkv, G*T, Dh), (B, Hkv, G*T)
-    qf = _fold(q, n_kv)  # (B, Hkv, G*T, Dh)
-    for m0 in range(0, mem_k.shape[2], FUSED_MEMORY_BLOCK):
-        m1 = min(m0 + FUSED_MEMORY_BLOCK, mem_k.shape[2])
-        mk = mem_k[:, :, m0:m1].to(q.dtype).contiguous()  # (B, Hkv, m, Dh)
-        mv = mem_v[:, :, m0:m1].to(q.dtype).contiguous()
-        valid = None if mem_valid is None else mem_valid[:, m0:m1]  # (B, m)
-        if valid is None or bool(valid.all()):
-            part, part_lse = _FLASH_CPU(qf, mk, mv, 0.0, False, scale=scale)
-        else:
-            bias = torch.zeros(B, 1, 1, m1 - m0, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~valid[:, None, None, :], -math.inf)
-            part, part_lse = _FLASH_CPU(qf, mk, mv, 0.0, False, attn_mask=bias, scale=scale)
-            part_lse = part_lse.masked_fill(~valid.any(-1)[:, None, None], -math.inf)  # rows with no valid slot
-        out, lse = _merge_parts(out, lse, part, part_lse)
-    return out.reshape(B, H, T, head_dim)
 
 
 def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None,
