@@ -243,3 +243,19 @@ def test_rejects_bad_inputs():
         memory_attention(q[:, :3], k, v, local_mask, mem_k, mem_v, mem_valid)
     with pytest.raises(ValueError, match="mem_valid"):
         memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid[:, :3])
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_fused_cpu_path_equals_chunked_path_across_memory_blocks(monkeypatch, n_kv):
+    from fotlab.model import memory_attention_fused as fused
+
+    inputs = make_inputs(n_kv=n_kv, M=37, mem_dtype=torch.bfloat16)
+    inputs[6][1, 8:24] = False  # row 1: one whole memory block (8..15) and part of the next are invalid
+    monkeypatch.setattr(fused, "FUSED_MEMORY_BLOCK", 8)  # 5 memory blocks merged by log-sum-exp
+    assert fused.can_fuse(*inputs[:6], "dense")
+    out_fused = memory_attention(*inputs)
+    q = inputs[0].clone().requires_grad_(True)  # autograd needs the chunked path
+    assert not fused.can_fuse(q, *inputs[1:6], "dense")
+    out_chunked = memory_attention(q, *inputs[1:])
+    torch.testing.assert_close(out_fused, out_chunked.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_fused, brute_force(*inputs), atol=1e-6, rtol=1e-6)
