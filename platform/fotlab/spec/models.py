@@ -233,7 +233,8 @@ class TrackingSpec(StrictModel):
     artifact_root: str | None = Field(None, description="Artifact location for a new experiment (None = "
                                       "'mlartifacts' beside a sqlite db; the server's default otherwise).")
     run_name: str | None = Field(None, description="MLflow run name (None = MLflow's generated name).")
-    system_metrics: bool = Field(False, description="Also log CPU/GPU/memory system metrics.")
+    system_metrics: bool = Field(True, description="Log system metrics (CPU, memory, disk, network; GPU with "
+                                 "nvidia-ml-py) of the driver host every 10 s, as MLflow `system/...` metrics.")
     log_model: bool = Field(True, description="Log the final model directory (HF format) as run artifacts.")
 
 
