@@ -4,7 +4,10 @@ Protocol (per memory size m and sample, seeded):
 - A dictionary document from `fotlab.data.synthetic.dictionary_lookup_doc` (records `<k> k1..kK <v> v1..vV`,
   distinct keys, then queries `<q> k <v> v` for keys drawn from the whole dictionary). It holds
   n_defs = m // record_len definitions, i.e. about m definition tokens: `<bos>` + definitions stream through
-  memory in chunks of T tokens (`last_context_length=0`).
+  memory in windows of at most T tokens (`last_context_length=0`) that hold whole records only (T // record_len
+  records a window, the first one (T - 1) // record_len after `<bos>`). A record cut by a window boundary would
+  lose its key in the layers below the memory layer (they only see their own window), so the value tokens after
+  the cut could not be found by key whatever the memory does; aligned windows measure retrieval alone.
 - The first `n_queries` queries (at most T // record_len) then run as the local context, attending to memory.
 - Scored on value tokens with greedy argmax: `dict_lookup_acc` = whole values right (exact match of all V tokens),
   `dict_lookup_token_acc` = value tokens right.
@@ -39,6 +42,28 @@ def dictionary_sample(rng: np.random.Generator, memory_size: int, n_queries: int
     return ids[:n_def_tokens], queries, value_mask
 
 
+def record_windows(defs: list[int], record_len: int, window_len: int, bos: list[int]) -> list[list[int]]:
+    """bos + defs cut into windows of at most window_len tokens, each holding whole records (module docstring)."""
+    per_window = window_len // record_len
+    first = (window_len - len(bos)) // record_len
+    if per_window < 1 or first < 1:
+        raise ValueError(f"dictionary lookup: a {window_len}-token window holds no {record_len}-token record")
+    windows = [bos + defs[:first * record_len]]
+    step = per_window * record_len
+    windows += [defs[s:s + step] for s in range(first * record_len, len(defs), step)]
+    return [w for w in windows if w]
+
+
+@torch.no_grad()
+def stream_records(model, windows: list[list[int]], memory):
+    """Send each window (one forward of at most T tokens) into memory; returns the memory."""
+    device = model_device(model)
+    for window in windows:
+        ids = torch.tensor([window], dtype=torch.long, device=device)  # (1, <= T)
+        memory = stream_to_memory(model, ids, memory, ids.shape[1])
+    return memory
+
+
 @torch.no_grad()
 def score_queries(model, memory, queries: list[int], value_mask: list[int], value_len: int) -> tuple[int, int, int]:
     """(values all right, value tokens right, n values) of the queries run locally against memory."""
@@ -66,8 +91,7 @@ def dictionary_lookup_accuracy(model, tokenizer, cfg: DictionaryEvalSpec, *, out
         n_exact = n_tok = n_values = 0
         for _ in range(cfg.n_samples):
             defs, queries, value_mask = dictionary_sample(rng, m, n_queries, cfg.key_len, cfg.value_len)
-            ids = torch.tensor([bos + defs], dtype=torch.long, device=model_device(model))  # (1, 1 + m')
-            memory = stream_to_memory(model, ids, empty_memory(model), T)
+            memory = stream_records(model, record_windows(defs, record_len, T, bos), empty_memory(model))
             exact, tok, n = score_queries(model, memory, queries, value_mask, cfg.value_len)
             n_exact, n_tok, n_values = n_exact + exact, n_tok + tok, n_values + n
         metrics[dictionary_metric(m)] = n_exact / n_values
