@@ -16,6 +16,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import subprocess
 from collections.abc import Mapping
@@ -200,6 +201,7 @@ def _start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float
     except ImportError as exc:
         raise TrackingError(f"tracking.system_metrics needs the '{exc.name}' package "
                             f"(pip install {exc.name})") from None
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines around every run
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
     monitor.start()
     return monitor
