@@ -114,3 +114,20 @@ def test_checkpoint_every_ith_layer_same_gradients():
     _, ckpt = grads_of(model, ids, checkpointing=True)
     for name, grad in plain.items():
         assert torch.allclose(grad, ckpt[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_crossbatch_training_view_equals_inference_with_memory():
+    """FoT trains what it later runs: entry b seeing entry b-1 (the previous chunk of its document) through
+    crossbatch gives the same logits as reading that chunk into memory first and then the chunk itself."""
+    from fotlab.model.crossbatch import CrossBatch
+
+    torch.manual_seed(4)
+    config = preset_config("debug", mem_dtype="float32")  # bf16 memory would round the stored keys
+    model = FoTForCausalLM(config).eval()
+    T = config.last_context_length
+    doc = torch.randint(0, config.vocab_size, (1, 2 * T))
+    with torch.no_grad():
+        train_view = model(doc.view(2, T), crossbatch=CrossBatch(range=1, packing=2)).logits[1]
+        inference = model(doc, last_context_length=T)
+    assert inference.memory.n_tokens == T  # the first chunk went to memory, the second stayed local
+    torch.testing.assert_close(train_view, inference.logits[0, T:], atol=1e-5, rtol=1e-5)
