@@ -12,8 +12,8 @@ Design choices:
   at a time.
 - Fast path (CPU inference, fp32, dense; `memory_attention_fused`): when nothing needs a gradient, the local part
   and blocks of memory go through torch's fused flash-attention CPU kernel, merged exactly by log-sum-exp: no
-  score tensor is materialised and memory is cast to fp32 one block at a time. 8-layer D 512 model, 4k-token prefill on the busy 2-core CPU: see
-  docs/performance.md. Everything else (training, top-k, FAISS, CUDA, fp64) takes the chunked path below.
+  score tensor is materialised and memory is cast to fp32 one block at a time (speed: docs/performance.md).
+  Everything else (training, top-k, FAISS, CUDA, fp64) takes the chunked path below.
 - Memory-efficient: the work is split into chunks of (query heads, queries) so that one chunk's score tensor stays
   near `SCORE_BUDGET_BYTES` (M = 64k keys, T = 1024, H = 8 runs in well under a GiB). Chunking is exact: each
   chunk holds whole softmax rows.
