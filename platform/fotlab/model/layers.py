@@ -67,7 +67,11 @@ class FoTMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
+            return self.down_proj(F.silu(gate) * self.up_proj(x))
+        # Inference: activate and multiply in place (two fewer (tokens x intermediate) temporaries on long prompts).
+        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
 
 
 @dataclass
