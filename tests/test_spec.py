@@ -9,9 +9,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from fotlab.spec import (ExperimentSpec, SpecError, apply_overrides, flatten_spec, json_schema, load_spec,
-                         model_overrides, parse_spec, project_root, resolve_artifact_root, resolve_storage_path,
-                         resolve_tracking_uri, spec_to_yaml)
+from fotlab.spec import (ExperimentSpec, SpecError, apply_overrides, flatten_spec, is_sweep_file, json_schema,
+                         load_spec, model_overrides, parse_spec, project_root, resolve_artifact_root,
+                         resolve_storage_path, resolve_tracking_uri, spec_to_yaml)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"search_space", "base"}  # sweep specs (fotlab.spec.sweep) are checked by test_sweep_spec
@@ -122,6 +122,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: x\ntrain: [unclosed\n")
     with pytest.raises(SpecError, match="invalid YAML"):
         load_spec(bad)
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"name: x\n\x00\xd0\x9f\xff\xfe")  # e.g. a weights file passed by mistake
+    with pytest.raises(SpecError, match=r"not a text \(UTF-8\) spec file"):
+        load_spec(binary)
+    assert not is_sweep_file(binary)
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         load_spec(tmp_path / "list.yaml")

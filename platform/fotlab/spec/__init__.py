@@ -10,7 +10,7 @@ Modules: `models` (the sections), `checks` (cross-field rules), `io` (files, ove
 
 from fotlab.errors import FotlabError, SpecError
 from fotlab.spec.checks import looks_local, model_overrides, problems
-from fotlab.spec.io import (apply_overrides, flatten_spec, json_schema, load_spec, parse_spec, project_root,
+from fotlab.spec.io import (apply_overrides, flatten_spec, json_schema, load_spec, parse_spec, project_root, read_yaml,
                             resolve_artifact_root, resolve_storage_path, resolve_tracking_uri, spec_to_yaml)
 from fotlab.spec.sweep import ParamSpace, SchedulerSpec, SweepSpec, load_sweep, trial_spec
 from fotlab.spec.models import (CrossBatchSpec, CrossBatchSwitch, DataSpec, EvalSpec, ExperimentSpec, FailureSpec,
@@ -29,11 +29,10 @@ __all__ = [
 
 def is_sweep_file(path) -> bool:
     """True when the YAML at `path` is a sweep spec (has `search_space`), not an experiment spec."""
-    import yaml
     from pathlib import Path
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(Path(path))
+    except SpecError:  # unreadable: loading it as an experiment spec reports the problem
         return False
     return isinstance(data, dict) and "search_space" in data

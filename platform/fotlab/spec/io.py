@@ -141,11 +141,14 @@ def parse_spec(data: Any, source: str = "<spec>", check_paths: bool = True) -> E
 def read_yaml(path: Path, what: str = "spec") -> Any:
     """`yaml.safe_load` of a file ({} when empty); a missing file or bad YAML is a one-line `SpecError`."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: {what} file not found") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text (UTF-8) {what} file (byte {exc.start} is {exc.object[exc.start]:#04x})") \
+            from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
