@@ -105,10 +105,14 @@ def frame_documents(docs: Iterable[list[int]], bos_id: int | None, eos_id: int |
 
 
 def progress(items: Iterable, *, enabled: bool, description: str, total: int | None = None) -> Iterator:
-    """Iterate with a tqdm progress bar on stderr when enabled."""
+    """Iterate with a tqdm progress bar on stderr when enabled (redrawn every 0.1 s on a terminal; written as a
+    new line at most every 5 s otherwise, e.g. in a log file or from a Ray worker)."""
     if not enabled:
         yield from items
         return
+    import sys
+
     from tqdm.auto import tqdm
 
-    yield from tqdm(items, desc=description, total=total, leave=False)
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    yield from tqdm(items, desc=description, total=total, leave=False, mininterval=interval)
