@@ -101,8 +101,9 @@ class DistractionEvalSpec(_Strict):
 
 
 class DictionaryEvalSpec(_Strict):
-    """Dictionary lookup accuracy vs memory size (FOT_SPEC §3): key-value records stream through memory, then the
-    last chunk asks for values of random earlier keys; scored on the value tokens (greedy argmax)."""
+    """Dictionary lookup accuracy vs memory size (FOT_SPEC §3): key-value records stream through memory in windows
+    of whole records (no record cut at a window boundary), then the last chunk asks for values of random earlier
+    keys; scored on the value tokens (greedy argmax)."""
 
     memory_sizes: list[int] = Field([256, 1024, 4096], min_length=1,
                                     description="Tokens of dictionary definitions placed before the queries.")
