@@ -30,6 +30,9 @@ class FoTConfig(PretrainedConfig):
       last_context_length: tokens of a long input kept local (not sent to memory); overridable per call.
       mem_retrieval: "dense" | "topk" | "faiss"; mem_topk: k for top-k retrieval.
       mem_capacity: max memory slots per layer (FIFO eviction) or None (unbounded).
+      qk_norm: the paper's small-model variant (FOT_SPEC §1.3): queries and keys are L2-normalised per head
+        before RoPE and the attention logit is a learnable per-head temperature times their cosine (in every
+        layer; memory then stores the normalised keys). qk_norm_temperature: its initial value (our choice).
     LongLLaMA compatibility fields (accepted, stored): torch_attention, gradient_checkpoint_every_ith.
     """
 
@@ -63,6 +66,8 @@ class FoTConfig(PretrainedConfig):
         mem_retrieval: str = "dense",
         mem_topk: int = 128,
         mem_capacity: int | None = None,
+        qk_norm: bool = False,
+        qk_norm_temperature: float = 10.0,
         torch_attention: bool = True,
         gradient_checkpoint_every_ith: int = 1,
         **kwargs,
@@ -104,6 +109,8 @@ class FoTConfig(PretrainedConfig):
         self.mem_retrieval = mem_retrieval
         self.mem_topk = int(mem_topk)
         self.mem_capacity = mem_capacity
+        self.qk_norm = bool(qk_norm)
+        self.qk_norm_temperature = float(qk_norm_temperature)
         self.torch_attention = torch_attention
         self.gradient_checkpoint_every_ith = gradient_checkpoint_every_ith
         kwargs.pop("model_type", None)

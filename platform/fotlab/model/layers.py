@@ -111,13 +111,21 @@ class FoTAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:  # per-head temperature of the cosine logits (FOT_SPEC §1.3)
+            self.qk_temperature = nn.Parameter(torch.full((self.n_heads, 1, 1), config.qk_norm_temperature))
 
     def project(self, x: torch.Tensor, past_kv):
-        """q (B, H, T, Dh), new raw k/v (B, Hkv, T, Dh), and raw k/v over all S local keys (past + new)."""
+        """q (B, H, T, Dh), new raw k/v (B, Hkv, T, Dh), and raw k/v over all S local keys (past + new).
+
+        With qk_norm, q and k are unit vectors per head and q carries temperature * sqrt(Dh), so every attention
+        path keeps its default 1/sqrt(Dh) scale and computes logits = temperature * cos(q, k)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.config.qk_norm:
+            q = F.normalize(q, dim=-1) * (self.qk_temperature * self.head_dim**0.5).to(q.dtype)
+            k = F.normalize(k, dim=-1)
         if past_kv is None:
             return q, k, v, k, v
         k_all = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # (B, Hkv, S, Dh)

@@ -23,7 +23,7 @@ Problem = tuple[str, str]
 # ModelSpec / MemorySpec field -> FoTConfig keyword.
 _MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                 "tie_word_embeddings")
+                 "tie_word_embeddings", "qk_norm")
 _MEMORY_FIELDS = {"layers": "mem_layers", "retrieval": "mem_retrieval", "topk": "mem_topk", "dtype": "mem_dtype",
                   "positionals": "mem_positionals", "last_context_length": "last_context_length",
                   "capacity": "mem_capacity", "attention_grouping": "mem_attention_grouping"}

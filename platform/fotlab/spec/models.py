@@ -53,6 +53,8 @@ class ModelSpec(StrictModel):
     rms_norm_eps: float | None = Field(None, gt=0, description="RMSNorm epsilon (None = preset value).")
     tie_word_embeddings: bool | None = Field(None, description="Share input embedding and lm_head weights "
                                              "(None = preset value, untied by default).")
+    qk_norm: bool | None = Field(None, description="Cosine attention with a learnable per-head temperature "
+                                 "(the paper's small-model variant; None = preset/checkpoint value, off).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the model.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory "
                                          "(memory gradients stay exact).")
