@@ -1,4 +1,4 @@
-"""`python -m benchmarks [BENCHMARK ...] [--size full|tiny] [--repeats N] [--json PATH]`: run the suite.
+"""`python -m benchmarks [BENCHMARK ...] [--size full|tiny] [--device cpu|cuda] [--repeats N] [--json PATH]`: run the suite.
 
 Examples: `python -m benchmarks --size tiny` (smoke, ~1-2 min), `python -m benchmarks retrieval train_step`,
 `python -m benchmarks --repeats 5 --json bench.json`. Benchmarks: prefill, train_step, retrieval, overhead, growth,
@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="math threads per case (default 1: CPU time is then robust on a busy machine; 0 = "
                              "library defaults)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU variants of prefill, growth and train_step (bf16; wall seconds, peak GPU "
+                             "memory); the CPU-only comparisons are skipped")
     parser.add_argument("--json", dest="json_path", help="also write all samples, medians and ratios here")
     parser.add_argument("--quiet", action="store_true", help="no per-sample progress lines")
     parser.add_argument("--longllama-code", metavar="DIR",
@@ -44,8 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from benchmarks import longllama_ref
 
         longllama_ref.configure(args.longllama_code, args.longllama_python, args.longllama_ckpt)
-    cases = collect_cases(names, args.size)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cases = collect_cases(names, args.size, args.device, log)
     started = time.time()
     info = {**machine_info(), "threads_per_case": args.threads or "default"}
     records = run_cases(cases, args.repeats, log, args.threads or None)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{time.time() - started:.0f} s; machine: {info}")
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"machine": info, "size": args.size, "repeats": args.repeats, "threads": args.threads,
+            json.dump({"machine": info, "size": args.size, "device": args.device, "repeats": args.repeats, "threads": args.threads,
                        "records": records,
                        "started_unix": started, "finished_unix": time.time()}, f, indent=1)
     return records

@@ -54,3 +54,10 @@ def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tens
     """(batch, length) token ids, reproducible."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=gen)
+
+
+def to_device(model, device: str):
+    """`model` on `device`: unchanged on CPU (fp32, the CPU benchmarks' setting); bf16 weights on CUDA."""
+    if device == "cpu":
+        return model
+    return model.to(device=device, dtype=torch.bfloat16)

@@ -5,6 +5,9 @@ fotlab dense (the ratio baseline), fotlab top-k (k 128), fotlab FAISS (k 128; no
 implementation of the same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain full attention: a
 different, quadratic model, shown where it runs in reasonable time). Everything runs under inference_mode in
 fp32 with logits for the last position only; each case's process first runs a short warm-up prompt.
+
+`--device cuda`: the same cases except FAISS (a CPU library here) in bf16 weights on the GPU, LLaMA up to 64k
+(SDPA's fused kernels keep its memory linear), timed in wall seconds, with the allocator's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks import models
-from benchmarks.runner import Case, current_rss_mib, peak_rss_mib, timed
+from benchmarks.runner import Case, current_rss_mib, gpu_peak_mib, peak_rss_mib, timed_on
 
+DEVICES = ("cpu", "cuda")
 LENGTHS = {"full": [4096, 16384, 65536], "tiny": [256]}
 LLAMA_MAX_LEN = {"full": 16384, "tiny": 256}  # full attention beyond this takes many minutes per run on 2 cores
 NAIVE_MAX_LEN = {"full": 16384, "tiny": 256}
@@ -21,20 +25,22 @@ TOPK = {"full": 128, "tiny": 8}
 SLOW_LEN = 65536  # cases this long run once (max_repeats 1), dense and top-k only
 
 
-def cases(size: str) -> list[Case]:
+def cases(size: str, device: str = "cpu") -> list[Case]:
+    gpu = device != "cpu"
     out = []
     for length in LENGTHS[size]:
         group = f"{length // 1024}k tokens" if length >= 1024 else f"{length} tokens"
         variants = [("fotlab-dense", "dense"), ("fotlab-topk", "topk")]
-        if length < SLOW_LEN:
+        if length < SLOW_LEN and not gpu:
             variants.append(("fotlab-faiss", "faiss"))
         if length <= NAIVE_MAX_LEN[size]:
             variants.append(("naive-dense", "naive"))
-        if length <= LLAMA_MAX_LEN[size]:
+        if gpu or length <= LLAMA_MAX_LEN[size]:
             variants.append(("hf-llama", "llama"))
+        slow = length >= SLOW_LEN and not gpu
         for name, impl in variants:
             params = {"size": size, "length": length, "impl": impl, "topk": TOPK[size]}
-            out.append(Case("prefill", group, name, params, max_repeats=1 if length >= SLOW_LEN else None))
+            out.append(Case("prefill", group, name, params, max_repeats=1 if slow else None))
     return out
 
 
@@ -50,7 +56,7 @@ def _model(params: dict):
         naive.install()
     if impl == "llama":
         model = models.llama_twin(model, params["length"]).eval()
-    return model
+    return models.to_device(model, params.get("device", "cpu"))
 
 
 def prefill(model, ids: torch.Tensor) -> torch.Tensor:
@@ -61,15 +67,20 @@ def prefill(model, ids: torch.Tensor) -> torch.Tensor:
 
 def run(params: dict) -> dict:
     torch.manual_seed(0)
+    device = params.get("device", "cpu")
     model = _model(params)
     vocab = model.config.vocab_size
     window = models.SHAPES[params["size"]]["max_position_embeddings"]
     with torch.inference_mode():
-        prefill(model, models.random_ids(1, 2 * window, vocab, seed=1))  # warm-up: kernels, allocator
+        prefill(model, models.random_ids(1, 2 * window, vocab, seed=1).to(device))  # warm-up: kernels, allocator
         rss_before = current_rss_mib()
-        ids = models.random_ids(1, params["length"], vocab)
-        seconds, cpu_seconds, logits = timed(prefill, model, ids)
+        ids = models.random_ids(1, params["length"], vocab).to(device)
+        if device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        seconds, cpu_seconds, logits = timed_on(device, prefill, model, ids)
     assert torch.isfinite(logits).all()
     peak = peak_rss_mib()
     return {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak,
-            "prefill_rss_mib": peak - rss_before, "tokens_per_cpu_s": params["length"] / cpu_seconds}
+            "prefill_rss_mib": peak - rss_before, **gpu_peak_mib(device),
+            **({"tokens_per_cpu_s": params["length"] / cpu_seconds} if device == "cpu" else
+               {"tokens_per_s": params["length"] / seconds})}

@@ -69,6 +69,31 @@ def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
     return time.perf_counter() - t0, time.process_time() - c0, result
 
 
+def timed_on(device: str, fn, *args, **kwargs) -> tuple[float, float, object]:
+    """`timed` for work on `device`: on CUDA the queue is drained before and after, so wall time is the work's."""
+    if device == "cpu":
+        return timed(fn, *args, **kwargs)
+    import torch
+
+    torch.cuda.synchronize()
+
+    def run_and_sync():
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result
+
+    return timed(run_and_sync)
+
+
+def gpu_peak_mib(device: str) -> dict:
+    """{"peak_gpu_mib": ...}: the CUDA allocator's peak since the last reset (empty on CPU)."""
+    if device == "cpu":
+        return {}
+    import torch
+
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def thread_env(threads: int | None) -> dict:
     """Environment pinning the math libraries (OpenMP, MKL, torch, FAISS) to `threads` threads (None = defaults)."""
     if threads is None:
@@ -92,11 +117,21 @@ def run_in_subprocess(case: Case, threads: int | None = 1) -> dict:
     return json.loads(lines[-1])
 
 
-def collect_cases(names: list[str], size: str) -> list[Case]:
+def collect_cases(names: list[str], size: str, device: str = "cpu", log=print) -> list[Case]:
+    """The cases of benchmarks `names`. On `device` "cuda" only benchmarks that declare `DEVICES` with "cuda" run
+    (the others are CPU comparisons, e.g. against FAISS on CPU), each case gets params["device"], and the timed
+    metric becomes wall seconds (CPU time of the host says nothing about GPU work)."""
     cases = []
     for name in names:
         module = importlib.import_module(module_name(name))
-        cases.extend(module.cases(size))
+        if device == "cpu":
+            cases.extend(module.cases(size))
+            continue
+        if device not in getattr(module, "DEVICES", ("cpu",)):
+            log(f"{name}: skipped on {device} (a CPU benchmark)")
+            continue
+        for case in module.cases(size, device):
+            cases.append(dataclasses.replace(case, params={**case.params, "device": device}, metric="seconds"))
     return cases
 
 
@@ -144,7 +179,8 @@ def add_ratios(records: list[dict]) -> None:
 
 def format_table(records: list[dict]) -> str:
     """Plain-text table: one row per case, medians, spread and ratio to its group's first case."""
-    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {'CPU s':>10} {'min..max':>17} {'ratio':>6} " \
+    metric = "wall s" if records and all(rec["metric"] == "seconds" for rec in records) else "CPU s"
+    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {metric:>10} {'min..max':>17} {'ratio':>6} " \
              f"{'peak RSS MiB':>12} {'n':>2}  notes"
     rows = [header, "-" * len(header)]
     for rec in records:
@@ -155,15 +191,15 @@ def format_table(records: list[dict]) -> str:
         spread = f"{rec['min']:.3f}..{rec['max']:.3f}" if "min" in rec else "-"
         ratio = "-" if rec.get("ratio") is None else f"{rec['ratio']:.2f}x"
         rss = f"{med['peak_rss_mib']:.0f}" if "peak_rss_mib" in med else "-"
-        notes = "; ".join(rec["errors"][:1]) or _notes(med)
+        notes = "; ".join(rec["errors"][:1]) or _notes(med, rec["metric"])
         rows.append(f"{rec['benchmark']:<11} {rec['group']:<22} {rec['name']:<22} {shown:>10} {spread:>17} "
                     f"{ratio:>6} {rss:>12} {rec['n_ok']:>2}  {notes}")
     return "\n".join(rows)
 
 
-def _notes(median: dict) -> str:
+def _notes(median: dict, metric: str) -> str:
     """Extra metrics worth a glance (everything numeric except the standard columns)."""
-    skip = {"cpu_seconds", "peak_rss_mib"}
+    skip = {"cpu_seconds", "peak_rss_mib", metric}
     return " ".join(f"{k}={v:.4g}" for k, v in median.items() if k not in skip)[:120]
 
 

@@ -35,6 +35,19 @@ def test_tiny_prefill_and_growth_run():
     assert metrics["mem_tokens"] == 256 - 32  # everything but the last local context goes to memory
 
 
+def test_cuda_cases_time_wall_seconds_and_skip_cpu_only_benchmarks():
+    """`--device cuda` (collected here without a GPU: nothing runs): GPU variants, wall-clock metric, device param."""
+    skipped = []
+    cases = runner.collect_cases(["prefill", "train_step", "retrieval", "overhead"], "tiny", "cuda", skipped.append)
+    assert {case.benchmark for case in cases} == {"prefill", "train_step"}
+    assert len(skipped) == 2 and all("skipped on cuda" in line for line in skipped)
+    assert all(case.params["device"] == "cuda" and case.metric == "seconds" for case in cases)
+    assert "fotlab-faiss" not in {case.name for case in cases}  # FAISS is a CPU library here
+    assert "fotlab-crossbatch-flex" in {case.name for case in cases if case.benchmark == "train_step"}
+    assert all(case.metric == "cpu_seconds" and "device" not in case.params
+               for case in runner.collect_cases(["prefill"], "tiny"))
+
+
 def test_retrieval_implementations_agree():
     params = {"n_keys": 4096, "n_queries": 32, "head_dim": 32, "k": 8}
     queries, keys = retrieval.data(params)
