@@ -259,3 +259,56 @@ def test_fused_cpu_path_equals_chunked_path_across_memory_blocks(monkeypatch, n_
     out_chunked = memory_attention(q, *inputs[1:])
     torch.testing.assert_close(out_fused, out_chunked.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out_fused, brute_force(*inputs), atol=1e-6, rtol=1e-6)
+
+
+def _all_valid_causal_inputs(device, dtype, n_kv):
+    """Inputs the fused CUDA path takes: causal local mask aligned to the last key, every memory slot valid."""
+    q, k, v, _, mem_k, mem_v, mem_valid = make_inputs(n_kv=n_kv, M=37, mem_dtype=torch.bfloat16)
+    T, S = q.shape[2], k.shape[2]
+    local_mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].expand(q.shape[0], 1, T, S)
+    inputs = (q.to(dtype), k.to(dtype), v.to(dtype), local_mask, mem_k, mem_v, torch.ones_like(mem_valid))
+    return tuple(x.to(device) for x in inputs)
+
+
+@pytest.mark.parametrize("n_kv", [4, 1])
+def test_lower_right_sdpa_equals_chunked_path(n_kv):
+    """[memory; local] under one causal mask aligned to the last key is the same softmax (run here on CPU)."""
+    from fotlab.model import memory_attention_fused as fused
+
+    q, k, v, local_mask, mem_k, mem_v, mem_valid = _all_valid_causal_inputs("cpu", torch.float32, n_kv)
+    q = q.requires_grad_(True)  # keeps memory_attention on the chunked path
+    want = memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid)
+    got = fused.sdpa_lower_right(q, k, v, mem_k, mem_v, 1 / math.sqrt(q.shape[-1]))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.sdpa_lower_right(q, k, v, None, None, 0.3),
+                               memory_attention(q, k, v, local_mask, None, None, None, scale=0.3), atol=1e-6, rtol=1e-6)
+    assert not fused.can_fuse_cuda(q, local_mask, mem_valid, "dense")  # CPU: the CPU paths apply
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_cuda_fused_path_matches_cpu_fp64(dtype, n_kv):
+    """On CUDA the fused SDPA path is taken and agrees with brute force in fp64 on CPU (forward and gradient);
+    padded memory still takes the chunked path there and agrees too."""
+    from fotlab.model import memory_attention_fused as fused
+
+    inputs = _all_valid_causal_inputs("cuda", dtype, n_kv)
+    assert fused.can_fuse_cuda(inputs[0], inputs[3], inputs[6], "dense")
+    q = inputs[0].clone().requires_grad_(True)
+    out = memory_attention(q, *inputs[1:])
+    out.float().square().sum().backward()
+    ref_q = inputs[0].detach().cpu().double().requires_grad_(True)
+    ref_rest = [x.cpu().double() if x.is_floating_point() else x.cpu() for x in inputs[1:]]
+    ref = brute_force(ref_q, *ref_rest)
+    ref.square().sum().backward()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(q.grad.cpu().double(), ref_q.grad, atol=5 * tol, rtol=5 * tol)
+    padded = list(inputs)
+    padded[6] = padded[6].clone()
+    padded[6][1, 5:9] = False
+    assert not fused.can_fuse_cuda(padded[0], padded[3], padded[6], "dense")
+    ref_rest[5] = padded[6].cpu()
+    torch.testing.assert_close(memory_attention(*padded).cpu().double(),
+                               brute_force(inputs[0].cpu().double(), *ref_rest), atol=tol, rtol=tol)

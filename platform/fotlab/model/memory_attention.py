@@ -13,7 +13,9 @@ Design choices:
 - Fast path (CPU inference, fp32, dense; `memory_attention_fused`): when nothing needs a gradient, the local part
   and blocks of memory go through torch's fused flash-attention CPU kernel, merged exactly by log-sum-exp: no
   score tensor is materialised and memory is cast to fp32 one block at a time (speed: docs/performance.md).
-  Everything else (training, top-k, FAISS, CUDA, fp64) takes the chunked path below.
+- Fast path (CUDA, dense, all memory valid, causal local mask; also under autograd): one fused SDPA call over keys
+  [memory; local] with a causal mask aligned to the last key (`memory_attention_fused.sdpa_lower_right`).
+  Everything else (CPU training, top-k, FAISS, padded memory, fp64) takes the chunked path below.
 - Memory-efficient: the work is split into chunks of (query heads, queries) so that one chunk's score tensor stays
   near `SCORE_BUDGET_BYTES` (M = 64k keys, T = 1024, H = 8 runs in well under a GiB). Chunking is exact: each
   chunk holds whole softmax rows.
@@ -38,8 +40,10 @@ from typing import NamedTuple
 import torch
 
 from fotlab.model.memory_attention_fused import can_fuse as _can_fuse
+from fotlab.model.memory_attention_fused import can_fuse_cuda as _can_fuse_cuda
 from fotlab.model.memory_attention_fused import fold as _fold
 from fotlab.model.memory_attention_fused import fused_dense as _fused_dense
+from fotlab.model.memory_attention_fused import sdpa_lower_right as _sdpa_lower_right
 
 MASKED_SCORE = -1e6
 SCORE_BUDGET_BYTES = 256 * 2**20  # target size of one chunk's score tensors
@@ -312,10 +316,13 @@ def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval=
     """
     _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk)
     n_mem = 0 if mem_k is None else mem_k.shape[2]
-    if _can_fuse(q, k, v, local_mask, mem_k, mem_v, "dense" if n_mem == 0 or topk is None or topk >= n_mem
-                 else retrieval):
+    effective = "dense" if n_mem == 0 or topk is None or topk >= n_mem else retrieval
+    if _can_fuse(q, k, v, local_mask, mem_k, mem_v, effective):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         return _fused_dense(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale)
+    if _can_fuse_cuda(q, local_mask, mem_valid, effective):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _sdpa_lower_right(q, k, v, mem_k, mem_v, scale)
     B, H, T, head_dim = q.shape
     out = q.new_empty(B, H, T, head_dim)
     for h0, h1, t0, t1, cw, v_loc, mv in _iter_chunks(

@@ -1,8 +1,15 @@
-"""The fused CPU path of memory attention (dense retrieval, fp32, inference): torch's flash-attention CPU kernel
-(`_scaled_dot_product_flash_attention_for_cpu`, which also returns the log-sum-exp) over the local part and over
-blocks of memory, merged exactly by log-sum-exp, so no score tensor is materialised and memory is cast to fp32 one
-block at a time. `fotlab.model.memory_attention.memory_attention` takes this path when `can_fuse` allows; both
-compute the same single softmax over local + memory keys (FOT_SPEC §1).
+"""Fused paths of memory attention (dense retrieval), taken by `fotlab.model.memory_attention.memory_attention`
+when their conditions hold; each computes the same single softmax over local + memory keys (FOT_SPEC §1).
+
+- CPU (fp32, inference; `can_fuse` / `fused_dense`): torch's flash-attention CPU kernel
+  (`_scaled_dot_product_flash_attention_for_cpu`, which also returns the log-sum-exp) over the local part and over
+  blocks of memory, merged exactly by log-sum-exp, so no score tensor is materialised and memory is cast to fp32
+  one block at a time.
+- CUDA (`can_fuse_cuda` / `sdpa_lower_right`): with every memory slot valid and the usual causal local mask,
+  "all memory visible, local keys causal" is ONE causal pattern over the keys [memory; local], aligned to the last
+  key (`causal_lower_right`), which torch's fused CUDA kernels (flash, memory-efficient) run without a mask tensor
+  or a score matrix, forward and backward. Costs one copy of memory into the key tensor per call (memory-bound,
+  small beside the attention itself).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 FUSED_MEMORY_BLOCK = 16384  # memory slots per fused-kernel call (bounds the fp32 copy of memory keys/values)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)  # -> (out, lse)
@@ -77,3 +86,36 @@ def fused_dense(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale) -> torch.Te
             part_lse = part_lse.masked_fill(~valid.any(-1)[:, None, None], -math.inf)  # rows with no valid slot
         out, lse = _merge_parts(out, lse, part, part_lse)
     return out.reshape(B, H, T, head_dim)
+
+
+def _is_lower_right_causal(local_mask: torch.Tensor) -> bool:
+    """local_mask (B, 1|H, T, S) is the causal pattern aligned to the last key (query t sees keys <= S - T + t)."""
+    T, S = local_mask.shape[-2:]
+    causal = torch.ones(T, S, dtype=torch.bool, device=local_mask.device).tril(S - T)
+    return S >= T and bool((local_mask == causal).all())
+
+
+def can_fuse_cuda(q, local_mask, mem_valid, retrieval: str) -> bool:
+    """The fused CUDA path applies: dense retrieval on CUDA, no invalid memory slot, and the local mask is the
+    causal pattern aligned to the last key (prefill segments, cached decoding)."""
+    if retrieval != "dense" or q.device.type != "cuda":
+        return False
+    if mem_valid is not None and not bool(mem_valid.all()):
+        return False
+    return _is_lower_right_causal(local_mask)
+
+
+def sdpa_lower_right(q, k, v, mem_k, mem_v, scale) -> torch.Tensor:
+    """Dense memory attention as one fused SDPA call over keys [memory; local] with a lower-right causal mask.
+
+    q (B, H, T, Dh); k, v (B, Hkv, S, Dh) local (rotated keys); mem_k, mem_v (B, Hkv, M, Dh) or None. Every memory
+    slot must be valid and the local mask causal aligned to the last key (`can_fuse_cuda`). Runs on any device
+    (the tests check it on CPU); worth it on CUDA, where the pattern needs no mask tensor.
+    """
+    if mem_k is not None and mem_k.shape[2] > 0:
+        k = torch.cat([mem_k.to(q.dtype), k], dim=2)
+        v = torch.cat([mem_v.to(q.dtype), v], dim=2)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale)
