@@ -35,7 +35,13 @@ links=()
 for d in $("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true); do
   [ -d "$d" ] && links+=(--find-links "$d")
 done
-"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" -e '.[dev]'
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${links[@]}" --compile-bytecode -e '.[dev]'
+
+# Bytecode for everything installed and for fotlab itself, written once here: uv skips packages it did not install
+# this time, and where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) nothing is ever cached, so every Ray
+# worker process would compile transformers, MLflow & co. from source again (several seconds per process).
+"$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+  platform >/dev/null 2>&1 || true
 
 echo "$want" > "$stamp"
 echo "fotlab installed in $VENV"
