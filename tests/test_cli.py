@@ -67,6 +67,20 @@ def test_validate_reports_one_line_per_bad_spec(tmp_path):
     assert f"{good}: ok (quickstart)" in proc.stdout
 
 
+def test_console_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """`fotlab` ends with os._exit after the command: output flushed, exit handlers run, exit code kept."""
+    code = ("import atexit, sys; atexit.register(print, 'exit handler ran'); "
+            "sys.argv = ['fotlab', 'validate', sys.argv[1]]; from fotlab.cli import entry; entry()")
+    good = subprocess.run([sys.executable, "-c", code, str(REPO / "experiments" / "quickstart.yaml")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.splitlines() == [f"{REPO / 'experiments' / 'quickstart.yaml'}: ok (quickstart)",
+                                        "exit handler ran"]
+    bad = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.yaml")], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1 and "missing.yaml" in bad.stderr and bad.stdout == "exit handler ran\n"
+
+
 @pytest.mark.slow
 def test_run_with_a_bad_spec_is_one_line_without_traceback(tmp_path):
     bad = _write(tmp_path / "bad.yaml", BAD_SPECS["crossbatch.yaml"][0])

@@ -221,5 +221,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `fotlab` console script: `main()`, then a fast exit.
+
+    Once the command has returned (its output printed), Ray is shut down (a local cluster stopped), the other
+    threads are joined and the exit handlers have run (MLflow's, logging's flush); what remains of a normal exit
+    is tearing the interpreter down module by module: about 1.5 s with torch, Ray and MLflow loaded, for nothing.
+    The process ends there instead.
+    """
+    code = main()
+    import atexit
+    import os
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # now, not from Ray's exit hook, which first waits 0.5 s for late worker log lines
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit would run, run now
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
