@@ -33,6 +33,32 @@ def test_one_worker_ray_run_is_tracked_end_to_end(ray_session, tiny_corpus, tmp_
     assert outcome.checkpoint == str(run_dir / "step-00000004")
 
 
+@pytest.mark.timeout(120)
+def test_train_coordinator_is_started_ahead_of_the_controller(ray_session):
+    """start_train_coordinator() brings up Ray Train's (detached, named) autoscaling coordinator by itself."""
+    import ray
+
+    from fotlab.orchestrate.cluster import start_train_coordinator
+
+    def coordinator():
+        try:
+            return ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            return None
+
+    if coordinator() is not None:  # left by an earlier Ray run of this session
+        ray.kill(coordinator(), no_restart=True)
+        deadline = time.time() + 30
+        while coordinator() is not None and time.time() < deadline:
+            time.sleep(0.2)
+    assert coordinator() is None
+    start_train_coordinator()
+    deadline = time.time() + 60
+    while coordinator() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert coordinator() is not None
+
+
 @pytest.mark.timeout(600)
 def test_ray_run_resumes_from_its_ray_checkpoint_into_the_same_mlflow_run(
     ray_session, tiny_corpus, tmp_path, mlflow_uri

@@ -230,19 +230,29 @@ def run_experiment(
 
 
 def _open_record_while_ray_starts(spec, address: str | None):
-    """Create the MLflow run in a thread while Ray starts here, so a new sqlite store's schema migrations (~5 s)
-    overlap Ray's start instead of adding to it. Returns (record, the error Ray's start raised or None)."""
+    """Create the MLflow run, and import what `build_trainer` needs (Ray Train's torch trainer imports torch), in
+    threads while Ray starts here: `ray.init` mostly waits for Ray's processes to come up, so a new sqlite store's
+    schema migrations (~5 s) and those imports (~2 s) overlap it instead of adding to it. Returns (record, the
+    error Ray's start raised or None)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fotlab.orchestrate.cluster import ensure_ray
+    from fotlab.orchestrate.cluster import ensure_ray, start_train_coordinator
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fotlab-mlflow") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fotlab-setup") as pool:
         pending = pool.submit(open_record, spec, None)
+        pool.submit(_import_trainer_modules)  # an import error resurfaces in build_trainer, where it belongs
         try:
             ensure_ray(address)
         except Exception as err:  # noqa: BLE001 - reported through the run (FAILED) by the caller
             return pending.result(), err
+        start_train_coordinator()
         return pending.result(), None
+
+
+def _import_trainer_modules() -> None:
+    import ray.train.torch  # noqa: F401
+
+    import fotlab.orchestrate.worker  # noqa: F401
 
 
 def _fit_with_progress(trainer, channel: ChannelHandle, display: LiveProgress):
