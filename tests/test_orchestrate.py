@@ -113,7 +113,7 @@ def interrupt_after_first_checkpoint(storage: Path, signum: int = signal.SIGINT)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri, signum):
-    n_steps = 30  # enough steps that the stop (polled every 5) lands mid-run
+    n_steps = 200  # enough steps that the stop (polled every 5) lands mid-run: a tiny step takes ~5 ms here
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
     interrupt_after_first_checkpoint(tmp_path / "runs", signum)
     with pytest.raises(RunInterruptedError) as caught:
