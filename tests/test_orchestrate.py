@@ -97,6 +97,10 @@ def test_failure_at_runtime_marks_the_run_failed(tiny_corpus, tmp_path, mlflow_u
 
 def interrupt_after_first_checkpoint(storage: Path, signum: int = signal.SIGINT) -> threading.Thread:
     """Press Ctrl-C (SIGINT to this process; or send `signum`) once the run has written its first checkpoint."""
+    if signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+        # give this process Python's usual Ctrl-C behaviour (call from the main thread).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         deadline = time.time() + 240
