@@ -68,8 +68,10 @@ def test_validate_reports_one_line_per_bad_spec(tmp_path):
 
 
 def test_console_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
-    """`fotlab` ends with os._exit after the command: output flushed, exit handlers run, exit code kept."""
-    code = ("import atexit, sys; atexit.register(print, 'exit handler ran'); "
+    """`fotlab` ends with os._exit after the command: output flushed, exit handlers run, exit code kept, and idle
+    thread-pool workers (MLflow, `fotlab results`) do not keep it waiting."""
+    code = ("import atexit, sys, concurrent.futures; atexit.register(print, 'exit handler ran'); "
+            "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(int).result(); "  # an idle worker thread
             "sys.argv = ['fotlab', 'validate', sys.argv[1]]; from fotlab.cli import entry; entry()")
     good = subprocess.run([sys.executable, "-c", code, str(REPO / "experiments" / "quickstart.yaml")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -237,10 +237,13 @@ def entry() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # now, not from Ray's exit hook, which first waits 0.5 s for late worker log lines
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit would run, run now
+    shutdown_threads = getattr(threading, "_shutdown", None)
+    if shutdown_threads is None:  # not CPython as we know it: a normal exit
+        sys.exit(code)
+    # What interpreter exit does, in its order: thread-exit hooks (they stop e.g. thread-pool workers), then join
+    # the non-daemon threads, then the atexit handlers.
+    shutdown_threads()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
