@@ -10,7 +10,10 @@ Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
   A URL `path` (s3://, gs://, https://) is handed to `datasets` (fsspec) unchecked; local paths must exist.
 - "hf": a dataset directory saved with `Dataset.save_to_disk`, or any name/path `datasets.load_dataset` accepts
   (`path` or `name`, with `config`, `data_dir`, `split`, `streaming`); hub names need network.
-Synthetic kinds ("dictionary_lookup", "passkey") live in `fotlab.data.synthetic`.
+- "repeat": natural text with exact long-range repeats (`fotlab.data.synthetic.repeat_document`): `n_docs`
+  documents of `doc_len` characters in spans of `span_len`, cut from the ASCII files of the embedded corpus (or of
+  `path` + `glob`), with `repeat_prob`, `max_gap` and `seed`.
+Synthetic token-id kinds ("dictionary_lookup", "passkey") are built in `fotlab.data.build` from the run seed.
 """
 
 from __future__ import annotations
@@ -184,7 +187,29 @@ def load_hf(source, index=None, cache_dir=None):
     return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
 
 
-RAW_LOADERS = {"local": load_local, "jsonl": load_jsonl, "parquet": load_parquet, "hf": load_hf}
+def load_repeat(source, index=None, cache_dir=None):
+    """Repeated-span documents cut from the embedded corpus, or from the files under `path` matching `glob`."""
+    from fotlab.data.synthetic import repeat_dataset
+
+    if getattr(source, "path", None):
+        root = _existing_path(source, index)
+        pattern = getattr(source, "glob", None) or "**/*.txt"
+        files = [str(f) for f in root.glob(pattern) if f.is_file()] if root.is_dir() else [str(root)]
+    else:
+        root = stdlib_root()
+        files = [str(root / rel) for rel in embedded_files(root)]
+    if not files:
+        raise FileNotFoundError(f"{source_label(source, index)}: no base text files for the repeated spans")
+    n_docs = getattr(source, "n_docs", None) or getattr(source, "max_docs", None) or 64
+    try:
+        return repeat_dataset(files, int(n_docs), int(getattr(source, "doc_len", 768)),
+                              int(getattr(source, "span_len", 64)), float(getattr(source, "repeat_prob", 1.0)),
+                              int(getattr(source, "max_gap", 1)), int(getattr(source, "seed", 0)), cache_dir)
+    except ValueError as exc:
+        raise ValueError(f"{source_label(source, index)}: {exc}") from None
+
+
+RAW_LOADERS = {"local": load_local, "jsonl": load_jsonl, "parquet": load_parquet, "hf": load_hf, "repeat": load_repeat}
 
 
 def load_raw_source(source, index: int | None = None, cache_dir: str | None = None):

@@ -1,4 +1,4 @@
-"""Synthetic tasks (FOT_SPEC §3): dictionary lookup documents and passkey prompts.
+"""Synthetic tasks (FOT_SPEC §3): dictionary lookup documents, passkey prompts, and repeated-span text.
 
     python -c "from fotlab.data.synthetic import passkey_prompt; print(passkey_prompt(1234, 300, 0.5).prompt)"
 
@@ -11,10 +11,17 @@ Dictionary lookup (token ids, no tokenizer involved; task vocabulary of `DICT_VO
 Passkey (text; the Landmark Attention prompt used by the FoT paper):
 - `passkey_prompt(key, n_filler_chars, depth)` builds the prompt; `passkey_prompt_for_tokens` picks the filler
   length for a target number of tokens. Training documents are prompt + answer with loss on the answer only.
+Repeated spans (text; natural text with exact long-range repeats, for learning and measuring retrieval):
+- a document is doc_len // span_len spans of span_len characters. The first is a slice of a base text; each next
+  one is, with probability repeat_prob, a copy of the span `gap` spans back (gap log-uniform in 1..max_gap, so every
+  octave of distance is equally common), else a fresh slice. repeat_prob 1, max_gap 1 gives one slice repeated:
+  every local context of span_len tokens then has an exact copy in the previous one (cross-context copying).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import datasets
@@ -80,6 +87,54 @@ def dictionary_lookup_dataset(n_docs: int, doc_len: int = 512, key_len: int = 4,
     kwargs = {"seed": seed, "n_docs": n_docs, "doc_len": doc_len, "key_len": key_len, "value_len": value_len}
     return datasets.Dataset.from_generator(_dictionary_rows, features=features, gen_kwargs=kwargs,
                                            cache_dir=cache_dir)
+
+
+# ---- repeated spans -------------------------------------------------------------------------------------
+def repeat_document(rng: np.random.Generator, texts: list[str], doc_len: int, span_len: int = 64,
+                    repeat_prob: float = 1.0, max_gap: int = 1) -> str:
+    """One document of doc_len // span_len spans (at least 1) cut from `texts` (each >= span_len characters)."""
+    if span_len <= 0 or doc_len < span_len:
+        raise ValueError(f"repeat: doc_len={doc_len} must be >= span_len={span_len} > 0")
+    spans: list[str] = []
+    for i in range(doc_len // span_len):
+        if i > 0 and rng.random() < repeat_prob:
+            top = min(max_gap, i)
+            gap = min(int(np.exp(rng.uniform(0.0, np.log(top + 1)))), top)  # log-uniform on 1..top
+            spans.append(spans[i - gap])
+        else:
+            text = texts[int(rng.integers(len(texts)))]
+            start = int(rng.integers(0, len(text) - span_len + 1))
+            spans.append(text[start:start + span_len])
+    return "".join(spans)
+
+
+def _repeat_rows(paths: str, seed: int, n_docs: int, doc_len: int, span_len: int, repeat_prob: float,
+                 max_gap: int, stamp: str = ""):  # stamp: the files' sizes and mtimes, only for the cache key
+    texts = [t for t in (_read_text(p) for p in paths.split("\n")) if len(t) >= span_len and t.isascii()]
+    rng = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
+    for i in range(n_docs):
+        yield {"text": repeat_document(rng, texts, doc_len, span_len, repeat_prob, max_gap),
+               "key": f"repeat/{seed}/{i}"}
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def repeat_dataset(paths: list[str], n_docs: int, doc_len: int = 768, span_len: int = 64, repeat_prob: float = 1.0,
+                   max_gap: int = 1, seed: int = 0, cache_dir: str | None = None) -> datasets.Dataset:
+    """n_docs repeated-span documents (columns text, key) cut from the ASCII files among `paths`; deterministic."""
+    features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
+    if span_len <= 0 or doc_len < span_len:
+        raise ValueError(f"repeat: doc_len={doc_len} must be >= span_len={span_len} > 0")
+    paths = sorted(paths)
+    if not any(os.stat(p).st_size >= span_len and _read_text(p).isascii() for p in paths):
+        raise ValueError(f"repeat: no ASCII base text of >= {span_len} characters among {len(paths)} files")
+    stamp = hashlib.sha1(repr([(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]).encode()).hexdigest()
+    kwargs = {"paths": "\n".join(paths), "stamp": stamp, "seed": seed, "n_docs": n_docs, "doc_len": doc_len,
+              "span_len": span_len, "repeat_prob": repeat_prob, "max_gap": max_gap}  # paths as one string: lists are sharded
+    return datasets.Dataset.from_generator(_repeat_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
 
 
 # ---- passkey --------------------------------------------------------------------------------------------

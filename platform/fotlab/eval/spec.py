@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SourceKind = Literal["validation", "embedded", "local", "jsonl", "parquet", "hf"]
+SourceKind = Literal["validation", "embedded", "local", "jsonl", "parquet", "hf", "repeat"]
 PplMode = Literal["single_doc", "multi_doc"]
 
 
@@ -24,14 +24,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class EvalSourceSpec(_Strict):
+class RepeatSourceFields(_Strict):
+    """Fields of the synthetic "repeat" source (shared by training and evaluation sources): natural text with
+    exact long-range repeats, cut from the embedded corpus (or from `path` + `glob`); `fotlab.data.synthetic`."""
+
+    doc_len: int = Field(512, gt=0, description="Synthetic tasks: document length in tokens (repeat: characters, "
+                         "one token each with the byte tokenizer).")
+    span_len: int = Field(64, gt=0, description="repeat: characters per span (a repeat copies a whole span).")
+    repeat_prob: float = Field(1.0, ge=0.0, le=1.0, description="repeat: probability that a span (after the "
+                               "first) copies an earlier span instead of being a fresh slice.")
+    max_gap: int = Field(1, ge=1, description="repeat: a copy repeats the span 1..max_gap spans back (log-uniform); "
+                         "1 with repeat_prob 1 repeats one slice through the whole document.")
+    seed: int = Field(0, ge=0, description="repeat: generator seed (the documents do not depend on the run seed).")
+
+    @model_validator(mode="after")
+    def _span_fits(self):
+        if getattr(self, "kind", None) == "repeat" and self.doc_len < self.span_len:
+            raise ValueError(f"repeat: doc_len ({self.doc_len}) must be >= span_len ({self.span_len})")
+        return self
+
+
+class EvalSourceSpec(RepeatSourceFields):
     """Where an evaluation reads its documents from."""
 
     kind: SourceKind = Field("validation", description=(
         "'validation': the experiment's held-out validation documents (data.validation_docs); 'embedded': the "
         "built-in offline corpus; 'local': a directory of text files (path + glob); 'jsonl' / 'parquet': a file "
-        "with a text field; 'hf': a Hugging Face dataset (name, config, split)."))
-    path: str | None = Field(None, description="Directory or file for kind local / jsonl / parquet.")
+        "with a text field; 'hf': a Hugging Face dataset (name, config, split); 'repeat': max_docs synthetic "
+        "documents with exact long-range repeats (doc_len, span_len, repeat_prob, max_gap, seed)."))
+    path: str | None = Field(None, description="Directory or file for kind local / jsonl / parquet (repeat: the "
+                             "base text files, default the embedded corpus).")
     glob: str = Field("**/*.txt", description="File pattern under `path` for kind 'local' (each file one document).")
     text_field: str = Field("text", description="Field holding the document text (jsonl / parquet / hf).")
     name: str | None = Field(None, description="Hugging Face dataset name for kind 'hf'.")

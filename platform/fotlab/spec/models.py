@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fotlab.eval.spec import EvalSpec  # the eval section is owned by fotlab.eval (pure pydantic)
+from fotlab.eval.spec import EvalSpec, RepeatSourceFields  # the eval section is owned by fotlab.eval (pure pydantic)
 
 __all__ = [
     "StrictModel", "ModelSpec", "MemorySpec", "SourceSpec", "TokenizerSpec", "DataSpec", "CrossBatchSwitch",
@@ -25,7 +25,7 @@ __all__ = [
     "ScalingSpec", "StorageSpec", "FailureSpec", "TrackingSpec", "ExperimentSpec",
 ]
 
-SourceKind = Literal["embedded", "local", "jsonl", "parquet", "hf", "dictionary_lookup", "passkey"]
+SourceKind = Literal["embedded", "local", "jsonl", "parquet", "hf", "dictionary_lookup", "passkey", "repeat"]
 
 
 class StrictModel(BaseModel):
@@ -82,12 +82,13 @@ class MemorySpec(StrictModel):
                                                        "(heads, queries) to bound peak memory (None = kernel default).")
 
 
-class SourceSpec(StrictModel):
+class SourceSpec(StrictModel, RepeatSourceFields):
     """One corpus source; several sources are mixed by weight."""
 
     kind: SourceKind = Field("embedded", description="embedded: the small corpus shipped with fotlab (no network); "
                              "local: a directory + glob, one document per file; jsonl/parquet: files with a text "
-                             "field; hf: a Hugging Face dataset; dictionary_lookup/passkey: synthetic tasks.")
+                             "field; hf: a Hugging Face dataset; dictionary_lookup/passkey: synthetic tasks; repeat: "
+                             "natural text with exact long-range repeats (span_len, repeat_prob, max_gap, seed).")
     path: str | None = Field(None, description="local/jsonl/parquet: a file or directory (checked to exist unless "
                              "it is a URL like s3://...); relative paths are relative to the working directory.")
     glob: str = Field("**/*.txt", description="Files to read under a directory `path` (local: each file one "
@@ -104,7 +105,6 @@ class SourceSpec(StrictModel):
     min_doc_tokens: int = Field(0, ge=0, description="Drop documents shorter than this many tokens (counted after tokenisation).")
     max_docs: int | None = Field(None, gt=0, description="Keep at most this many documents, train + validation, after the length filter (None = all).")
     n_docs: int = Field(64, gt=0, description="Synthetic tasks: number of documents to generate.")
-    doc_len: int = Field(512, gt=0, description="Synthetic tasks: target document length in tokens.")
     key_len: int = Field(4, gt=0, description="dictionary_lookup: tokens per key.")
     value_len: int = Field(4, gt=0, description="dictionary_lookup: tokens per value.")
     max_passkey: int = Field(50000, gt=0, description="passkey: pass keys are drawn uniformly from [1, max_passkey].")
