@@ -123,6 +123,24 @@ def test_greedy_answer_equals_generate(model, tok):
     assert got == ref[0, len(ids):].tolist()
 
 
+def test_greedy_answer_decodes_in_the_local_context(model, tok):
+    """With last_context_length = W the cache would flush after the first answer token; the prompt's local part is
+    capped instead, so every answer token equals a full recomputation whose local context holds the whole answer."""
+    W = model.config.max_position_embeddings
+    ids, _, _ = passkey_prompt(tok, 300, 4242, 0.5)
+    got = greedy_answer(model, ids, 6, last_context_length=W)
+    lcl = W - 5
+    ref = list(ids)
+    with torch.no_grad():
+        for step in range(6):
+            logits = model(torch.tensor([ref]), last_context_length=lcl + step, use_cache=False).logits
+            ref.append(int(logits[0, -1].argmax()))
+    assert got == ref[len(ids):]
+    flushed = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, last_context_length=W,
+                             pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert flushed != got  # what decoding with a flush after the first token gives instead (this random model)
+
+
 def test_passkey_retrieval_metrics_and_heatmap(model, tok, tmp_path):
     cfg = PasskeyEvalSpec(lengths=[256, 512], depths=[0.0, 1.0], n_trials=2)
     r = passkey_retrieval(model, tok, cfg, output_dir=tmp_path, seed=0)

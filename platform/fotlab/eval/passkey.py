@@ -8,6 +8,9 @@
 - Memory-efficient: one forward streams the prompt (all but the last `last_context_length` tokens go through
   windows into memory) computing logits only for the last position (`logits_to_keep=1`); then greedy decoding
   of len(answer tokens) steps with the returned cache (local cache + memory). Correct only if every token matches.
+- The prompt's local part is capped at W - (answer tokens - 1), so the whole answer decodes in the local context:
+  the cache flushes a full local context into memory, and with last_context_length = W it would do so after
+  the first answer token, leaving the layers without memory only that token to read (`local_prompt_length`).
 """
 
 from __future__ import annotations
@@ -38,13 +41,21 @@ def passkey_prompt(tokenizer, n_tokens: int, key: int, depth: float):
     return bos + list(prompt_ids), list(answer_ids), p
 
 
+def local_prompt_length(config, n_new: int, last_context_length: int | None = None) -> int:
+    """Prompt tokens kept local: last_context_length (None = the config's), at most W - (n_new - 1) so decoding
+    n_new tokens never flushes the local cache into memory."""
+    lcl = config.last_context_length if last_context_length is None else last_context_length
+    return max(min(lcl, config.max_position_embeddings - max(n_new - 1, 0)), 0)
+
+
 @torch.no_grad()
 def greedy_answer(model, prompt_ids: list[int], n_new: int, last_context_length: int | None = None) -> list[int]:
     """Greedy continuation of n_new tokens; the prompt is streamed through memory with logits for its last token
-    only, then each new token runs against the returned cache (local cache + memory)."""
+    only (its last `local_prompt_length` tokens local), then each new token runs against the returned cache."""
     device = model_device(model)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, L)
-    out = model(ids, last_context_length=last_context_length, logits_to_keep=1, use_cache=True)
+    lcl = local_prompt_length(model.config, n_new, last_context_length)
+    out = model(ids, last_context_length=lcl, logits_to_keep=1, use_cache=True)
     generated = []
     for step in range(n_new):
         next_id = out.logits[:, -1].argmax(-1)  # (1,)
