@@ -21,7 +21,8 @@ def test_paper_spec_loads_and_has_evaluations(path):
 
 def test_every_claim_has_a_spec():
     names = {p.stem for p in PAPER.glob("*.yaml")}
-    assert {"lm_fot", "lm_baseline", "dictionary_lookup", "passkey"} <= names
+    assert {"lm_fot", "lm_baseline", "retrieval_fot", "retrieval_baseline", "dictionary_lookup",
+            "dictionary_lookup_baseline", "passkey"} <= names
 
 
 @pytest.mark.slow
@@ -41,3 +42,57 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     assert "eval/dict_lookup_acc/mem_64" in run.data.metrics
     json.dumps(summary, default=str)
+
+
+@pytest.mark.slow
+def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
+    """The retrieval spec end to end on a few steps: repeat-source training data, repeat-source evaluation
+    documents (single- and multi-doc perplexity) and r_d, all in one MLflow run."""
+    from mlflow import MlflowClient
+
+    from fotlab.eval.reproduce import reproduce
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    overrides = ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.sources.0.n_docs=60",
+                 "data.validation_docs=4", "data.cache_dir=" + str(tmp_path / "cache"),
+                 "eval.perplexity.0.source.max_docs=1", "eval.perplexity.0.source.doc_len=1024",
+                 "eval.perplexity.0.memory_sizes=[0,256]", "eval.perplexity.1.source.max_docs=2",
+                 "eval.perplexity.1.source.doc_len=512", "eval.perplexity.1.memory_sizes=[0,256]",
+                 "eval.distraction.n_contexts=[1,2]", "eval.distraction.n_samples=2",
+                 f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    summary = reproduce(str(PAPER / "retrieval_fot.yaml"), overrides, output_dir=tmp_path / "run", threads=1)
+    expected = {"eval/ppl_repeats_single_doc/mem_0", "eval/ppl_repeats_single_doc/mem_256",
+                "eval/ppl_repeats_multi_doc/mem_256", "eval/distraction_ratio/d_2"}
+    assert expected <= set(summary["metrics"])
+    run = MlflowClient(uri).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and expected <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [sys.executable, "-m", "fotlab.eval.reproduce", str(PAPER / "retrieval_fot.yaml"), "--threads", "1",
+           "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.sources.0.n_docs=60",
+           "--set", "data.validation_docs=4", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+           "--set", f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:  # training has started once a step is logged
+        if line.startswith("step "):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("paper_retrieval_fot").experiment_id)
+    assert run.info.status == "KILLED" and run.data.tags["fotlab.error"].startswith("Terminated")

@@ -57,12 +57,22 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
             timings["time/train_s"] = train_s
         run.log_metrics(timings, step=final_step)
     except BaseException as exc:
-        run.fail(exc)
+        interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
+        run.fail(exc if not isinstance(exc, Terminated) else "Terminated: SIGTERM",
+                 status="KILLED" if interrupted else "FAILED")
         raise
     run.finish()
     metrics = {k: v for r in results.values() for k, v in r.metrics.items()}
     return {"run_id": run.run_id, "model_dir": str(model_dir), "train_s": round(train_s, 1),
             "total_s": round(time.time() - t0, 1), "train_metrics": train_metrics, "metrics": metrics}
+
+
+class Terminated(SystemExit):
+    """SIGTERM (`kill`, a scheduler's stop) as an exception, so the MLflow run is closed as KILLED."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(128 + signum)
 
 
 def _short(metrics: dict) -> str:
@@ -80,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", help="continue this MLflow run instead of starting a new one")
     parser.add_argument("--model-dir", help="evaluate this saved model instead of training")
     args = parser.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)  # a killed run must not stay RUNNING in MLflow
     summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads,
                         run_id=args.run_id, model_dir=args.model_dir)
     print(json.dumps(summary, default=str))
