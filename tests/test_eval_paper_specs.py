@@ -41,6 +41,8 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     assert "eval/dict_lookup_acc/mem_64" in run.data.metrics
+    model_files = {a.path for a in MlflowClient(uri).list_artifacts(summary["run_id"], "model")}
+    assert "model/config.json" in model_files and "model/model.safetensors" in model_files
     json.dumps(summary, default=str)
 
 

@@ -46,6 +46,8 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
                                                              console.print(f"step {step}: {_short(metrics)}")))
             result = train(spec, Runtime(output_dir=out, device="cpu"), hooks)
             model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
+            if spec.tracking.log_model:
+                run.log_model_dir(model_dir)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
         else:
             model_dir, final_step, train_metrics = Path(model_dir), spec.train.steps, {}
         train_s = time.time() - t0
