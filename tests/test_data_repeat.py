@@ -85,3 +85,14 @@ def test_bad_repeat_sources_fail_with_the_source_named(tmp_path):
         parse_spec({"name": "x", "data": {"sources": [{"kind": "repeat", "repeat_prob": 1.5}]}}, "bad.yaml")
     with pytest.raises(SpecError, match=r"data\.sources\[0\].*doc_len \(32\) must be >= span_len \(64\)"):
         parse_spec({"name": "x", "data": {"sources": [{"kind": "repeat", "doc_len": 32}]}}, "bad.yaml")
+
+
+def test_glob_without_path_selects_part_of_the_embedded_corpus(tmp_path):
+    from fotlab.data.sources import stdlib_root
+
+    src = SourceSpec(kind="repeat", glob="abc.py", n_docs=6, doc_len=64, span_len=64)
+    docs = load_raw_source(src, 0, str(tmp_path))["text"]
+    base = (stdlib_root() / "abc.py").read_text()
+    assert len(docs) == 6 and all(len(d) == 64 and d in base for d in docs)
+    with pytest.raises(FileNotFoundError, match=r"sources\[2\] \(kind 'repeat'\): no base text files"):
+        load_raw_source(SourceSpec(kind="repeat", glob="no_such_module_*.py"), 2, str(tmp_path))

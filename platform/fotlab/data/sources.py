@@ -11,8 +11,8 @@ Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
 - "hf": a dataset directory saved with `Dataset.save_to_disk`, or any name/path `datasets.load_dataset` accepts
   (`path` or `name`, with `config`, `data_dir`, `split`, `streaming`); hub names need network.
 - "repeat": natural text with exact long-range repeats (`fotlab.data.synthetic.repeat_document`): `n_docs`
-  documents of `doc_len` characters in spans of `span_len`, cut from the ASCII files of the embedded corpus (or of
-  `path` + `glob`), with `repeat_prob`, `max_gap` and `seed`.
+  documents of `doc_len` characters in spans of `span_len`, cut from the ASCII files of the embedded corpus (the part
+  of it matching `glob` if given; or the files of `path` + `glob`), with `repeat_prob`, `max_gap` and `seed`.
 Synthetic token-id kinds ("dictionary_lookup", "passkey") are built in `fotlab.data.build` from the run seed.
 """
 
@@ -195,9 +195,14 @@ def load_repeat(source, index=None, cache_dir=None):
         root = _existing_path(source, index)
         pattern = getattr(source, "glob", None) or "**/*.txt"
         files = [str(f) for f in root.glob(pattern) if f.is_file()] if root.is_dir() else [str(root)]
-    else:
+    else:  # the embedded corpus, or the part of it matching `glob`
         root = stdlib_root()
-        files = [str(root / rel) for rel in embedded_files(root)]
+        rel_paths = embedded_files(root)
+        pattern = getattr(source, "glob", None)
+        if pattern:
+            matching = {f.relative_to(root).as_posix() for f in root.glob(pattern)}
+            rel_paths = [rel for rel in rel_paths if rel in matching]
+        files = [str(root / rel) for rel in rel_paths]
     if not files:
         raise FileNotFoundError(f"{source_label(source, index)}: no base text files for the repeated spans")
     n_docs = getattr(source, "n_docs", None) or getattr(source, "max_docs", None) or 64

@@ -54,7 +54,8 @@ class EvalSourceSpec(RepeatSourceFields):
         "documents with exact long-range repeats (doc_len, span_len, repeat_prob, max_gap, seed)."))
     path: str | None = Field(None, description="Directory or file for kind local / jsonl / parquet (repeat: the "
                              "base text files, default the embedded corpus).")
-    glob: str = Field("**/*.txt", description="File pattern under `path` for kind 'local' (each file one document).")
+    glob: str | None = Field(None, description="File pattern under `path` for kind 'local' (each file one "
+                             "document; default '**/*.txt'); repeat: as in the data section's sources.")
     text_field: str = Field("text", description="Field holding the document text (jsonl / parquet / hf).")
     name: str | None = Field(None, description="Hugging Face dataset name for kind 'hf'.")
     config: str | None = Field(None, description="Hugging Face dataset config name for kind 'hf'.")

@@ -91,8 +91,10 @@ class SourceSpec(StrictModel, RepeatSourceFields):
                              "natural text with exact long-range repeats (span_len, repeat_prob, max_gap, seed).")
     path: str | None = Field(None, description="local/jsonl/parquet: a file or directory (checked to exist unless "
                              "it is a URL like s3://...); relative paths are relative to the working directory.")
-    glob: str = Field("**/*.txt", description="Files to read under a directory `path` (local: each file one "
-                      "document).")
+    glob: str | None = Field(None, description="Files to read under a directory `path` (local: each file one "
+                             "document; default '**/*.txt'). repeat: the base files under `path` (default "
+                             "'**/*.txt') or, without `path`, a subset of the embedded corpus (e.g. '*.py': the "
+                             "top-level stdlib modules only; default all of it).")
     text_field: str = Field("text", description="Column/key holding the document text (jsonl, parquet, hf).")
     name: str | None = Field(None, description="hf: dataset name on the hub (or give `path`: a local dataset "
                              "directory saved with save_to_disk).")
