@@ -22,7 +22,7 @@ def test_paper_spec_loads_and_has_evaluations(path):
 def test_every_claim_has_a_spec():
     names = {p.stem for p in PAPER.glob("*.yaml")}
     assert {"lm_fot", "lm_baseline", "retrieval_fot", "retrieval_baseline", "dictionary_lookup",
-            "dictionary_lookup_baseline", "passkey"} <= names
+            "dictionary_lookup_baseline", "passkey", "passkey_finetune"} <= names
 
 
 @pytest.mark.slow
@@ -69,6 +69,20 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     assert expected <= set(summary["metrics"])
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and expected <= set(run.data.metrics)
+
+    # stage 2 (claim d): passkey_finetune starts from the model stage 1 registered (models:/.../latest)
+    (version,) = MlflowClient(uri).search_model_versions("name='paper_retrieval_fot'")
+    assert version.run_id == summary["run_id"]
+    stage2 = ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.sources.0.n_docs=40",
+              "data.sources.1.n_docs=40", "data.validation_docs=4", "data.cache_dir=" + str(tmp_path / "cache"),
+              "eval.passkey.lengths=[320]", "eval.passkey.depths=[0.5]", "eval.passkey.n_trials=1",
+              f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    finetuned = reproduce(str(PAPER / "passkey_finetune.yaml"), stage2, output_dir=tmp_path / "run2", threads=1)
+    run2 = MlflowClient(uri).get_run(finetuned["run_id"])
+    assert run2.info.status == "FINISHED" and "eval/passkey_acc/len_320" in run2.data.metrics
+    assert run2.data.params["model.init_from"] == "models:/paper_retrieval_fot/latest"  # logged as written
+    started_from = tmp_path / "run2" / "init_from" / "config.json"  # the registered version, downloaded
+    assert started_from.read_text() == (Path(summary["model_dir"]) / "config.json").read_text()
 
 
 @pytest.mark.slow

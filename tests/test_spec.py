@@ -191,6 +191,24 @@ def test_remote_init_from_is_not_checked_but_local_config_is(tmp_path):
     assert "window W = max_position_embeddings = 128" in _error(tmp_path, local)
 
 
+def test_byte_tokenizer_feeds_only_byte_level_checkpoints(tmp_path):
+    from fotlab.data import byte_tokenizer
+    from fotlab.spec.checks import BYTE_VOCAB_SIZE
+
+    assert BYTE_VOCAB_SIZE == len(byte_tokenizer())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    config = {"model_type": "fot", "num_hidden_layers": 4, "max_position_embeddings": 64, "vocab_size": 259}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    data = {"name": "x", "model": {"init_from": str(ckpt)}, "memory": {"layers": [2]},
+            "train": {"context_length": 64}, "data": {"tokenizer": {"kind": "byte"}}}
+    assert load_spec(_write(tmp_path, data)).model.init_from == str(ckpt)  # a fotlab byte-level model: fine
+    (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 32000}))
+    assert "data.tokenizer.kind: 'byte' cannot feed checkpoint" in _error(tmp_path, data)
+    stage2 = {**data, "model": {"init_from": "models:/paper_retrieval_fot/latest"}}  # resolved at training time
+    assert load_spec(_write(tmp_path, stage2)).model.init_from == "models:/paper_retrieval_fot/latest"
+
+
 def test_yaml_round_trip_and_flat_params(tmp_path):
     spec = load_spec(REPO / "experiments" / "quickstart.yaml")
     again = load_spec(_write(tmp_path, yaml.safe_load(spec_to_yaml(spec))))

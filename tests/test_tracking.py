@@ -146,3 +146,45 @@ def test_metric_names_match_the_training_loop():
     assert tracking.TRAIN_LOSS == metrics.LOSS and tracking.LR == metrics.LR
     assert tracking.GRAD_NORM == metrics.GRAD_NORM and tracking.TOKENS_PER_S == metrics.TOKENS_PER_S
     assert tracking.VAL_LOSS == metrics.VAL_LOSS and tracking.TOKENS_SEEN == metrics.TOKENS_SEEN
+
+
+def _model_run(store: str, spec, root: Path, marker: str) -> tracking.TrackedRun:
+    model_dir = root / marker
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({"marker": marker}))
+    run = tracking.start_spec_run(spec, uri=store)
+    run.log_model_dir(model_dir)
+    run.finish()
+    return run
+
+
+def test_registered_models_and_run_models_download_by_reference(store, spec, tmp_path):
+    first = _model_run(store, spec, tmp_path / "src", "first")
+    assert first.register_model("stage1") == "1"
+    second = _model_run(store, spec, tmp_path / "src2", "second")
+    assert second.register_model("stage1") == "2"  # a new version of the same registered model
+
+    def marker(ref: str, dst: str) -> str:
+        return json.loads((tracking.download_model(ref, store, tmp_path / dst) / "config.json").read_text())["marker"]
+
+    assert marker("models:/stage1/latest", "a") == "second"
+    assert marker("models:/stage1/1", "b") == "first"
+    assert marker(f"runs:/{first.run_id}", "c") == "first"
+    with pytest.raises(tracking.TrackingError, match=r"^models:/nope/latest: cannot download") as err:
+        tracking.download_model("models:/nope/latest", store, tmp_path / "d")
+    assert "\n" not in str(err.value)
+    with pytest.raises(tracking.TrackingError, match="not a saved model directory"):
+        tracking.download_model(str(tmp_path), store, tmp_path / "e")
+
+
+def test_init_from_reference_is_downloaded_once_and_replaced_by_the_local_copy(store, spec, tmp_path):
+    run = _model_run(store, spec, tmp_path / "src", "stage1")
+    stage2 = spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": f"runs:/{run.run_id}"})})
+    local = tracking.with_local_init_from(stage2, store, tmp_path / "init")
+    assert Path(local.model.init_from).parent == tmp_path / "init"
+    assert json.loads((Path(local.model.init_from) / "config.json").read_text())["marker"] == "stage1"
+    assert stage2.model.init_from == f"runs:/{run.run_id}"  # the spec as written is left alone
+    assert tracking.with_local_init_from(spec, store, tmp_path / "none") is spec  # nothing to download
+    missing = stage2.model_copy(update={"model": stage2.model.model_copy(update={"init_from": "models:/gone/3"})})
+    with pytest.raises(tracking.TrackingError, match=r"^model\.init_from: models:/gone/3: cannot download"):
+        tracking.with_local_init_from(missing, store, tmp_path / "missing")

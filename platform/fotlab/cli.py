@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="run the spec's evaluations on a trained model")
     _add_spec_args(p)
-    p.add_argument("--model", required=True, metavar="DIR|runs:/RUN_ID", help="model directory or MLflow run")
+    p.add_argument("--model", required=True, metavar="DIR|runs:/RUN_ID|models:/NAME/VERSION",
+                   help="model directory, MLflow run, or registered model (VERSION may be 'latest')")
     p.set_defaults(handler=_cmd_orchestrate)
 
     p = sub.add_parser("sweep", help="hyper-parameter sweep on Ray Tune")

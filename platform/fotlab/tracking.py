@@ -169,6 +169,20 @@ class TrackedRun:
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+    def register_model(self, name: str, artifact_path: str = MODEL_ARTIFACT_DIR) -> str:
+        """Register the run's logged model folder as a new version of the registered model `name` (created if
+        new) in this store's model registry; returns the version. Later specs can start from it with
+        `model.init_from: models:/NAME/latest`."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name)
+        version = client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+        return str(version.version)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -293,3 +307,55 @@ def search_runs(uri: str, experiment: str | None = None, sweep: str | None = Non
 def experiment_names(uri: str) -> dict[str, str]:
     """experiment id -> name for every experiment in the store."""
     return {e.experiment_id: e.name for e in _client(uri).search_experiments()}
+
+
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
+
+
+def is_model_uri(ref: str | None) -> bool:
+    """True for an MLflow model reference: `runs:/RUN_ID[/PATH]` or `models:/NAME/VERSION|latest|@ALIAS`."""
+    return bool(ref) and ref.startswith(MODEL_URI_SCHEMES)
+
+
+def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
+    """The local model directory for `ref`: a directory as is, or an MLflow model reference downloaded into
+    dst_dir (`runs:/RUN_ID` means the run's logged model folder). Raises TrackingError (one line) if the run,
+    the registered model or the download is missing, or the result is not a saved model (no config.json)."""
+    if is_model_uri(ref):
+        import mlflow
+        import mlflow.artifacts
+
+        artifact_uri = ref
+        if ref.startswith("runs:/"):
+            run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+            artifact_uri = f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
+        previous = mlflow.get_registry_uri()
+        mlflow.set_registry_uri(uri)  # models:/ URIs are resolved against this store's registry
+        try:
+            Path(dst_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_dir),
+                                                            tracking_uri=uri))
+        except Exception as exc:  # MlflowException and OSError: one line for the user
+            raise TrackingError(f"{ref}: cannot download {artifact_uri} from {uri}: {exc}".splitlines()[0]) \
+                from None
+        finally:
+            mlflow.set_registry_uri(previous)
+    else:
+        path = Path(ref).expanduser()
+    if not (path / "config.json").is_file():
+        raise TrackingError(f"{ref}: {path} is not a saved model directory (no config.json)")
+    return path
+
+
+def with_local_init_from(spec, uri: str, dst_dir: str | Path):
+    """The spec with an MLflow `model.init_from` (runs:/..., models:/...) downloaded into dst_dir and replaced
+    by that local directory (the spec itself when init_from is a path or unset). Done once on the driver, so
+    workers on a shared filesystem load plain files."""
+    ref = spec.model.init_from
+    if not is_model_uri(ref):
+        return spec
+    try:
+        local = download_model(ref, uri, dst_dir)
+    except TrackingError as exc:
+        raise TrackingError(f"model.init_from: {exc}") from None
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": str(local)})})

@@ -20,28 +20,14 @@ class EvalError(FotlabError):
 
 
 def resolve_model_dir(ref: str, tracking_uri: str, download_root: str | Path) -> Path:
-    """A local model directory for `ref`: a directory, or `runs:/RUN_ID[/PATH]` (default PATH: the run's model
-    artifact folder) downloaded with MLflow into download_root."""
-    if ref.startswith("runs:/"):
-        import mlflow.artifacts
+    """A local model directory for `ref`: a directory, `runs:/RUN_ID[/PATH]` (default PATH: the run's model
+    artifact folder) or `models:/NAME/VERSION|latest|@ALIAS` (the model registry), downloaded into download_root."""
+    from fotlab.tracking import TrackingError, download_model
 
-        from fotlab.tracking import MODEL_ARTIFACT_DIR
-
-        rest = ref[len("runs:/"):].strip("/")
-        run_id, _, sub = rest.partition("/")
-        uri = f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_root),
-                                                        tracking_uri=tracking_uri)
-        except Exception as exc:  # MlflowException and OSError: one line for the user
-            raise EvalError(f"--model {ref}: cannot download {uri} from {tracking_uri}: {exc}".splitlines()[0]) \
-                from None
-        path = Path(local)
-    else:
-        path = Path(ref).expanduser()
-    if not (path / "config.json").is_file():
-        raise EvalError(f"--model {ref}: {path} is not a saved model directory (no config.json)")
-    return path
+    try:
+        return download_model(ref, tracking_uri, download_root)
+    except TrackingError as exc:
+        raise EvalError(f"--model {exc}") from None
 
 
 def load_model_and_tokenizer(model_dir: Path, spec, device: str | None = None):

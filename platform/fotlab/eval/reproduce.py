@@ -28,7 +28,7 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     from fotlab import tracking
     from fotlab.eval.cli import load_model_and_tokenizer
     from fotlab.eval.runner import run_spec_evaluations
-    from fotlab.spec import load_spec
+    from fotlab.spec import load_spec, resolve_tracking_uri
     from fotlab.train import Runtime, TrainHooks, train
 
     if threads:
@@ -36,6 +36,10 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     spec = load_spec(spec_path, list(overrides))
     console = Console(file=sys.stderr)
     out = Path(output_dir or tempfile.mkdtemp(prefix=f"fotlab-{spec.name}-"))
+    # a stage-2 spec may start from a model in the store (runs:/..., models:/...): trained from a local copy,
+    # logged with the reference as written
+    train_spec = spec if model_dir is not None else \
+        tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
     run = tracking.start_spec_run(spec, tags={"fotlab.kind": "reproduce"}, run_id=run_id)
     if run_id is not None and tracking.TAG_ERROR in tracking.get_run(run.uri, run_id).data.tags:
         run.client.delete_tag(run_id, tracking.TAG_ERROR)  # the earlier failure is being repaired
@@ -44,10 +48,12 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
         if model_dir is None:
             hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
                                                              console.print(f"step {step}: {_short(metrics)}")))
-            result = train(spec, Runtime(output_dir=out, device="cpu"), hooks)
+            result = train(train_spec, Runtime(output_dir=out, device="cpu"), hooks)
             model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
             if spec.tracking.log_model:
                 run.log_model_dir(model_dir)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
+                if spec.tracking.register_model:
+                    run.register_model(spec.tracking.register_model)
         else:
             model_dir, final_step, train_metrics = Path(model_dir), spec.train.steps, {}
         train_s = time.time() - t0

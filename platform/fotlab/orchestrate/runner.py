@@ -135,12 +135,14 @@ def build_trainer(
         scaling_kwargs.update(use_tpu=True, topology=scaling.topology)
     if scaling.accelerator_type:
         scaling_kwargs["accelerator_type"] = scaling.accelerator_type
+    output_dir = output_dir_for(record.storage_path, record.ray_run_name)
+    spec = tracking.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
     config = {
         "spec": spec.model_dump(mode="json"),  # plain data: re-validated by the worker's own fotlab version
         "run_id": record.run_id,
         "tracking_uri": record.tracking_uri,
         "log_model": spec.tracking.log_model,
-        "output_dir": str(output_dir_for(record.storage_path, record.ray_run_name)),
+        "output_dir": str(output_dir),
         "report_every": report_every,
         "channel": channel,
         "resume": record.resumed,

@@ -145,6 +145,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     run, logged_up_to = open_child_run(context, spec, params, trial_id, tune_context.get_trial_name())
     output_dir = Path(context.sweep_dir) / "outputs" / trial_id
     try:
+        spec = tracking.with_local_init_from(spec, context.tracking_uri, output_dir / "init_from")  # runs:/, models:/
         if context.resources.nested:
             _train_nested(spec, context, run, output_dir, trial_id)
         else:

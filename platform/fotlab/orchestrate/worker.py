@@ -141,6 +141,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics.update(run_evaluations(spec, result, device, hooks.run))
         if config.get("log_model", True):
             hooks.run.log_model_dir(result.model_dir)
+            if spec.tracking.register_model:
+                hooks.run.register_model(spec.tracking.register_model)
     return {
         "final_step": result.final_step,
         "metrics": metrics,

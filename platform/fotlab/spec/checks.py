@@ -43,6 +43,9 @@ def model_overrides(spec) -> dict[str, Any]:
     return out
 
 
+BYTE_VOCAB_SIZE = 259  # fotlab.data.tokenizer's byte tokenizer: 256 bytes + <bos> <eos> <pad> (a test checks it)
+
+
 def looks_local(path: str) -> bool:
     """True for paths the user clearly meant as local files ('/', './', '../', '~'); hub ids and URLs are not."""
     return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
@@ -178,7 +181,10 @@ def _data_problems(spec, check_paths: bool) -> Iterator[Problem]:
         elif check_paths and looks_local(tok.path) and not Path(tok.path).expanduser().exists():
             yield "data.tokenizer.path", f"{tok.path!r} does not exist"
     if tok.kind == "byte" and spec.model.init_from is not None:
-        yield "data.tokenizer.kind", "'byte' cannot feed a checkpoint (model.init_from); use kind: pretrained"
+        base, origin = resolved_shape(spec)  # unknown (remote, MLflow): checked when the model is built
+        if base is not None and base.get("vocab_size") != BYTE_VOCAB_SIZE:
+            yield "data.tokenizer.kind", (f"'byte' cannot feed {origin} (vocab_size {base.get('vocab_size')}, not "
+                                          "a byte-level fotlab model); use kind: pretrained")
 
 
 def _scaling_problems(spec) -> Iterator[Problem]:

@@ -40,8 +40,10 @@ class ModelSpec(StrictModel):
     preset: str | None = Field(None, description="Named model shape: 'debug', 'tiny', '37m', '184m', '3b', '7b' "
                                "(fotlab.model.presets). None with no init_from means 'debug'.")
     init_from: str | None = Field(None, description="Start from weights: a local directory (fotlab, LongLLaMA or "
-                                  "HF LLaMA format) or a Hugging Face hub id. Paths that start with '/', './', "
-                                  "'../' or '~' are checked to exist; anything else is treated as remote.")
+                                  "HF LLaMA format), a Hugging Face hub id, or a model in the MLflow store: "
+                                  "'runs:/RUN_ID' (a run's logged model) or 'models:/NAME/latest' (see "
+                                  "tracking.register_model), downloaded once before training. Paths that start "
+                                  "with '/', './', '../' or '~' are checked to exist.")
     hidden_size: int | None = Field(None, gt=0, description="Model dim D (None = preset/checkpoint value).")
     intermediate_size: int | None = Field(None, gt=0, description="SwiGLU FFN width (None = preset value).")
     num_hidden_layers: int | None = Field(None, gt=0, description="Number of decoder layers (None = preset value).")
@@ -240,6 +242,9 @@ class TrackingSpec(StrictModel):
     system_metrics: bool = Field(True, description="Log system metrics (CPU, memory, disk, network; GPU with "
                                  "nvidia-ml-py) of the driver host every 10 s, as MLflow `system/...` metrics.")
     log_model: bool = Field(True, description="Log the final model directory (HF format) as run artifacts.")
+    register_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description=(
+        "Also register the logged model in the store's MLflow model registry under this name (a new version per "
+        "run), so another spec can start from it: model.init_from: models:/NAME/latest. Needs log_model."))
 
 
 class ExperimentSpec(StrictModel):

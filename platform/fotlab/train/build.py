@@ -77,6 +77,11 @@ def build_model(spec, tokenizer, device: torch.device) -> torch.nn.Module:
     n_vocab = len(tokenizer)
     if spec.model.init_from:
         model = FoTForCausalLM.from_pretrained(spec.model.init_from, **overrides)
+        if spec.data.tokenizer.kind == "byte" and model.config.vocab_size != n_vocab:
+            raise TrainError(
+                f"model.init_from: {spec.model.init_from} has vocab_size {model.config.vocab_size}, not a byte-level "
+                f"fotlab model ({n_vocab} ids); use the checkpoint's tokenizer (data.tokenizer.kind: pretrained)"
+            )
         if model.config.vocab_size < n_vocab:
             raise TrainError(
                 f"model.init_from: {spec.model.init_from} has vocab_size {model.config.vocab_size} but the "
