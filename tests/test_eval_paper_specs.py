@@ -112,3 +112,15 @@ def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("paper_retrieval_fot").experiment_id)
     assert run.info.status == "KILLED" and run.data.tags["fotlab.error"].startswith("Terminated")
+
+
+@pytest.mark.slow
+def test_reproduce_with_a_missing_stage1_model_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from fotlab.eval.reproduce import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = main([str(PAPER / "passkey_finetune.yaml"), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err  # (MLflow's own INFO lines about creating the store come first)
+    assert err.strip().splitlines()[-1].startswith(
+        "reproduce: model.init_from: models:/paper_retrieval_fot/latest: cannot download")

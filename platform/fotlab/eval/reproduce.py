@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _raise_terminated)  # a killed run must not stay RUNNING in MLflow
-    summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads,
-                        run_id=args.run_id, model_dir=args.model_dir)
+    from fotlab.errors import FotlabError
+
+    try:
+        summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads,
+                            run_id=args.run_id, model_dir=args.model_dir)
+    except FotlabError as exc:  # a user mistake (spec, run, model reference): one line, no traceback
+        print("reproduce: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+        return 1
     print(json.dumps(summary, default=str))
     return 0
 
