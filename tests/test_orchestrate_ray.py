@@ -33,6 +33,23 @@ def test_one_worker_ray_run_is_tracked_end_to_end(ray_session, tiny_corpus, tmp_
     assert outcome.checkpoint == str(run_dir / "step-00000004")
 
 
+@pytest.mark.timeout(420)
+def test_second_stage_run_starts_from_the_model_the_first_registered(ray_session, tiny_corpus, tmp_path, mlflow_uri):
+    stage1 = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=2)
+    stage1["tracking"]["register_model"] = "tiny_stage1"
+    first = run_experiment(parse_spec(stage1), progress=False, report_every=2)
+    (version,) = client_for(mlflow_uri).search_model_versions("name='tiny_stage1'")
+    assert version.run_id == first.run_id  # registered by rank 0 after logging the model
+    stage2 = {**tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=2),
+              "model": {"init_from": "models:/tiny_stage1/latest"}}
+    second = run_experiment(parse_spec(stage2), progress=False, report_every=2)
+    assert second.status == "FINISHED" and second.final_step == 2
+    started_from = tmp_path / "runs" / second.run_name / "output" / "init_from" / "config.json"
+    assert started_from.read_text() == (first.model_dir / "config.json").read_text()
+    params = client_for(mlflow_uri).get_run(second.run_id).data.params
+    assert params["model.init_from"] == "models:/tiny_stage1/latest"  # logged as written
+
+
 @pytest.mark.timeout(120)
 def test_train_coordinator_is_started_ahead_of_the_controller(ray_session):
     """start_train_coordinator() brings up Ray Train's (detached, named) autoscaling coordinator by itself."""
