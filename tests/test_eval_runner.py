@@ -105,6 +105,11 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
                      "--notes", "notes.md"]) == 0
     assert "hand-written notes" in (tmp_path / "cli.md").read_text()
     assert cli.main(["results", "--tracking-uri", uri, "--notes", "missing.md"]) == 1
+    # a named run is found even when it is not among the newest --max-runs, and a wrong one is an error
+    assert cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--max-runs", "0",
+                     "--out", "old.md"]) == 0 and "r1" in (tmp_path / "old.md").read_text()
+    assert cli.main(["results", "--tracking-uri", uri, "--run", "ffffffff", "--out", "none.md"]) == 1
+    assert not (tmp_path / "none.md").exists()
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]

@@ -113,6 +113,9 @@ def _download_figures(client, run_id: str, dest: Path) -> list[Path]:
     return paths
 
 
+RUN_SCAN_LIMIT = 50_000  # MLflow's page size cap for one search_runs call
+
+
 def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] | None = None,
                     max_runs: int = 50, run_ids: list[str] | None = None, notes: str | None = None) -> Path:
     """Write the results markdown to `out` (plots beside it); returns its path. `run_ids` keeps only those runs
@@ -126,11 +129,16 @@ def generate_report(tracking_uri: str, out: str | Path, experiments: list[str] |
     client = MlflowClient(tracking_uri=tracking_uri)
     names = tracking.experiment_names(tracking_uri)
     runs = []
-    for exp in experiments or [None]:
-        runs += tracking.search_runs(tracking_uri, experiment=exp, max_results=max_runs)
+    for exp in experiments or [None]:  # named runs are looked for among all runs, not only the newest max_runs
+        runs += tracking.search_runs(tracking_uri, experiment=exp, max_results=RUN_SCAN_LIMIT if run_ids else max_runs)
     runs = [r for r in runs if any(k.startswith("eval/") for k in r.data.metrics)]
     if run_ids:
         runs = [r for r in runs if any(r.info.run_id.startswith(prefix) for prefix in run_ids)]
+        missing = [p for p in run_ids if not any(r.info.run_id.startswith(p) for r in runs)]
+        if missing:
+            from fotlab.errors import FotlabError
+
+            raise FotlabError(f"--run {missing[0]}: no run with evaluation metrics in {tracking_uri}")
     sections = []
     for run in runs:
         figures = _download_figures(client, run.info.run_id, assets / run.info.run_id[:12])
