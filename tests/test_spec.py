@@ -104,6 +104,8 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     ({"name": "x", "data": {"sources": [{"kind": "jsonl"}]}}, "data.sources[0].path", "required"),
     ({"name": "x", "data": {"tokenizer": {"kind": "pretrained"}}}, "data.tokenizer.path", "required"),
     ({"name": "x", "model": {"init_from": "./no-such-model"}}, "model.init_from", "does not exist"),
+    ({"name": "x", "tracking": {"register_model": "m", "log_model": False}}, "tracking.register_model",
+     "log_model is false"),
     ({"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 5, "range": 8}]}}},
      "train.crossbatch.switch[0].range", "< train.batch_size"),
     ({"name": "bad name!"}, "name", "pattern"),

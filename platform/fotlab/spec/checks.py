@@ -193,10 +193,12 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "scaling.use_tpu", "use_gpu and use_tpu are both true; pick one"
     if sc.topology is not None and not sc.use_tpu:
         yield "scaling.topology", "only applies with scaling.use_tpu: true"
+    if spec.tracking.register_model and not spec.tracking.log_model:
+        yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 
 
 def problems(spec, check_paths: bool = True) -> Iterator[Problem]:
-    """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling)."""
+    """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling + tracking)."""
     yield from _model_problems(spec, check_paths)
     yield from _crossbatch_problems(spec)
     yield from _data_problems(spec, check_paths)
