@@ -81,7 +81,7 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     run2 = MlflowClient(uri).get_run(finetuned["run_id"])
     assert run2.info.status == "FINISHED" and "eval/passkey_acc/len_320" in run2.data.metrics
     assert run2.data.params["model.init_from"] == "models:/paper_retrieval_fot/latest"  # logged as written
-    started_from = tmp_path / "run2" / "init_from" / "config.json"  # the registered version, downloaded
+    started_from = tmp_path / "run2" / "init_from" / "model" / "config.json"  # the registered version, downloaded
     assert started_from.read_text() == (Path(summary["model_dir"]) / "config.json").read_text()
 
 

@@ -158,7 +158,11 @@ def _model_run(store: str, spec, root: Path, marker: str) -> tracking.TrackedRun
     return run
 
 
-def test_registered_models_and_run_models_download_by_reference(store, spec, tmp_path):
+def test_registered_models_and_run_models_download_by_reference(store, spec, tmp_path, monkeypatch):
+    import mlflow
+
+    # MLflow's process-wide registry URI (set by anything else in the process) must not redirect the registry
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", f"sqlite:///{tmp_path / 'other.db'}")
     first = _model_run(store, spec, tmp_path / "src", "first")
     assert first.register_model("stage1") == "1"
     second = _model_run(store, spec, tmp_path / "src2", "second")
@@ -168,6 +172,7 @@ def test_registered_models_and_run_models_download_by_reference(store, spec, tmp
         return json.loads((tracking.download_model(ref, store, tmp_path / dst) / "config.json").read_text())["marker"]
 
     assert marker("models:/stage1/latest", "a") == "second"
+    assert not (tmp_path / "other.db").exists()
     assert marker("models:/stage1/1", "b") == "first"
     assert marker(f"runs:/{first.run_id}", "c") == "first"
     with pytest.raises(tracking.TrackingError, match=r"^models:/nope/latest: cannot download") as err:

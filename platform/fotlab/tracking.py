@@ -63,7 +63,7 @@ class TrackingError(FotlabError):
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # the model registry lives in the same store
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -322,29 +322,41 @@ def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
     dst_dir (`runs:/RUN_ID` means the run's logged model folder). Raises TrackingError (one line) if the run,
     the registered model or the download is missing, or the result is not a saved model (no config.json)."""
     if is_model_uri(ref):
-        import mlflow
         import mlflow.artifacts
 
-        artifact_uri = ref
-        if ref.startswith("runs:/"):
-            run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
-            artifact_uri = f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-        previous = mlflow.get_registry_uri()
-        mlflow.set_registry_uri(uri)  # models:/ URIs are resolved against this store's registry
         try:
+            artifact_uri = _model_artifact_uri(ref, uri)
             Path(dst_dir).mkdir(parents=True, exist_ok=True)
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_dir),
                                                             tracking_uri=uri))
         except Exception as exc:  # MlflowException and OSError: one line for the user
-            raise TrackingError(f"{ref}: cannot download {artifact_uri} from {uri}: {exc}".splitlines()[0]) \
-                from None
-        finally:
-            mlflow.set_registry_uri(previous)
+            raise TrackingError(f"{ref}: cannot download it from {uri}: {exc}".splitlines()[0]) from None
     else:
         path = Path(ref).expanduser()
     if not (path / "config.json").is_file():
         raise TrackingError(f"{ref}: {path} is not a saved model directory (no config.json)")
     return path
+
+
+def _model_artifact_uri(ref: str, uri: str) -> str:
+    """`runs:/RUN_ID/PATH` for a model reference, resolved in this store (its registry included, never MLflow's
+    process-wide registry URI): `runs:/RUN_ID` -> the run's model folder; `models:/NAME/VERSION`, `models:/NAME/
+    latest` (highest version) and `models:/NAME@ALIAS` -> the registered version's source."""
+    if ref.startswith("runs:/"):
+        run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+        return f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
+    client = _client(uri)
+    name, _, version = ref[len("models:/"):].strip("/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).source
+    if version in ("", "latest"):
+        client.get_registered_model(name)  # "not found" names the model
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise TrackingError(f"registered model {name!r} has no versions")
+        return max(versions, key=lambda v: int(v.version)).source
+    return client.get_model_version(name, version).source
 
 
 def with_local_init_from(spec, uri: str, dst_dir: str | Path):
