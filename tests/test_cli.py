@@ -118,13 +118,6 @@ def test_schema_prints_json_schema_with_descriptions(capsys):
     assert "Local context T" in json.dumps(schema)
 
 
-def test_missing_orchestrate_command_is_one_line_exit_2(monkeypatch, capsys):
-    monkeypatch.setitem(cli.ORCHESTRATE_COMMANDS, "sweep", "no_such_sweep_command")
-    assert cli.main(["sweep", "whatever.yaml"]) == cli.EXIT_UNAVAILABLE
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not available" in err
-
-
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
     from fotlab import spec as spec_module
 

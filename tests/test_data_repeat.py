@@ -10,7 +10,7 @@ from fotlab.data.sources import load_raw_source
 from fotlab.data.synthetic import repeat_document
 from fotlab.errors import SpecError
 from fotlab.eval.documents import load_documents
-from fotlab.eval.spec import EvalSourceSpec
+from fotlab.spec.eval import EvalSourceSpec
 from fotlab.spec import parse_spec
 from fotlab.spec.models import DataSpec, SourceSpec
 

@@ -29,7 +29,7 @@ def test_every_claim_has_a_spec():
 def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from fotlab.eval.reproduce import reproduce
+    from fotlab.orchestrate.reproduce import reproduce
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -52,7 +52,7 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     documents (single- and multi-doc perplexity) and r_d, all in one MLflow run."""
     from mlflow import MlflowClient
 
-    from fotlab.eval.reproduce import reproduce
+    from fotlab.orchestrate.reproduce import reproduce
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -98,7 +98,7 @@ def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "fotlab.eval.reproduce", str(PAPER / "retrieval_fot.yaml"), "--threads", "1",
+    cmd = [sys.executable, "-m", "fotlab.orchestrate.reproduce", str(PAPER / "retrieval_fot.yaml"), "--threads", "1",
            "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.sources.0.n_docs=60",
            "--set", "data.validation_docs=4", "--set", f"data.cache_dir={tmp_path / 'cache'}",
            "--set", f"tracking.artifact_root={tmp_path / 'artifacts'}"]
@@ -116,7 +116,7 @@ def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_with_a_missing_stage1_model_says_so_in_one_line(tmp_path, monkeypatch, capsys):
-    from fotlab.eval.reproduce import main
+    from fotlab.orchestrate.reproduce import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     code = main([str(PAPER / "passkey_finetune.yaml"), "--output-dir", str(tmp_path / "run")])

@@ -15,7 +15,7 @@ from fotlab.eval.distraction import distraction_ratio
 from fotlab.eval.few_shot import few_shot_accuracy, score_options
 from fotlab.eval.passkey import greedy_answer, passkey_prompt, passkey_retrieval
 from fotlab.eval.perplexity import perplexity_vs_memory, score_stream
-from fotlab.eval.spec import (DictionaryEvalSpec, DistractionEvalSpec, FewShotEvalSpec, PasskeyEvalSpec,
+from fotlab.spec.eval import (DictionaryEvalSpec, DistractionEvalSpec, FewShotEvalSpec, PasskeyEvalSpec,
                               PerplexityEvalSpec)
 from fotlab.model import FoTForCausalLM, preset_config
 

@@ -12,7 +12,7 @@ import yaml
 from fotlab.data import byte_tokenizer
 from fotlab.eval.report import generate_report, group_metrics
 from fotlab.eval.runner import log_eval_result, result_file_stem, run_evaluations
-from fotlab.eval.spec import EvalSpec
+from fotlab.spec.eval import EvalSpec
 from fotlab.model import FoTForCausalLM, preset_config
 
 
@@ -128,7 +128,7 @@ def test_eval_command_from_dir_and_run(model, tok, corpus, tmp_path):
     from mlflow import MlflowClient
 
     from fotlab import tracking
-    from fotlab.eval.cli import EvalError, eval_command
+    from fotlab.orchestrate.commands import EvalError, eval_command
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""The `eval:` spec section (fotlab.eval.spec): strict, described, pure pydantic."""
+"""The `eval:` spec section (fotlab.spec.eval): strict, described, pure pydantic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from fotlab.eval.results import metric_name, passkey_metric, ppl_metric
-from fotlab.eval.spec import EvalSpec, PasskeyEvalSpec, PerplexityEvalSpec
+from fotlab.spec.eval import EvalSpec, PasskeyEvalSpec, PerplexityEvalSpec
 
 
 def _models(cls: type[BaseModel], seen=None):
@@ -62,7 +62,7 @@ def test_experiment_spec_uses_this_eval_section():
 
 
 def test_spec_import_is_pure_pydantic():
-    code = "import sys; import fotlab.eval.spec; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    code = "import sys; import fotlab.spec.eval; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

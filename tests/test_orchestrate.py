@@ -4,6 +4,7 @@ Ctrl-C + resume, the CLI's --json contract and submit's argument checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -236,7 +237,8 @@ def test_live_progress_follows_the_latest_records():
 def test_trainer_configs_come_from_the_spec(tmp_path):
     from fotlab.orchestrate.channel import ChannelHandle
     from fotlab.orchestrate.run_record import RunRecord
-    from fotlab.orchestrate.runner import build_trainer
+    from fotlab.orchestrate.runner import trainer_for
+    from fotlab.orchestrate.trainer import WorkerConfig
 
     spec = parse_spec({
         "name": "cfg", "train": {"keep_checkpoints": 3}, "failure": {"max_failures": 2},
@@ -245,16 +247,20 @@ def test_trainer_configs_come_from_the_spec(tmp_path):
     }, check_paths=False)
     record = RunRecord(run=tracking.TrackedRun("sqlite:///unused.db", "run-1", "0"), run_name="cfg-1",
                        ray_run_name="cfg-20260101-000000-abcdef", storage_path=str(tmp_path / "runs"))
-    trainer = build_trainer(spec, record, ChannelHandle.create(use_ray=False), report_every=7)
+    trainer = trainer_for(spec, record, ChannelHandle.create(use_ray=False), report_every=7)
     scaling, run_config = trainer.scaling_config, trainer.run_config
     assert (scaling.num_workers, scaling.use_gpu, scaling.accelerator_type) == (4, True, "H100")
     assert scaling.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
     assert run_config.name == record.ray_run_name and run_config.storage_path == str(tmp_path / "runs")
-    assert run_config.failure_config.max_failures == 2 and run_config.checkpoint_config.num_to_keep == 3
-    config = trainer.train_loop_config
-    assert config["run_id"] == "run-1" and config["report_every"] == 7
-    assert config["output_dir"] == str(tmp_path / "runs" / record.ray_run_name / "output")
-    assert parse_spec(config["spec"], check_paths=False) == spec  # shipped as plain data
+    assert run_config.failure_config.max_failures == 2
+    # checkpoint retention is fotlab's (train.keep_checkpoints, in the loop): Ray keeps no copies of its own
+    assert run_config.checkpoint_config.num_to_keep is None
+    config = trainer.train_loop_per_worker.args[0]  # the worker function gets one frozen, typed config
+    assert isinstance(config, WorkerConfig) and config.run_id == "run-1" and config.report_every == 7
+    assert config.output_dir == str(tmp_path / "runs" / record.ray_run_name / "output")
+    assert config.spec == spec  # the validated spec itself travels: nothing re-parsed on the workers
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.run_id = "other"
 
 
 @pytest.mark.slow

@@ -141,11 +141,34 @@ def test_system_metrics_are_logged(store):
     assert any(k.startswith("system/") for k in metrics), metrics
 
 
-def test_metric_names_match_the_training_loop():
-    metrics = pytest.importorskip("fotlab.train.metrics")
-    assert tracking.TRAIN_LOSS == metrics.LOSS and tracking.LR == metrics.LR
-    assert tracking.GRAD_NORM == metrics.GRAD_NORM and tracking.TOKENS_PER_S == metrics.TOKENS_PER_S
-    assert tracking.VAL_LOSS == metrics.VAL_LOSS and tracking.TOKENS_SEEN == metrics.TOKENS_SEEN
+def test_names_are_declared_once_in_a_module_without_torch_or_mlflow():
+    import subprocess
+    import sys
+
+    from fotlab import names
+
+    code = "import sys, fotlab.names; print(sorted(m for m in ('torch', 'mlflow', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+    assert tracking.TRAIN_LOSS is names.TRAIN_LOSS and tracking.TAG_ERROR is names.TAG_ERROR
+    import fotlab.train.loop as loop
+
+    assert loop.M is names  # the training loop reports under these very names
+
+
+def test_metric_names_parse_back_to_what_built_them():
+    from fotlab import names
+
+    built = {
+        names.ppl_metric("ppl", "single_doc", 4096): ("ppl_single_doc", {"mem": "4096"}),
+        names.passkey_metric(16384, 0.5): ("passkey_acc", {"len": "16384", "depth": "50"}),
+        names.distraction_metric(8, layer=2): ("distraction_ratio", {"layer": "2", "d": "8"}),
+        names.dictionary_metric(256, per_token=True): ("dict_lookup_token_acc", {"mem": "256"}),
+        names.few_shot_metric("trec", 2048, "acc_std"): ("trec_acc_std", {"ctx": "2048"}),
+    }
+    for name, expected in built.items():
+        assert names.parse_metric_name(name) == expected, name
+    assert names.parse_metric_name(names.TRAIN_LOSS) is None and names.parse_metric_name("eval") is None
 
 
 def _model_run(store: str, spec, root: Path, marker: str) -> tracking.TrackedRun:

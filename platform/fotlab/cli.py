@@ -10,8 +10,7 @@ Design choices:
   `fotlab --help` and `fotlab validate` start fast.
 - User mistakes (`FotlabError`: bad spec, unknown run, missing file) end with ONE line on stderr and exit 1;
   anything else is a bug and keeps its traceback.
-- `run`, `eval`, `sweep`, `submit` live in `fotlab.orchestrate` (see `_orchestrate`); when that part is missing
-  the command says so in one line and exits 2.
+- `run`, `eval`, `sweep`, `submit` live in `fotlab.orchestrate` (`<verb>_command`, see `_cmd_orchestrate`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from collections.abc import Sequence
 from fotlab.errors import FotlabError
 
 EXIT_USER_ERROR = 1
-EXIT_UNAVAILABLE = 2
 
 
 def _add_spec_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
@@ -167,33 +165,13 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return cli_runs.serve_ui(args)
 
 
-# `fotlab <verb>` -> the fotlab.orchestrate function that implements it. Each takes the parsed arguments
-# (argparse.Namespace: spec, overrides, json, and the verb's own options) and returns a JSON-able dict
-# (printed when --json) or an int exit code.
-ORCHESTRATE_COMMANDS = {"run": "run_command", "eval": "eval_command", "sweep": "sweep_command",
-                        "submit": "submit_command"}
-
-
-def _orchestrate(verb: str):
-    """The implementation of `verb` from fotlab.orchestrate, or None when it is not there."""
-    import importlib
-
-    try:
-        module = importlib.import_module("fotlab.orchestrate")
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and not exc.name.startswith("fotlab"):
-            raise
-        return None
-    return getattr(module, ORCHESTRATE_COMMANDS[verb], None)
-
-
 def _cmd_orchestrate(args: argparse.Namespace) -> int:
-    impl = _orchestrate(args.command)
-    if impl is None:
-        print(f"fotlab {args.command}: not available in this installation "
-              f"(fotlab.orchestrate.{ORCHESTRATE_COMMANDS[args.command]} is missing)", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    result = impl(args)
+    """`fotlab run | eval | sweep | submit`: the handler of the same name in fotlab.orchestrate. Each takes the
+    parsed arguments (spec, overrides, json, and the verb's own options) and returns a JSON-able dict (printed
+    when --json) or an int exit code."""
+    import fotlab.orchestrate as orchestrate
+
+    result = getattr(orchestrate, f"{args.command}_command")(args)
     if isinstance(result, int):
         return result
     if getattr(args, "json", False):

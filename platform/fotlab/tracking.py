@@ -1,4 +1,5 @@
-"""MLflow tracking for fotlab: metric/tag names (declared once, here) and a small client-API wrapper.
+"""MLflow tracking for fotlab: the one gateway to MLflow (client factory, runs, models, registry); the metric and tag
+names it writes are declared in `fotlab.names`.
 
     from fotlab import tracking
     exp_id = tracking.setup_experiment("sqlite:///mlflow.db", "quickstart", artifact_root=None)
@@ -6,6 +7,7 @@
     run.log_spec(spec); run.log_metrics({tracking.TRAIN_LOSS: 2.3}, step=10); run.finish()
 
 Design choices:
+- Every MLflow call in fotlab goes through this module; `client(uri)` is the one `MlflowClient` factory.
 - Only `MlflowClient` is used (no fluent "active run" state): several runs can live in one process, and a run
   created on the driver can be continued by id from rank 0 of a Ray worker (`start_run(..., run_id=...)`).
 - Experiments are created on the driver with an explicit artifact location (an experiment first created inside
@@ -26,28 +28,11 @@ from typing import Any
 import fotlab
 from fotlab.errors import FotlabError
 
-# Metric names (the training loop's names in fotlab.train.metrics must equal these; a test checks it).
-TRAIN_LOSS = "train/loss"
-LR = "train/lr"
-GRAD_NORM = "train/grad_norm"
-TOKENS_PER_S = "train/tokens_per_s"
-STEP_TIME_S = "train/step_time_s"
-TOKENS_SEEN = "train/tokens_seen"
-CROSSBATCH_RANGE = "train/crossbatch_range"
-MEM_TOKENS = "train/memory_tokens"
-VAL_LOSS = "val/loss"
-VAL_PPL = "val/ppl"
-VAL_LOSS_NO_XBATCH = "val/loss_no_xbatch"
-SUMMARY_METRICS = (TRAIN_LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S)  # shown by `fotlab runs list`
-
-# Tags.
-TAG_VERSION = "fotlab.version"
-TAG_SPEC_NAME = "fotlab.spec_name"
-TAG_SWEEP = "fotlab.sweep"
-TAG_ERROR = "fotlab.error"
-TAG_PARENT_RUN = "mlflow.parentRunId"
-TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_NOTE = "mlflow.note.content"
+# The metric and tag names live in fotlab.names (imports nothing, shared with train/eval/CLI); re-exported here.
+from fotlab.names import (CROSSBATCH_RANGE, GRAD_NORM, LR, STEP_TIME_S, SUMMARY_METRICS,  # noqa: E402,F401
+                          TAG_ERROR, TAG_GIT_COMMIT, TAG_KIND, TAG_NOTE, TAG_PARENT_RUN, TAG_REGISTERED_VERSION,
+                          TAG_SPEC_NAME, TAG_SWEEP, TAG_VERSION, TOKENS_PER_S, TOKENS_SEEN, TRAIN_LOSS, VAL_LOSS,
+                          VAL_LOSS_NO_XBATCH, VAL_PPL, TRAIN_TIME_S, EVAL_TIME_S)
 
 SPEC_ARTIFACT = "spec.yaml"
 MODEL_ARTIFACT_DIR = "model"
@@ -60,10 +45,12 @@ class TrackingError(FotlabError):
     """A tracking problem the user can fix (unknown run, bad store, missing optional package)."""
 
 
-def _client(uri: str):
+def client(uri: str):
+    """The one MlflowClient factory of fotlab: tracking and model registry in the same store (never MLflow's
+    process-wide registry URI, which an earlier call may have pointed at another store)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # the model registry lives in the same store
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -99,15 +86,15 @@ def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> s
     """
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
-    found = client.get_experiment_by_name(name)
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created meanwhile by another process
-        found = client.get_experiment_by_name(name)
+        found = mlflow_client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
@@ -124,7 +111,30 @@ class TrackedRun:
 
     @property
     def client(self):
-        return _client(self.uri)
+        return client(self.uri)
+
+    def info(self):
+        """The run as MLflow stores it now (`.info.status`, `.data.metrics`, `.data.tags`)."""
+        return self.client.get_run(self.run_id)
+
+    def last_step(self, metric: str) -> int:
+        """The highest step at which `metric` was logged (0 when never)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, metric)), default=0)
+
+    def delete_tag(self, key: str) -> None:
+        """Remove tag `key` if the run has it (e.g. the error of an earlier attempt being repaired)."""
+        if key in self.info().data.tags:
+            self.client.delete_tag(self.run_id, key)
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+
+    def close(self, metrics: Mapping[str, Any], step: int, tags: Mapping[str, Any] | None = None) -> None:
+        """The one way a run ends well: the final metrics not logged yet (no duplicate points), `tags`, FINISHED."""
+        logged = self.info().data.metrics
+        self.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
+        self.set_tags(tags or {})
+        self.finish("FINISHED")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params in chunks under MLflow's limits (100 per request, values cut at 6000 chars)."""
@@ -154,8 +164,7 @@ class TrackedRun:
 
         from mlflow.entities import Metric
 
-        kept = {k: float(v) for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        kept = numeric_metrics(metrics)
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
@@ -175,12 +184,13 @@ class TrackedRun:
         `model.init_from: models:/NAME/latest`."""
         from mlflow.exceptions import MlflowException
 
-        client = self.client
+        mlflow_client = self.client
         try:
-            client.get_registered_model(name)
+            mlflow_client.get_registered_model(name)
         except MlflowException:
-            client.create_registered_model(name)
-        version = client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+            mlflow_client.create_registered_model(name)
+        version = mlflow_client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+        self.set_tags({TAG_REGISTERED_VERSION: f"{name}/{version.version}"})
         return str(version.version)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -201,6 +211,12 @@ class TrackedRun:
         message = error if isinstance(error, str) else one_line(error)
         self.client.set_tag(self.run_id, TAG_ERROR, message[:MAX_PARAM_VALUE_LEN])
         self.finish(status)
+
+
+def numeric_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Keep finite numbers only (what MLflow and ray.train.report accept)."""
+    return {k: float(v) for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def one_line(error: BaseException) -> str:
@@ -229,17 +245,17 @@ def start_run(uri: str, experiment_id: str, *, run_name: str | None = None, tags
     `parent_run_id` makes it a child run (sweep trials); `system_metrics` samples CPU/memory (and GPU) metrics
     in a background thread until `finish()`.
     """
-    client = _client(uri)
+    mlflow_client = client(uri)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags[TAG_PARENT_RUN] = parent_run_id
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        run_id = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
         resumed = False
     else:
         existing = get_run(uri, run_id)
         experiment_id = existing.info.experiment_id
-        client.update_run(run_id, status="RUNNING")
+        mlflow_client.update_run(run_id, status="RUNNING")
         resumed = True
     run = TrackedRun(uri, run_id, experiment_id)
     if resumed:
@@ -271,9 +287,9 @@ def get_run(uri: str, ref: str):
     """The run with id `ref`, else the newest run named `ref`; `TrackingError` when there is none."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    mlflow_client = client(uri)
     try:
-        return client.get_run(ref)
+        return mlflow_client.get_run(ref)
     except MlflowException:
         pass
     quoted = ref.replace("'", "\\'")
@@ -286,27 +302,51 @@ def get_run(uri: str, ref: str):
 def search_runs(uri: str, experiment: str | None = None, sweep: str | None = None, filter_string: str = "",
                 max_results: int = 100) -> list:
     """Runs of one experiment (by name) or of all experiments, newest first; `sweep` keeps that sweep's runs."""
-    client = _client(uri)
+    mlflow_client = client(uri)
     if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
+        found = mlflow_client.get_experiment_by_name(experiment)
         if found is None:
             raise TrackingError(f"no experiment named {experiment!r} in {uri}")
         experiment_ids = [found.experiment_id]
     else:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        experiment_ids = [e.experiment_id for e in mlflow_client.search_experiments()]
     if not experiment_ids:
         return []
     filters = [f for f in (filter_string,) if f]
     if sweep is not None:
         quoted = sweep.replace("'", "\\'")
         filters.append(f"tags.`{TAG_SWEEP}` = '{quoted}'")
-    return client.search_runs(experiment_ids, filter_string=" and ".join(filters), max_results=max_results,
+    return mlflow_client.search_runs(experiment_ids, filter_string=" and ".join(filters), max_results=max_results,
                               order_by=["attributes.start_time DESC"])
+
+
+def child_runs(uri: str, parent_run_id: str, tags: Mapping[str, str] | None = None) -> list:
+    """The child runs of `parent_run_id` (in its experiment), optionally only those with these tag values."""
+    mlflow_client = client(uri)
+    experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
+    filters = [f"tags.`{TAG_PARENT_RUN}` = '{parent_run_id}'"]
+    filters += [f"tags.`{key}` = '{value}'" for key, value in (tags or {}).items()]
+    return mlflow_client.search_runs([experiment_id], filter_string=" and ".join(filters), max_results=10000)
+
+
+def download_artifacts(uri: str, run_id: str, folder: str, suffix: str, dest: str | Path) -> list[Path]:
+    """The run's artifacts `folder/*suffix` downloaded into dest ([] when the run or its artifact store has none)."""
+    mlflow_client = client(uri)
+    try:
+        entries = mlflow_client.list_artifacts(run_id, folder)
+    except Exception:  # noqa: BLE001 - a run without artifacts or an unreachable artifact store: nothing
+        return []
+    paths = []
+    for entry in entries:
+        if entry.path.endswith(suffix):
+            Path(dest).mkdir(parents=True, exist_ok=True)
+            paths.append(Path(mlflow_client.download_artifacts(run_id, entry.path, str(dest))))
+    return paths
 
 
 def experiment_names(uri: str) -> dict[str, str]:
     """experiment id -> name for every experiment in the store."""
-    return {e.experiment_id: e.name for e in _client(uri).search_experiments()}
+    return {e.experiment_id: e.name for e in client(uri).search_experiments()}
 
 
 MODEL_URI_SCHEMES = ("runs:/", "models:/")
@@ -345,18 +385,18 @@ def _model_artifact_uri(ref: str, uri: str) -> str:
     if ref.startswith("runs:/"):
         run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
         return f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-    client = _client(uri)
+    mlflow_client = client(uri)
     name, _, version = ref[len("models:/"):].strip("/").partition("/")
     if "@" in name:
         name, alias = name.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).source
+        return mlflow_client.get_model_version_by_alias(name, alias).source
     if version in ("", "latest"):
-        client.get_registered_model(name)  # "not found" names the model
-        versions = client.search_model_versions(f"name = '{name}'")
+        mlflow_client.get_registered_model(name)  # "not found" names the model
+        versions = mlflow_client.search_model_versions(f"name = '{name}'")
         if not versions:
             raise TrackingError(f"registered model {name!r} has no versions")
         return max(versions, key=lambda v: int(v.version)).source
-    return client.get_model_version(name, version).source
+    return mlflow_client.get_model_version(name, version).source
 
 
 def with_local_init_from(spec, uri: str, dst_dir: str | Path):

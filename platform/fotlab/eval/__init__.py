@@ -3,8 +3,8 @@
 Every evaluation is a plain function `(model, tokenizer, cfg, ...) -> EvalResult` (metrics, table rows, figure);
 `run_evaluations(eval_spec, model, tokenizer, ...)` runs the ones an `EvalSpec` selects.
 
-Exports are resolved lazily so that `from fotlab.eval.spec import EvalSpec` (done by fotlab.spec) stays a pure
-pydantic import without torch or matplotlib.
+The `eval:` spec section lives in `fotlab.spec.eval`; model loading for evaluation in `fotlab.eval.loading`.
+Exports are resolved lazily, so importing this package stays cheap (no torch or matplotlib).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "EvalSpec": "fotlab.eval.spec",
+    "EvalSpec": "fotlab.spec.eval",
     "EvalResult": "fotlab.eval.results",
     "metric_name": "fotlab.eval.results",
     "perplexity_vs_memory": "fotlab.eval.perplexity",

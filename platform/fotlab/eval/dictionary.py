@@ -22,7 +22,7 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, dictionary_metric
-from fotlab.eval.spec import DictionaryEvalSpec
+from fotlab.spec.eval import DictionaryEvalSpec
 from fotlab.eval.streaming import empty_memory, model_device, progress, resolve_chunk_len, stream_to_memory
 
 

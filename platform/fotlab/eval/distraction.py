@@ -22,7 +22,7 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, distraction_metric
-from fotlab.eval.spec import DistractionEvalSpec
+from fotlab.spec.eval import DistractionEvalSpec
 from fotlab.eval.streaming import empty_memory, frame_documents, model_device, progress, resolve_chunk_len
 
 

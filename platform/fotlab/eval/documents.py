@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fotlab.eval.spec import EvalSourceSpec
+from fotlab.spec.eval import EvalSourceSpec
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:

@@ -23,7 +23,7 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, few_shot_metric
-from fotlab.eval.spec import FewShotEvalSpec
+from fotlab.spec.eval import FewShotEvalSpec
 from fotlab.eval.streaming import model_device, progress, stream_to_memory, window_len
 
 

@@ -22,7 +22,7 @@ import torch
 
 from fotlab.eval.plots import heatmap
 from fotlab.eval.results import EvalResult, passkey_metric
-from fotlab.eval.spec import PasskeyEvalSpec
+from fotlab.spec.eval import PasskeyEvalSpec
 from fotlab.eval.streaming import model_device, progress
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, ppl_metric
-from fotlab.eval.spec import PerplexityEvalSpec, perplexity_key
+from fotlab.spec.eval import PerplexityEvalSpec, perplexity_key
 from fotlab.eval.streaming import (TokenScores, empty_memory, frame_documents, model_device, progress,
                                    resolve_chunk_len, shifted_targets)
 

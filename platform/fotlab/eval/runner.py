@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fotlab.eval.results import EvalResult
-from fotlab.eval.spec import EvalSpec, perplexity_key
+from fotlab.spec.eval import EvalSpec, perplexity_key
 
 EVAL_ARTIFACT_DIR = "eval"  # MLflow artifact folder of eval plots and JSON results
 

@@ -58,9 +58,6 @@ class FoTCache:
             memory = memory.append(i, k, v, self.local_valid)
         return replace(self, local=None, local_valid=None, memory=memory)
 
-    def with_local(self, local: tuple, local_valid: torch.Tensor, memory: FoTMemory, n_new: int) -> "FoTCache":
-        return replace(self, local=local, local_valid=local_valid, memory=memory, n_seen=self.n_seen + n_new)
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> "FoTCache":
         """Not supported: FoT memory rows cannot be reordered for beam search."""
         raise NotImplementedError("beam search is not supported by FoTCache")

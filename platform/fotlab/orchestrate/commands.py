@@ -1,4 +1,4 @@
-"""Handlers behind `fotlab run` and `fotlab submit` (the CLI calls them with its parsed arguments).
+"""Handlers behind `fotlab run`, `fotlab eval` and `fotlab submit` (the CLI calls them with its parsed arguments).
 
 Each takes the argparse namespace (spec, overrides, json, and the verb's options) and returns a JSON-able dict
 (printed by the CLI as the final stdout line under --json) or an int exit code.
@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import sys
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
+
+from fotlab import names
+from fotlab.eval.loading import EvalError, resolve_model_dir  # noqa: F401 - EvalError: what `fotlab eval` raises
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -72,9 +76,9 @@ def memory_effect_lines(metrics: dict[str, float]) -> list[str]:
     """
     curves: dict[str, dict[int, float]] = {}
     for name, value in metrics.items():
-        match = _PPL_METRIC.match(name)
-        if match:
-            curves.setdefault(match["family"], {})[int(match["mem"])] = value
+        parsed = names.parse_metric_name(name)
+        if parsed and parsed[0].startswith("ppl") and list(parsed[1]) == ["mem"] and parsed[1]["mem"].isdigit():
+            curves.setdefault(parsed[0], {})[int(parsed[1]["mem"])] = value
     lines = []
     for family, curve in sorted(curves.items()):
         base = curve.get(0)
@@ -85,8 +89,6 @@ def memory_effect_lines(metrics: dict[str, float]) -> list[str]:
         lines.append(f"{family}  " + " | ".join(parts))
     return lines
 
-
-_PPL_METRIC = re.compile(r"^eval/(?P<family>ppl\w*)/mem_(?P<mem>\d+)$")
 
 
 def submit_command(args: argparse.Namespace) -> dict:
@@ -105,7 +107,26 @@ def submit_command(args: argparse.Namespace) -> dict:
 
 
 def eval_command(args: argparse.Namespace) -> dict:
-    """`fotlab eval SPEC --model DIR|runs:/RUN_ID`: evaluations only (implemented in fotlab.eval.cli)."""
-    from fotlab.eval.cli import eval_command as run_eval
+    """`fotlab eval SPEC --model DIR|runs:/RUN_ID [--set k=v] [--json]`: the spec's evaluations on a trained model,
+    tracked as one MLflow run (metrics `eval/...`, plots and JSON results under the `eval/` artifact folder);
+    returns {run_id, model_dir, metrics}."""
+    from fotlab import tracking
+    from fotlab.orchestrate.pipeline import evaluate
+    from fotlab.spec import load_spec, resolve_tracking_uri
 
-    return run_eval(args)
+    spec = load_spec(args.spec, getattr(args, "overrides", []) or [])
+    uri = resolve_tracking_uri(spec)
+    console = Console(file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    with tempfile.TemporaryDirectory(prefix="fotlab-eval-") as tmp:
+        model_dir = resolve_model_dir(args.model, uri, Path(tmp) / "model")
+        run = tracking.start_spec_run(spec, uri=uri, run_name=spec.tracking.run_name or f"eval-{spec.name}",
+                                      tags={names.TAG_KIND: "eval", names.TAG_MODEL: args.model})
+        try:
+            metrics = evaluate(spec, model_dir, run, 0, Path(tmp) / "eval", console=console)
+        except BaseException as exc:
+            run.fail(exc)
+            raise
+        run.finish()
+    if not getattr(args, "json", False):
+        console.print(f"eval run {run.run_id}: {len(metrics)} metrics; browse with `fotlab runs show {run.run_id}`")
+    return {"run_id": run.run_id, "model_dir": str(args.model), "metrics": metrics}

@@ -10,29 +10,15 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from fotlab import tracking
 from fotlab.errors import FotlabError
-
-TAG_RAY_RUN_NAME = "fotlab.ray_run_name"
-TAG_STORAGE_PATH = "fotlab.storage_path"
-TAG_RESUMABLE = "fotlab.resumable"
-TAG_STATUS_NOTE = "fotlab.status_note"
+from fotlab.names import TAG_KIND, TAG_RAY_RUN_NAME, TAG_RESUMABLE, TAG_STORAGE_PATH
 
 
 class RunNotFoundError(FotlabError):
     """`--resume RUN` names no MLflow run that `fotlab run` started."""
-
-
-def numeric_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """Keep finite numbers only (what MLflow and ray.train.report accept)."""
-    kept = {}
-    for key, value in (metrics or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            kept[key] = float(value)
-    return kept
 
 
 @dataclasses.dataclass
@@ -55,10 +41,7 @@ class RunRecord:
 
     def finish(self, metrics: dict[str, Any], step: int) -> None:
         """Final metrics not logged yet by rank 0 (no duplicate points), status FINISHED."""
-        logged = self.run.client.get_run(self.run_id).data.metrics
-        self.run.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
-        self.run.set_tags({TAG_RESUMABLE: "false"})
-        self.run.finish("FINISHED")
+        self.run.close(metrics, step, {TAG_RESUMABLE: "false"})
 
     def fail(self, error: BaseException | str, *, status: str = "FAILED", resumable: bool = False) -> None:
         """Mark the run FAILED (or KILLED) with a one-line error; never raises (the original error matters)."""
@@ -71,7 +54,7 @@ class RunRecord:
 
 def open_run(spec, tracking_uri: str, ray_run_name: str, storage_path: str) -> RunRecord:
     """A new MLflow run for ``spec`` (params = the flattened spec, spec YAML, git + version tags)."""
-    tags = {TAG_RAY_RUN_NAME: ray_run_name, TAG_STORAGE_PATH: storage_path}
+    tags = {TAG_KIND: "run", TAG_RAY_RUN_NAME: ray_run_name, TAG_STORAGE_PATH: storage_path}
     run_name = spec.tracking.run_name or ray_run_name
     run = tracking.start_spec_run(spec, uri=tracking_uri, run_name=run_name, tags=tags)
     return RunRecord(run, run_name, ray_run_name, storage_path)
@@ -91,6 +74,5 @@ def reopen_run(spec, tracking_uri: str, run_ref: str) -> RunRecord:
     if found.info.status == "FINISHED":
         raise RunNotFoundError(f"--resume {run_ref}: run {found.info.run_id} already FINISHED; nothing to resume")
     run = tracking.start_spec_run(spec, uri=tracking_uri, run_id=found.info.run_id, tags={TAG_RESUMABLE: "false"})
-    if tracking.TAG_ERROR in tags:
-        run.client.delete_tag(run.run_id, tracking.TAG_ERROR)
+    run.delete_tag(tracking.TAG_ERROR)
     return RunRecord(run, found.info.run_name, tags[TAG_RAY_RUN_NAME], tags[TAG_STORAGE_PATH], resumed=True)

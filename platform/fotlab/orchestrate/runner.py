@@ -6,7 +6,8 @@
 Steps (setup -> build -> fit -> close):
 1. driver: resolve the tracking URI, create/reopen the MLflow run (params, spec YAML, tags);
 2. start/attach Ray (skipped for `num_workers=0`, which runs the worker function in this process);
-3. build a Train V2 `TorchTrainer` around `worker.train_worker` and fit it in a background thread while this
+3. build the Ray trainer (`trainer.build_trainer`) around `worker.train_worker` (which runs the experiment
+   pipeline: train -> evaluations -> log model -> register) and fit it in a background thread while this
    thread draws progress and turns the first Ctrl-C (or a SIGTERM) into a graceful stop (checkpoint, then exit
    resumable);
 4. close the MLflow run: FINISHED with final metrics, KILLED (resumable) when stopped, FAILED with the error.
@@ -17,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ from fotlab.errors import FotlabError
 from fotlab.orchestrate import run_record
 from fotlab.orchestrate.channel import ChannelHandle
 from fotlab.orchestrate.progress import LiveProgress
+from fotlab.orchestrate.trainer import WorkerConfig, build_trainer, output_dir_for
 
 logger = logging.getLogger(__name__)
 DEFAULT_REPORT_EVERY = 50  # ray.train.report every this many steps between checkpoints
@@ -81,13 +81,6 @@ def new_run_name(spec_name: str) -> str:
     return f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def output_dir_for(storage: str, ray_run_name: str) -> Path:
-    """Where the workers write checkpoints and the final model (shared local folder on one host)."""
-    if "://" in storage:
-        return Path(tempfile.gettempdir()) / "fotlab" / ray_run_name / "output"
-    return Path(storage) / ray_run_name / "output"
-
-
 def open_record(spec, resume: str | None) -> run_record.RunRecord:
     """Create the MLflow run for a fresh run, or reopen the one ``resume`` names."""
     from fotlab.spec import resolve_storage_path, resolve_tracking_uri
@@ -98,76 +91,21 @@ def open_record(spec, resume: str | None) -> run_record.RunRecord:
     return run_record.open_run(spec, uri, new_run_name(spec.name), resolve_storage_path(spec))
 
 
-def storage_filesystem(kind: str | None):
-    """A pyarrow filesystem for `storage.filesystem` ("s3" honours AWS_ENDPOINT_URL, e.g. MinIO; "gcs"), or None."""
-    if kind is None:
-        return None
-    import pyarrow.fs
-
-    if kind == "s3":
-        return pyarrow.fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL"))
-    if kind in ("gcs", "gs"):
-        return pyarrow.fs.GcsFileSystem()
-    if kind == "local":
-        return pyarrow.fs.LocalFileSystem()
-    raise FotlabError(f"storage.filesystem: unknown filesystem {kind!r} (use s3, gcs or local)")
-
-
-def build_trainer(
-    spec, record: run_record.RunRecord, channel: ChannelHandle, report_every: int, train_fn: str | None = None,
-    quiet: bool = False,
-):
-    """A Train V2 TorchTrainer whose workers run `worker.train_worker` with this run's config.
+def trainer_for(spec, record: run_record.RunRecord, channel: ChannelHandle | None, report_every: int,
+                quiet: bool = False):
+    """The Ray trainer of this run (`trainer.build_trainer` around `worker.train_worker`).
 
     quiet: the driver draws the live display, so workers and the Ray Train controller keep their console output
     to warnings (per-step lines, "Reporting training result" and worker-group chatter would interleave with it).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from fotlab.orchestrate.worker import train_worker
 
-    scaling = spec.scaling
-    scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
-    if scaling.resources_per_worker:
-        scaling_kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
-    if scaling.use_tpu:
-        scaling_kwargs.update(use_tpu=True, topology=scaling.topology)
-    if scaling.accelerator_type:
-        scaling_kwargs["accelerator_type"] = scaling.accelerator_type
     output_dir = output_dir_for(record.storage_path, record.ray_run_name)
     spec = tracking.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
-    config = {
-        "spec": spec.model_dump(mode="json"),  # plain data: re-validated by the worker's own fotlab version
-        "run_id": record.run_id,
-        "tracking_uri": record.tracking_uri,
-        "log_model": spec.tracking.log_model,
-        "output_dir": str(output_dir),
-        "report_every": report_every,
-        "channel": channel,
-        "resume": record.resumed,
-        "train_fn": train_fn,
-        "quiet": quiet,
-    }
-    filesystem = storage_filesystem(spec.storage.filesystem)
-    storage_path = record.storage_path
-    if filesystem is not None and "://" in storage_path:
-        storage_path = storage_path.split("://", 1)[1]  # Ray wants `bucket/path` beside a custom filesystem
-    run_config = RunConfig(
-        name=record.ray_run_name,
-        storage_path=storage_path,
-        storage_filesystem=filesystem,
-        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-        logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
-    )
-    return TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(**scaling_kwargs),
-        run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-    )
+    config = WorkerConfig(spec=spec, run_id=record.run_id, tracking_uri=record.tracking_uri,
+                          output_dir=str(output_dir), report_every=report_every, resume=record.resumed,
+                          channel=channel, quiet=quiet)
+    return build_trainer(train_worker, config, run_name=record.ray_run_name, storage_path=record.storage_path)
 
 
 def run_experiment(
@@ -179,12 +117,11 @@ def run_experiment(
     progress: bool = True,
     report_every: int = DEFAULT_REPORT_EVERY,
     spec_path: str | None = None,
-    train_fn: str | None = None,
 ) -> RunOutcome:
     """Train ``spec`` on Ray Train (or in-process for ``scaling.num_workers == 0``) as one MLflow run.
 
     ``resume`` (an MLflow run id or run name) continues that run: same Ray run (latest checkpoint), same MLflow
-    run id. ``train_fn`` ("module:function", default `fotlab.train:train`) is the loop the workers run.
+    run id.
     Raises `RunFailedError` (run FAILED) or `RunInterruptedError` (run KILLED, resumable).
     """
     from fotlab.orchestrate.cluster import apply_env_defaults, ensure_ray
@@ -209,7 +146,7 @@ def run_experiment(
             ensure_ray(address)  # returns at once when Ray already started beside the MLflow run
         channel = ChannelHandle.create(use_ray=not in_process)
         show = progress and not json_output
-        trainer = build_trainer(spec, record, channel, report_every, train_fn, quiet=show)
+        trainer = trainer_for(spec, record, channel, report_every, quiet=show)
         display = LiveProgress(spec.train.steps, enabled=show, description=spec.name)
         result = _fit_with_progress(trainer, channel, display)
     except KeyboardInterrupt as err:
@@ -232,7 +169,7 @@ def run_experiment(
 
 
 def _open_record_while_ray_starts(spec, address: str | None):
-    """Create the MLflow run, and import what `build_trainer` needs (Ray Train's torch trainer imports torch), in
+    """Create the MLflow run, and import what `trainer_for` needs (Ray Train's torch trainer imports torch), in
     threads while Ray starts here: `ray.init` mostly waits for Ray's processes to come up, so a new sqlite store's
     schema migrations (~5 s) and those imports (~2 s) overlap it instead of adding to it. Returns (record, the
     error Ray's start raised or None)."""
@@ -242,7 +179,7 @@ def _open_record_while_ray_starts(spec, address: str | None):
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fotlab-setup") as pool:
         pending = pool.submit(open_record, spec, None)
-        pool.submit(_import_trainer_modules)  # an import error resurfaces in build_trainer, where it belongs
+        pool.submit(_import_trainer_modules)  # an import error resurfaces in trainer_for, where it belongs
         try:
             ensure_ray(address)
         except Exception as err:  # noqa: BLE001 - reported through the run (FAILED) by the caller
@@ -319,19 +256,16 @@ def root_error(err: BaseException) -> BaseException:
 
 
 def has_checkpoint(record: run_record.RunRecord) -> bool:
-    """True when the run left a checkpoint to resume from (Ray storage or the workers' output folder)."""
-    if "://" in record.storage_path:
-        return True  # cannot cheaply look; resuming without a checkpoint simply starts over
-    run_dir = Path(record.storage_path) / record.ray_run_name
-    ray_checkpoints = [p for p in run_dir.glob("*") if p.is_dir() and p.name != "output"]
-    own = output_dir_for(record.storage_path, record.ray_run_name) / "checkpoints"
-    return bool(ray_checkpoints) or (own.is_dir() and any(own.iterdir()))
+    """True when the run left a checkpoint to resume from (fotlab's checkpoints in the workers' output folder)."""
+    from fotlab.orchestrate.worker import resume_dir
+
+    return resume_dir(output_dir_for(record.storage_path, record.ray_run_name)) is not None
 
 
 def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutcome:
     """Log final metrics and mark the MLflow run FINISHED (or KILLED when the workers stopped early)."""
     value = result.return_value or {}
-    metrics = run_record.numeric_metrics(value.get("metrics") or result.metrics or {})
+    metrics = tracking.numeric_metrics(value.get("metrics") or result.metrics or {})
     final_step = int(value.get("final_step") or metrics.get("step") or 0)
     if value.get("stopped_early"):
         record.fail(f"stopped on request at step {final_step}", status="KILLED", resumable=True)
@@ -340,6 +274,13 @@ def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutc
             record.run_id,
         )
     record.finish(metrics, final_step)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else value.get("checkpoint_dir")
+    checkpoint = _latest_checkpoint(value.get("checkpoint_dir"))
     model_dir = Path(value["model_dir"]) if value.get("model_dir") else None
     return RunOutcome(record.run_id, "FINISHED", model_dir, metrics, checkpoint, record.run_name, final_step)
+
+
+def _latest_checkpoint(checkpoint_dir: str | None) -> str | None:
+    from fotlab.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
+    return str(latest) if latest is not None else None

@@ -33,10 +33,10 @@ from typing import Any
 from fotlab import tracking
 from fotlab.errors import FotlabError
 from fotlab.orchestrate import sweep_space
-from fotlab.orchestrate.sweep_trial import TAG_SWEEP_ROLE, TAG_TRIAL_ID, TrialContext
+from fotlab.names import (TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_KIND, TAG_RESUMABLE, TAG_SWEEP_DIR, TAG_SWEEP_ROLE,
+                          TAG_TRIAL_ID)
+from fotlab.orchestrate.sweep_trial import TrialContext
 
-TAG_SWEEP_DIR = "fotlab.sweep_dir"
-TAG_RESUMABLE = "fotlab.resumable"
 EXIT_INTERRUPTED = 130
 
 
@@ -91,7 +91,7 @@ def open_parent(sweep, base_spec, uri: str, sweep_path: str | None) -> tuple[tra
     if "://" in str(base_spec.storage.path or ""):
         raise FotlabError("storage.path: sweeps keep their Tune state on local or mounted storage for now")
     experiment_id = tracking.setup_experiment(uri, experiment_name(sweep), resolve_artifact_root(base_spec, uri))
-    tags = {**tracking.default_tags(), tracking.TAG_SWEEP: sweep.name, TAG_SWEEP_ROLE: "parent",
+    tags = {**tracking.default_tags(), TAG_KIND: "sweep", tracking.TAG_SWEEP: sweep.name, TAG_SWEEP_ROLE: "parent",
             TAG_SWEEP_DIR: str(sweep_dir), TAG_RESUMABLE: "true"}
     run = tracking.start_run(uri, experiment_id, run_name=name, tags=tags)
     run.log_params({"metric": sweep.metric, "mode": sweep.mode, "num_samples": sweep.num_samples,
@@ -159,7 +159,7 @@ def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool, 
     )
     run_config = tune.RunConfig(
         name=Path(context.sweep_dir).name, storage_path=str(Path(context.sweep_dir).parent), callbacks=[monitor],
-        verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=max(1, base_spec.train.keep_checkpoints)),
+        verbose=0,  # no checkpoint_config: trials keep fotlab's checkpoints in their own folder (fotlab.train.checkpoint)
         failure_config=tune.FailureConfig(max_failures=max(0, base_spec.failure.max_failures)),
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -217,12 +217,7 @@ def _kill_running_children(uri: str, parent_run_id: str) -> None:
 
 
 def children(uri: str, parent_run_id: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([experiment_id], filter_string=f"tags.`{tracking.TAG_PARENT_RUN}` = '{parent_run_id}'",
-                              max_results=10000)
+    return tracking.child_runs(uri, parent_run_id)
 
 
 def finish_sweep(sweep, parent: tracking.TrackedRun, sweep_dir: Path, results, decode) -> SweepOutcome:
@@ -245,7 +240,7 @@ def finish_sweep(sweep, parent: tracking.TrackedRun, sweep_dir: Path, results, d
                         "n_trials": len(rows),
                         "n_stopped_early": sum(r["status"] == "STOPPED EARLY" for r in rows),
                         "n_errors": sum(r["status"] == "ERROR" for r in rows)}, step=0)
-    parent.set_tags({"fotlab.best_trial_id": best["trial_id"], "fotlab.best_run_id": best["run_id"],
+    parent.set_tags({TAG_BEST_TRIAL: best["trial_id"], TAG_BEST_RUN: best["run_id"],
                      TAG_RESUMABLE: "false"})
     parent.finish("FINISHED")
     return SweepOutcome(parent.run_id, sweep_dir, rows, best, best_spec)

@@ -17,7 +17,8 @@ from ray.tune import Callback
 
 from fotlab import tracking
 from fotlab.orchestrate.sweep_space import TIME_ATTR
-from fotlab.orchestrate.sweep_trial import STEPS_TOTAL, TAG_STOPPED_EARLY, child_run_id
+from fotlab.names import TAG_STOPPED_EARLY
+from fotlab.orchestrate.sweep_trial import STEPS_TOTAL, child_run_id
 
 REFRESH_S = 0.5
 DONE_STATES = ("TERMINATED", "ERROR")
@@ -129,7 +130,7 @@ class SweepMonitor(Callback):
             if run_id is None:
                 return
             run = tracking.TrackedRun(self.tracking_uri, run_id, experiment_id="")
-            if run.client.get_run(run_id).info.status == "RUNNING":
+            if run.info().info.status == "RUNNING":
                 run.set_tags(tags)
                 run.finish(status)
         except Exception as err:  # noqa: BLE001 - tracking trouble must not stop the sweep

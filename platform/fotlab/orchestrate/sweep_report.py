@@ -169,7 +169,7 @@ def log_report(run, rows: list[dict[str, Any]], sweep, out_dir: Path) -> list[Pa
     table = {key: [label(r[key]) if isinstance(r[key], (list, dict)) else r[key] for r in rows]
              for key in (rows[0] if rows else {})}
     if table:
-        run.client.log_table(run.run_id, data=table, artifact_file=LEADERBOARD_TABLE)
+        run.log_table(table, LEADERBOARD_TABLE)
     for plot in write_plots(rows, sweep, out_dir / PLOTS_DIR):
         run.log_artifact(plot, PLOTS_DIR)
         files.append(plot)

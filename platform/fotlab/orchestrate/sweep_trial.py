@@ -1,14 +1,17 @@
-"""One sweep trial: the Ray Tune function trainable around the plain `fotlab.train.train`.
+"""One sweep trial: the Ray Tune function trainable around the experiment pipeline (`pipeline.run_pipeline`).
 
 Design choices:
-- Single-worker trials (scaling.num_workers 0 or 1) call `train()` inside the Tune trainable and report with
+- Single-worker trials (scaling.num_workers 0 or 1) run the pipeline inside the Tune trainable and report with
   `ray.tune.report` (the report shim: `ray.train.report` raises inside Tune). No nested Train V2 trainer means
   nothing leaks when ASHA stops the trial (Ray 2.60 leaks a nested trainer's placement group and the sweep
   hangs), so early stopping is safe here.
-- Multi-worker trials run a nested `TorchTrainer` (workers = `worker.train_worker`) whose reports reach Tune
-  through `TuneReportCallback`. The driver refuses early stopping for them (`sweep_space.check_stopping`).
-- Every report carries the sweep metric (Tune checks it), `step` (ASHA's time) and `steps_total`; a checkpoint
-  goes with the report whenever the loop writes one, so `Tuner.restore` resumes a trial where it stopped.
+- Multi-worker trials run a nested Ray trainer built by `trainer.build_trainer` (the one `fotlab run` uses, so
+  every `scaling`, `storage` and `failure` field means the same) whose workers run `worker.train_worker` and
+  whose reports reach Tune through `TuneReportCallback`. The driver refuses early stopping for them
+  (`sweep_space.check_stopping`).
+- Every report carries the sweep metric (Tune checks it), `step` (ASHA's time) and `steps_total`. Checkpoints
+  are fotlab's, in the trial's output folder (`<sweep dir>/outputs/<trial id>`), so `Tuner.restore` resumes a
+  trial where it stopped.
 - A report is where Tune stops a trial (`ray.tune.report` raises SystemExit). So nothing is reported at the last
   step from inside the loop: the trial saves its model, runs the spec's evaluations, closes its MLflow run and
   only then makes its final report. A trial stopped early (or by Ctrl-C) leaves its run to the driver
@@ -19,19 +22,16 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 from fotlab import tracking
-from fotlab.orchestrate.run_record import numeric_metrics
+from fotlab.names import (SWEEP_PARAM_PREFIX, TAG_KIND, TAG_RESUMED_FROM, TAG_STOPPED_EARLY,  # noqa: F401
+                          TAG_SWEEP_ROLE, TAG_TRIAL_ID)
 from fotlab.orchestrate.sweep_space import TIME_ATTR, TrialResources, decode_params
+from fotlab.tracking import numeric_metrics
 
-TAG_TRIAL_ID = "fotlab.trial_id"
-TAG_SWEEP_ROLE = "fotlab.sweep_role"  # "parent" | "trial"
-TAG_STOPPED_EARLY = "fotlab.stopped_early"
-TAG_RESUMED_FROM = "fotlab.resumed_from"  # the checkpoint a restored trial continued from
 STEPS_TOTAL = "steps_total"
 NESTED_REPORT_EVERY = 10  # nested TorchTrainer: ray.train.report every this many steps between checkpoints
 
@@ -60,15 +60,7 @@ def spec_for(context: TrialContext, params: dict[str, Any]):
 
 def child_run_id(uri: str, parent_run_id: str, trial_id: str) -> str | None:
     """The MLflow child run of `trial_id` under `parent_run_id`, if the trial created one already."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    parent = client.get_run(parent_run_id)
-    found = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT_RUN}` = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
-        max_results=1,
-    )
+    found = tracking.child_runs(uri, parent_run_id, {TAG_TRIAL_ID: trial_id})
     return found[0].info.run_id if found else None
 
 
@@ -79,14 +71,14 @@ def open_child_run(context: TrialContext, spec, params: dict[str, Any], trial_id
     A new run gets the full spec as params plus the swept fields again as `sweep/<field>` (easy to pick out).
     """
     existing = child_run_id(context.tracking_uri, context.parent_run_id, trial_id)
-    tags = {tracking.TAG_SWEEP: context.sweep.name, TAG_SWEEP_ROLE: "trial", TAG_TRIAL_ID: trial_id}
+    tags = {TAG_KIND: "trial", tracking.TAG_SWEEP: context.sweep.name, TAG_SWEEP_ROLE: "trial",
+            TAG_TRIAL_ID: trial_id}
     run = tracking.start_spec_run(spec, uri=context.tracking_uri, run_name=trial_name, run_id=existing, tags=tags,
                                   parent_run_id=context.parent_run_id)
     if existing is None:
-        run.log_params({f"sweep/{key}": value for key, value in params.items()})
+        run.log_params({f"{SWEEP_PARAM_PREFIX}{key}": value for key, value in params.items()})
         return run, 0
-    history = run.client.get_metric_history(run.run_id, tracking.TRAIN_LOSS)
-    return run, max((m.step for m in history), default=0)
+    return run, run.last_step(tracking.TRAIN_LOSS)
 
 
 class TrialReporter:
@@ -106,36 +98,14 @@ class TrialReporter:
         if self.metric in metrics and step < self.steps_total:  # the last step is reported after train()
             self.report(step)
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        from ray.tune import Checkpoint
-
-        self.latest.update(numeric_metrics(metrics))
-        # Tune wants the metric in every report (without it a resume uses the trial's own checkpoint copy).
-        if self.metric in self.latest and step < self.steps_total:
-            self.report(step, checkpoint=Checkpoint.from_directory(str(path)))
-
-    def report(self, step: int, checkpoint=None, **extra: Any) -> None:
+    def report(self, step: int, **extra: Any) -> None:
         import ray.tune
 
-        ray.tune.report({**self.latest, TIME_ATTR: int(step), STEPS_TOTAL: self.steps_total, **extra},
-                        checkpoint=checkpoint)
-
-
-def resume_dir(output_dir: Path, stack: contextlib.ExitStack) -> Path | None:
-    """The newest checkpoint to resume from: the trial's own checkpoints (local) or Tune's (restored elsewhere)."""
-    import ray.tune
-
-    own = output_dir / "checkpoints"
-    if own.is_dir() and any(own.glob("step-*")):
-        return own
-    checkpoint = ray.tune.get_checkpoint()
-    if checkpoint is not None:
-        return Path(stack.enter_context(checkpoint.as_directory()))
-    return None
+        ray.tune.report({**self.latest, TIME_ATTR: int(step), STEPS_TOTAL: self.steps_total, **extra})
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """The Tune function trainable: build the trial's spec and child run, train, report, close the run."""
+    """The Tune function trainable: build the trial's spec and child run, run the pipeline, report, close the run."""
     import ray.tune
 
     tune_context = ray.tune.get_context()
@@ -159,11 +129,11 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
                 logged_up_to: int) -> dict[str, float]:
-    """Single-worker trial: `train()` in this Tune actor; returns the final metrics (+ evaluations)."""
+    """Single-worker trial: the pipeline in this Tune actor; returns the final metrics (+ evaluations)."""
     import torch
 
-    from fotlab.orchestrate.worker import run_evaluations
-    from fotlab.train import train
+    from fotlab.orchestrate.pipeline import run_pipeline
+    from fotlab.orchestrate.worker import resume_dir
     from fotlab.train.checkpoint import resolve_checkpoint
     from fotlab.train.runtime import Runtime, TrainHooks
 
@@ -171,63 +141,42 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
     torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
     device = "cuda" if resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     reporter = TrialReporter(run, context.sweep.metric, spec.train.steps, logged_up_to)
-    with contextlib.ExitStack() as stack:
-        resume_from = resume_dir(output_dir, stack)
-        if resume_from is not None:
-            run.set_tags({TAG_RESUMED_FROM: str(resolve_checkpoint(resume_from))})
-        runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_from)
-        result = train(spec, runtime, TrainHooks(reporter.on_log, reporter.on_checkpoint))
-    metrics = numeric_metrics(result.metrics)
-    metrics.update(run_evaluations(spec, result, runtime.device, run))
-    if spec.tracking.log_model:
-        run.log_model_dir(result.model_dir)
-    close_child_run(run, metrics, result.final_step)
-    reporter.latest.update(metrics)
+    resume_from = resume_dir(output_dir)
+    if resume_from is not None:
+        run.set_tags({TAG_RESUMED_FROM: str(resolve_checkpoint(resume_from))})
+    runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_from)
+    result = run_pipeline(spec, run, runtime, TrainHooks(reporter.on_log))
+    close_child_run(run, result.metrics, result.final_step)
+    reporter.latest.update(result.metrics)
     reporter.report(result.final_step, model_dir=str(result.model_dir))
-    return metrics
+    return result.metrics
 
 
 def close_child_run(run: tracking.TrackedRun, metrics: dict[str, float], step: int) -> None:
     """Final metrics not logged yet, then FINISHED (a trial that ran to its last step)."""
-    logged = run.client.get_run(run.run_id).data.metrics
-    run.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
-    run.set_tags({TAG_STOPPED_EARLY: "false"})
-    run.finish("FINISHED")
+    run.close(metrics, step, {TAG_STOPPED_EARLY: "false"})
+
+
+def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str):
+    """The nested Ray trainer of a multi-worker trial (`trainer.build_trainer`, as `fotlab run`), reporting to Tune.
+
+    Rerunning with the same run name and storage path resumes from the trial's checkpoints.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fotlab.orchestrate.trainer import WorkerConfig, build_trainer
+    from fotlab.orchestrate.worker import train_worker
+
+    config = WorkerConfig(spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir=str(output_dir),
+                          report_every=NESTED_REPORT_EVERY, resume=True)
+    return build_trainer(train_worker, config, run_name=f"train-{trial_id}",
+                         storage_path=str(Path(context.sweep_dir) / "nested"), callbacks=[TuneReportCallback()])
 
 
 def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
                   trial_id: str) -> dict[str, float]:
-    """Multi-worker trial: a nested Train V2 TorchTrainer whose reports reach Tune via TuneReportCallback.
-
-    Rerunning with the same RunConfig(name, storage_path) resumes from its latest checkpoint (Train V2 resume).
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from fotlab.orchestrate.worker import train_worker
-
-    scaling = spec.scaling
-    scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
-    if scaling.resources_per_worker:
-        scaling_kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
-    config = {"spec": spec.model_dump(mode="json"),  # plain data, re-validated by the workers (as `fotlab run`)
-              "run_id": run.run_id, "tracking_uri": run.uri, "log_model": spec.tracking.log_model,
-              "output_dir": str(output_dir), "report_every": NESTED_REPORT_EVERY, "channel": None,
-              "resume": True, "train_fn": None}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(**scaling_kwargs),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=f"train-{trial_id}", storage_path=str(Path(context.sweep_dir) / "nested"),
-            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    result = trainer.fit()
+    """Multi-worker trial: fit the nested trainer (its workers run the pipeline), then close the child run."""
+    result = trial_trainer(spec, context, run, output_dir, trial_id).fit()
     value = result.return_value or {}
     metrics = numeric_metrics(value.get("metrics") or result.metrics or {})
     close_child_run(run, metrics, int(value.get("final_step") or spec.train.steps))

@@ -5,7 +5,7 @@ MLflow params (`flatten_spec`) and exported as JSON Schema (`json_schema`).
     fotlab schema > spec.schema.json                 # the schema, with every field's description
 
 Modules: `models` (the sections), `checks` (cross-field rules), `io` (files, overrides, default locations),
-`sweep` (sweep specs: base spec + search space).
+`sweep` (sweep specs: base spec + search space), `eval` (the `eval:` section: which evaluations run).
 """
 
 from fotlab.errors import FotlabError, SpecError

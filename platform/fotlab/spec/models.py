@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fotlab.eval.spec import EvalSpec, RepeatSourceFields  # the eval section is owned by fotlab.eval (pure pydantic)
+from fotlab.spec.eval import EvalSpec, RepeatSourceFields  # the eval section (pure pydantic)
 
 __all__ = [
     "StrictModel", "ModelSpec", "MemorySpec", "SourceSpec", "TokenizerSpec", "DataSpec", "CrossBatchSwitch",
@@ -260,7 +260,7 @@ class ExperimentSpec(StrictModel):
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training loop.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluations run after training and by "
-                           "`fotlab eval` (section defined in fotlab.eval.spec).")
+                           "`fotlab eval` (section defined in fotlab.spec.eval).")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train scaling.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Checkpoint/result storage.")
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Fault tolerance.")

@@ -5,7 +5,7 @@
 
 Modules: `loop` (train: setup -> build -> fit), `build` (tokenizer, data, model), `steps` (one optimizer step,
 validation loss), `optim` (optimizers, lr schedules), `checkpoint` (atomic checkpoints), `rng` (seeding, RNG
-state), `runtime` (Runtime, TrainHooks, TrainResult, errors), `metrics` (metric names),
+state), `runtime` (Runtime, TrainHooks, TrainResult, errors), metric names in `fotlab.names`,
 `crossbatch_schedule` (which CrossBatch each step uses).
 """
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fotlab.train import metrics as M
+from fotlab import names as M
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint
 from fotlab.train.loop_support import (any_rank, check_replicated, crossbatch_at, mean_over_ranks, resolve_precision,
@@ -156,7 +156,7 @@ def _fit(run: _Run) -> bool:
 def _report_train(run: _Run, lr: float, grad_norm: float, crossbatch_range: int) -> None:
     window, device = run.window, run.runtime.device
     logged = {
-        M.LOSS: mean_over_ranks(window.loss_sum / window.n_steps, device),
+        M.TRAIN_LOSS: mean_over_ranks(window.loss_sum / window.n_steps, device),
         M.LR: lr,
         M.GRAD_NORM: grad_norm,
         M.TOKENS_PER_S: window.n_tokens / max(window.step_time_s, 1e-9),
@@ -168,7 +168,7 @@ def _report_train(run: _Run, lr: float, grad_norm: float, crossbatch_range: int)
     run.metrics.update(logged)
     logger.info(
         "step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d", run.step, run.spec.train.steps,
-        logged[M.LOSS], lr, grad_norm, logged[M.TOKENS_PER_S], crossbatch_range,
+        logged[M.TRAIN_LOSS], lr, grad_norm, logged[M.TOKENS_PER_S], crossbatch_range,
     )
     run.hooks.on_log(run.step, logged)
 

@@ -1,10 +1,11 @@
 """Train + evaluate one spec in this process (no Ray), tracked as one MLflow run: the paper-claim reproductions.
 
-    python -m fotlab.eval.reproduce experiments/paper/dictionary_lookup.yaml
-    python -m fotlab.eval.reproduce experiments/paper/lm_fot.yaml --set train.steps=50     # a quick smoke run
+    python -m fotlab.orchestrate.reproduce experiments/paper/dictionary_lookup.yaml
+    python -m fotlab.orchestrate.reproduce experiments/paper/lm_fot.yaml --set train.steps=50     # a quick smoke run
 
 `fotlab run SPEC` does the same on Ray; this entry point exists so a paper claim can be checked on a laptop
-CPU in one process (fastest start), with the same spec, training loop, evaluations and tracking.
+CPU in one process (fastest start), with the same spec and the same experiment pipeline (`pipeline.run_pipeline`:
+training loop, evaluations, model logging and registration, tracking).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Path | None = None,
               threads: int | None = None, run_id: str | None = None, model_dir: str | Path | None = None) -> dict:
-    """Train the spec's model (fotlab.train.train), run its evaluations, log both to MLflow; returns a summary.
+    """The experiment pipeline (train -> evaluations -> log model -> register) in this process, as one MLflow run;
+    returns a summary.
 
     `model_dir` skips training and evaluates that saved model; `run_id` continues that MLflow run (e.g. one
     whose training finished but whose evaluations failed) instead of starting a new one."""
@@ -26,10 +28,9 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     from rich.console import Console
 
     from fotlab import tracking
-    from fotlab.eval.cli import load_model_and_tokenizer
-    from fotlab.eval.runner import run_spec_evaluations
+    from fotlab.orchestrate.pipeline import run_pipeline
     from fotlab.spec import load_spec, resolve_tracking_uri
-    from fotlab.train import Runtime, TrainHooks, train
+    from fotlab.train import Runtime, TrainHooks
 
     if threads:
         torch.set_num_threads(threads)
@@ -40,39 +41,27 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     # logged with the reference as written
     train_spec = spec if model_dir is not None else \
         tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
-    run = tracking.start_spec_run(spec, tags={"fotlab.kind": "reproduce"}, run_id=run_id)
-    if run_id is not None and tracking.TAG_ERROR in tracking.get_run(run.uri, run_id).data.tags:
-        run.client.delete_tag(run_id, tracking.TAG_ERROR)  # the earlier failure is being repaired
+    run = tracking.start_spec_run(spec, tags={tracking.TAG_KIND: "reproduce"}, run_id=run_id)
+    if run_id is not None:
+        run.delete_tag(tracking.TAG_ERROR)  # the earlier failure is being repaired
     t0 = time.time()
+    hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
+                                                     console.print(f"step {step}: {_short(metrics)}")))
     try:
-        if model_dir is None:
-            hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
-                                                             console.print(f"step {step}: {_short(metrics)}")))
-            result = train(train_spec, Runtime(output_dir=out, device="cpu"), hooks)
-            model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
-            if spec.tracking.log_model:
-                run.log_model_dir(model_dir)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
-                if spec.tracking.register_model:
-                    run.register_model(spec.tracking.register_model)
-        else:
-            model_dir, final_step, train_metrics = Path(model_dir), spec.train.steps, {}
-        train_s = time.time() - t0
-        model, tokenizer = load_model_and_tokenizer(model_dir, spec, device="cpu")
-        results = run_spec_evaluations(spec, model, tokenizer, out / "eval", run=run, step=final_step,
-                                       console=console)
-        timings = {"time/eval_s": time.time() - t0 - train_s}
-        if train_metrics:
-            timings["time/train_s"] = train_s
-        run.log_metrics(timings, step=final_step)
+        result = run_pipeline(train_spec, run, Runtime(output_dir=out, device="cpu"), hooks,
+                              model_dir=None if model_dir is None else Path(model_dir), console=console)
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
         run.fail(exc if not isinstance(exc, Terminated) else "Terminated: SIGTERM",
                  status="KILLED" if interrupted else "FAILED")
         raise
     run.finish()
-    metrics = {k: v for r in results.values() for k, v in r.metrics.items()}
-    return {"run_id": run.run_id, "model_dir": str(model_dir), "train_s": round(train_s, 1),
-            "total_s": round(time.time() - t0, 1), "train_metrics": train_metrics, "metrics": metrics}
+    train_metrics = {k: v for k, v in result.metrics.items() if not k.startswith(("eval/", "time/"))}
+    metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+    train_s = result.metrics.get(tracking.TRAIN_TIME_S, 0.0)
+    return {"run_id": run.run_id, "model_dir": str(result.model_dir), "train_s": round(train_s, 1),
+            "total_s": round(time.time() - t0, 1), "train_metrics": train_metrics, "metrics": metrics,
+            "registered_version": result.registered_version}
 
 
 class Terminated(SystemExit):
@@ -90,7 +79,7 @@ def _short(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m fotlab.eval.reproduce", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fotlab.orchestrate.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("spec")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output-dir", help="run folder (default: a new temp dir)")

@@ -1,0 +1,81 @@
+"""The one experiment pipeline: train -> log the model -> register it -> the spec's evaluations, on a `TrackedRun`.
+
+    result = run_pipeline(spec, run, Runtime(output_dir=Path("out")), TrainHooks(on_log=...))
+
+Every entry point calls it: each Ray Train worker of `fotlab run` and of a multi-worker sweep trial
+(`worker.train_worker`), a single-worker sweep trial (`sweep_trial`), and the paper reproductions
+(`reproduce`). So a run's MLflow layout (params and tags from `tracking.start_spec_run`, train/val metrics, eval
+metrics and plots, `time/*`, the `model/` artifact, the registered version) is the same whichever started it.
+Only rank 0 evaluates, logs and registers; the other ranks return after training. Opening and closing the run
+stay with the caller (the driver owns them). The model is logged before the evaluations run, so an evaluation
+that fails still leaves the trained model in the run (`fotlab eval SPEC --model runs:/ID` re-runs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from fotlab import names
+from fotlab.tracking import TrackedRun, numeric_metrics
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """What one pipeline produced (rank 0 has the evaluation metrics; other ranks only the training part)."""
+
+    final_step: int
+    metrics: dict[str, float]  # training (train/*, val/*) + evaluations (eval/*) + time/*
+    model_dir: Path
+    checkpoint_dir: Path | None = None
+    stopped_early: bool = False
+    registered_version: str | None = None
+
+
+def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path | None = None,
+                 console=None) -> PipelineResult:
+    """Train `spec` (`fotlab.train.train` with `runtime` and `hooks`), then on rank 0: the model logged into `run`
+    (`tracking.log_model`) and registered (`tracking.register_model`), and the spec's evaluations logged.
+
+    `model_dir` skips training and evaluates that saved model (a reproduction's evaluations repaired later).
+    A run stopped early (a stop request) skips the rest: it resumes later and finishes then.
+    """
+    from fotlab.train import train
+
+    t0 = time.time()
+    if model_dir is None:
+        trained = train(spec, runtime, hooks)
+        result = PipelineResult(trained.final_step, numeric_metrics(trained.metrics), Path(trained.model_dir),
+                                Path(trained.checkpoint_dir), bool(trained.stopped_early))
+        timings = {names.TRAIN_TIME_S: time.time() - t0}
+    else:
+        result = PipelineResult(spec.train.steps, {}, Path(model_dir))
+        timings = {}
+    if runtime.rank != 0 or result.stopped_early:
+        return result
+    if spec.tracking.log_model and model_dir is None:
+        run.log_model_dir(result.model_dir)
+        if spec.tracking.register_model:
+            result.registered_version = run.register_model(spec.tracking.register_model)
+    t1 = time.time()
+    result.metrics.update(evaluate(spec, result.model_dir, run, result.final_step, Path(runtime.output_dir) / "eval",
+                                   device=runtime.device, console=console))
+    if spec.eval.selected():
+        timings[names.EVAL_TIME_S] = time.time() - t1
+    result.metrics.update(run.log_metrics(timings, step=result.final_step))
+    return result
+
+
+def evaluate(spec, model_dir: Path, run: TrackedRun, step: int, output_dir: Path, device=None,
+             console=None) -> dict[str, float]:
+    """The spec's evaluations on the saved model in `model_dir`, logged into `run` at `step` (plots and JSON
+    results written under `output_dir` first); their metrics."""
+    if not spec.eval.selected():
+        return {}
+    from fotlab.eval.loading import load_model_and_tokenizer
+    from fotlab.eval.runner import run_spec_evaluations
+
+    model, tokenizer = load_model_and_tokenizer(Path(model_dir), spec, device=None if device is None else str(device))
+    results = run_spec_evaluations(spec, model, tokenizer, output_dir, run=run, step=step, console=console)
+    return {key: value for r in results.values() for key, value in r.metrics.items()}
