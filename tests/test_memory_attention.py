@@ -312,3 +312,47 @@ def test_cuda_fused_path_matches_cpu_fp64(dtype, n_kv):
     ref_rest[5] = padded[6].cpu()
     torch.testing.assert_close(memory_attention(*padded).cpu().double(),
                                brute_force(inputs[0].cpu().double(), *ref_rest), atol=tol, rtol=tol)
+
+
+# ----- the model's memory-mass option (MemoryMassProbe), used by the distraction ratio r_d --------------------------
+@pytest.mark.parametrize("overrides", [{}, {"mem_positionals": False}, {"num_key_value_heads": 2}])
+def test_model_memory_mass_matches_brute_force_and_keeps_outputs(overrides):
+    """`model(..., memory_mass=probe)`: per memory layer, the softmax mass of the final segment's queries on the local
+    keys and on each memory source equals a float64 brute force over [local keys, memory keys]; logits unchanged."""
+    from fotlab.model import FoTForCausalLM, MemoryMassProbe, preset_config
+    from fotlab.model.layers import apply_rope
+
+    torch.manual_seed(0)
+    model = FoTForCausalLM(preset_config("debug", vocab_size=64, mem_dtype="float32", **overrides)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        memory = model(torch.randint(0, 64, (1, 24), generator=g), last_context_length=0).memory  # 24 slots
+        current = torch.randint(0, 64, (1, 10), generator=g)
+        inputs = {}  # the memory layer's own inputs, to recompute its attention by hand
+        layer_idx = model.config.mem_layers[0]
+        attn = model.model.layers[layer_idx].self_attn
+        handle = attn.register_forward_pre_hook(lambda module, args: inputs.update(args=args))
+        plain = model(current, memory=memory, last_context_length=10).logits
+        segments = torch.arange(3).repeat_interleave(8)  # three sources of 8 slots each
+        probe = MemoryMassProbe(segments, 3)
+        probed = model(current, memory=memory, last_context_length=10, memory_mass=probe).logits
+        handle.remove()
+    assert torch.equal(plain, probed)  # the option changes nothing the model computes
+    assert set(probe.mass) == set(model.config.mem_layers)
+    x, ctx, past, (mem_k, _, mem_valid) = inputs["args"]
+    q, _, _, k_all, _ = attn.project(x, past)
+    if model.config.mem_positionals:
+        q, k_all = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k_all, ctx.cos, ctx.sin)
+    rep = q.shape[1] // k_all.shape[1]
+    keys = torch.cat([k_all, mem_k.to(k_all.dtype)], 2).repeat_interleave(rep, 1).double()  # (B, H, S+M, Dh)
+    scores = q.double() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S+M)
+    visible = torch.cat([ctx.local_mask.expand(-1, q.shape[1], -1, -1),
+                         mem_valid[:, None, None, :].expand(-1, q.shape[1], q.shape[2], -1)], -1)
+    weights = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
+    S = k_all.shape[2]
+    expected = torch.stack([weights[..., :S].sum(-1)] + [weights[..., S:][..., segments == j].sum(-1)
+                                                         for j in range(3)], -1)
+    mass = probe.mass[layer_idx]
+    assert mass.shape == (1, q.shape[1], 10, 4)
+    torch.testing.assert_close(mass.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)))

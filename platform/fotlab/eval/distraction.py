@@ -6,8 +6,8 @@ Protocol (per sample, seeded; the same samples for every d so the curve is paire
 - d contexts enter memory: the relevant one plus d - 1 contexts drawn from other documents (nested: the
   distractors for d are the first d - 1 of one fixed draw), in a random order. Each context's (k, v) are computed
   on its own (empty memory), as crossbatch training presents them.
-- The current chunk runs with that memory; in every measured memory layer the attention weights of its queries
-  are taken (same softmax as the model: `fotlab.model.memory_attention.memory_attention_mass`), and
+- The current chunk runs with that memory and a `fotlab.model.MemoryMassProbe`: every memory layer reports the
+  attention mass of its queries per memory context (the very weights its output uses), and
   r_d = mass on the relevant context / mass on all memory, per query and head, then averaged.
 - A layer that attends uniformly gives exactly 1/d; a standard transformer ~1/d; FoT stays far above.
 - (query, head) rows whose memory mass underflows to exactly 0 have no ratio and are not averaged.
@@ -22,8 +22,9 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, distraction_metric
-from fotlab.spec.eval import DistractionEvalSpec
 from fotlab.eval.streaming import empty_memory, frame_documents, model_device, progress, resolve_chunk_len
+from fotlab.model import MemoryMassProbe
+from fotlab.spec.eval import DistractionEvalSpec
 
 
 def _contexts(docs: list[list[int]], T: int, bos_id, eos_id) -> list[list[torch.Tensor]]:
@@ -68,38 +69,6 @@ def _memory_of(model, ctxs: list[torch.Tensor], layers: list[int]):
     return memory
 
 
-class _MassProbe:
-    """Forward pre-hooks on memory-layer attentions: recompute their queries/keys (as FoTMemoryAttention does)
-    and record the attention mass per memory segment."""
-
-    def __init__(self, model, layers: list[int]):
-        self.model, self.layers, self.mass, self.segment_ids, self.n_segments = model, layers, {}, None, 0
-        self._handles = [model.model.layers[i].self_attn.register_forward_pre_hook(self._hook_for(i)) for i in layers]
-
-    def _hook_for(self, layer_idx: int):
-        def hook(attn, args):
-            from fotlab.model.layers import apply_rope
-            from fotlab.model.memory_attention import memory_attention_mass
-
-            x, ctx, past_kv, memory = args
-            if memory is None:
-                return
-            q, _, _, k_all, _ = attn.project(x, past_kv)
-            T = q.shape[2]
-            if attn.config.mem_positionals:  # identical to FoTMemoryAttention.forward
-                q = apply_rope(q, ctx.cos[:, -T:], ctx.sin[:, -T:])
-                k_all = apply_rope(k_all, ctx.cos, ctx.sin)
-            cfg = attn.config
-            self.mass[layer_idx] = memory_attention_mass(
-                q, k_all, ctx.local_mask, memory[0], memory[2], self.segment_ids, self.n_segments,
-                retrieval=cfg.mem_retrieval, topk=cfg.mem_topk, grouping=cfg.mem_attention_grouping)
-        return hook
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
 def _ratio(mass: torch.Tensor, relevant: int) -> float:
     """mass (B, H, T, 1 + d) -> mean over (query, head) rows of mass[relevant] / mass on all memory. Rows that put
     no mass at all on memory (fp32 underflow: every memory score far below the local ones) have no ratio and are
@@ -126,24 +95,19 @@ def distraction_ratio(model, tokenizer, cfg: DistractionEvalSpec, docs: list[lis
     rng = np.random.Generator(np.random.PCG64([seed, 0xD157]))
     samples = _draw_samples(_contexts(docs, T, tokenizer.bos_token_id, tokenizer.eos_token_id),
                             cfg.n_samples, max(cfg.n_contexts), rng)
-    probe = _MassProbe(model, layers)
     ratios = {(d, i): [] for d in cfg.n_contexts for i in layers}
-    try:
-        jobs = [(d, s) for d in cfg.n_contexts for s in samples]
-        for d, (current, relevant, distractors, order_seed) in progress(jobs, enabled=show_progress,
-                                                                         description="distraction"):
-            order = np.random.Generator(np.random.PCG64(order_seed)).permutation(d)  # slot -> context
-            ctxs = [relevant, *distractors[:d - 1]]
-            memory = _memory_of(model, [ctxs[k] for k in order], layers)
-            probe.segment_ids = torch.arange(d, device=model_device(model)).repeat_interleave(T)  # (d*T,)
-            probe.n_segments = d
-            model(current[None].to(model_device(model)), memory=memory, last_context_length=current.shape[0],
-                  use_cache=False, logits_to_keep=1)
-            rel_slot = int(np.nonzero(order == 0)[0][0])
-            for i in layers:
-                ratios[(d, i)].append(_ratio(probe.mass[i], rel_slot))
-    finally:
-        probe.close()
+    jobs = [(d, s) for d in cfg.n_contexts for s in samples]
+    for d, (current, relevant, distractors, order_seed) in progress(jobs, enabled=show_progress,
+                                                                     description="distraction"):
+        order = np.random.Generator(np.random.PCG64(order_seed)).permutation(d)  # slot -> context
+        ctxs = [relevant, *distractors[:d - 1]]
+        memory = _memory_of(model, [ctxs[k] for k in order], layers)
+        probe = MemoryMassProbe(torch.arange(d, device=model_device(model)).repeat_interleave(T), d)  # (d*T,)
+        model(current[None].to(model_device(model)), memory=memory, last_context_length=current.shape[0],
+              use_cache=False, logits_to_keep=1, memory_mass=probe)
+        rel_slot = int(np.nonzero(order == 0)[0][0])
+        for i in layers:
+            ratios[(d, i)].append(_ratio(probe.mass[i], rel_slot))
     return _distraction_result(cfg, layers, ratios, T, output_dir)
 
 

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fotlab.model.cache import FoTCache
 from fotlab.model.configuration import FoTConfig
+from fotlab.model.layers import MemoryMassProbe
 from fotlab.model.memory import FoTMemory, LayerMemory
 from fotlab.model.modeling import FoTCausalLMOutput, FoTForCausalLM, FoTModel
 from fotlab.model.presets import PRESETS, preset_config
@@ -16,4 +17,4 @@ AutoConfig.register("fot", FoTConfig, exist_ok=True)
 AutoModelForCausalLM.register(FoTConfig, FoTForCausalLM, exist_ok=True)
 
 __all__ = ["FoTCache", "FoTCausalLMOutput", "FoTConfig", "FoTForCausalLM", "FoTMemory", "FoTModel", "LayerMemory",
-           "PRESETS", "preset_config"]
+           "MemoryMassProbe", "PRESETS", "preset_config"]

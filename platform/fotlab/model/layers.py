@@ -14,13 +14,17 @@ Design choices:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fotlab.model.configuration import FoTConfig
+
+if TYPE_CHECKING:
+    from fotlab.model.crossbatch import CrossBatch
 
 
 class FoTRMSNorm(nn.Module):
@@ -75,6 +79,22 @@ class FoTMLP(nn.Module):
 
 
 @dataclass
+class MemoryMassProbe:
+    """Asks the memory layers for their attention mass per memory source (the distraction ratio r_d, FOT_SPEC §3).
+
+    segment_ids: (M,) or (B, M) long, the source (context, document) of every slot of the memory passed in.
+    n_segments: number of sources. After `model(..., memory_mass=probe)`, `probe.mass[layer_idx]` is
+    (B, H, T, 1 + n_segments) float32 for every memory layer that had memory: column 0 = mass on the local keys,
+    column 1 + j = mass on source j (rows sum to 1), from the same weights the layer's output uses
+    (`memory_attention_mass`). Only the final (local) segment of the call is measured.
+    """
+
+    segment_ids: torch.Tensor
+    n_segments: int
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class SegmentContext:
     """What every layer needs to process one segment of T new tokens after S - T cached local tokens.
 
@@ -82,13 +102,15 @@ class SegmentContext:
     local_mask: (B, 1, T, S) bool, True = visible (causal + key padding; a query always sees itself).
     key_valid: (B, S) bool padding mask of the local keys.
     crossbatch: optional `CrossBatch` (training-time crossbatch attention in memory layers).
+    memory_mass: optional `MemoryMassProbe` the memory layers fill (evaluation only; outputs unchanged).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     local_mask: torch.Tensor
     key_valid: torch.Tensor
-    crossbatch: object | None = None
+    crossbatch: CrossBatch | None = None
+    memory_mass: MemoryMassProbe | None = None
 
     @functools.cached_property
     def causal_only(self) -> bool:
@@ -162,7 +184,7 @@ class FoTMemoryAttention(FoTAttention):
             q = apply_rope(q, ctx.cos[:, -T:], ctx.sin[:, -T:])
             k_all = apply_rope(k_all, ctx.cos, ctx.sin)
         cb = ctx.crossbatch
-        if cb is not None and getattr(cb, "range", 0) > 0:
+        if cb is not None and cb.range > 0:
             from fotlab.model.crossbatch import crossbatch_attention
 
             out = crossbatch_attention(q, k_all, k_raw, v_all, cb, key_valid=ctx.key_valid)
@@ -176,7 +198,18 @@ class FoTMemoryAttention(FoTAttention):
         out = memory_attention(q, k_all, v_all, ctx.local_mask, mem_k, mem_v, mem_valid,
                                retrieval=cfg.mem_retrieval, topk=cfg.mem_topk,
                                grouping=cfg.mem_attention_grouping, scale=None)  # (B, H, T, Dh)
+        if ctx.memory_mass is not None and memory is not None:
+            self._record_mass(ctx, q, k_all, mem_k, mem_valid)
         return self.merge(out), k, v
+
+    def _record_mass(self, ctx: SegmentContext, q, k_all, mem_k, mem_valid) -> None:
+        """Attention mass per memory source of these (already rotated) queries and keys, into ctx.memory_mass."""
+        from fotlab.model.memory_attention import memory_attention_mass
+
+        probe, cfg = ctx.memory_mass, self.config
+        probe.mass[self.layer_idx] = memory_attention_mass(
+            q, k_all, ctx.local_mask, mem_k, mem_valid, probe.segment_ids, probe.n_segments,
+            retrieval=cfg.mem_retrieval, topk=cfg.mem_topk, grouping=cfg.mem_attention_grouping)
 
 
 class FoTDecoderLayer(nn.Module):

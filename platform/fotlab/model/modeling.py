@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,11 @@ from transformers.utils import ModelOutput
 
 from fotlab.model.cache import FoTCache
 from fotlab.model.configuration import FoTConfig
-from fotlab.model.layers import FoTDecoderLayer, FoTRMSNorm, SegmentContext, rope_tables
+from fotlab.model.layers import FoTDecoderLayer, FoTRMSNorm, MemoryMassProbe, SegmentContext, rope_tables
 from fotlab.model.memory import FoTMemory
+
+if TYPE_CHECKING:
+    from fotlab.model.crossbatch import CrossBatch
 
 
 @dataclass
@@ -50,7 +54,7 @@ class FoTCausalLMOutput(ModelOutput):
 
 
 def segment_context(key_valid: torch.Tensor, n_new: int, config: FoTConfig, dtype: torch.dtype,
-                    crossbatch=None) -> SegmentContext:
+                    crossbatch: CrossBatch | None = None, memory_mass: MemoryMassProbe | None = None) -> SegmentContext:
     """Positions, RoPE tables and the local mask for n_new queries after S - n_new cached keys.
 
     key_valid: (B, S) bool. Positions are the HF positions `cumsum(valid) - 1` minus that of the first local key,
@@ -66,7 +70,8 @@ def segment_context(key_valid: torch.Tensor, n_new: int, config: FoTConfig, dtyp
     k_idx = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
     causal = k_idx <= q_idx  # (T, S)
     mask = causal & (key_valid[:, None, :] | (k_idx == q_idx))  # (B, T, S): a query always sees itself
-    return SegmentContext(cos=cos, sin=sin, local_mask=mask[:, None], key_valid=key_valid, crossbatch=crossbatch)
+    return SegmentContext(cos=cos, sin=sin, local_mask=mask[:, None], key_valid=key_valid, crossbatch=crossbatch,
+                          memory_mass=memory_mass)
 
 
 class FoTPreTrainedModel(PreTrainedModel):
@@ -89,14 +94,15 @@ class FoTModel(FoTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def run_segment(self, input_ids, key_valid, local, memory: FoTMemory, crossbatch=None):
+    def run_segment(self, input_ids, key_valid, local, memory: FoTMemory, crossbatch: CrossBatch | None = None,
+                    memory_mass: MemoryMassProbe | None = None):
         """Run T new tokens through every layer.
 
         input_ids (B, T); key_valid (B, S) for the S = n_local + T local keys; local: per-layer raw (k, v) of the
         n_local cached tokens or None. Returns normed hidden (B, T, D) and per-layer raw (k, v) of all S keys.
         """
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        ctx = segment_context(key_valid, input_ids.shape[1], self.config, x.dtype, crossbatch)
+        ctx = segment_context(key_valid, input_ids.shape[1], self.config, x.dtype, crossbatch, memory_mass)
         new_local = []
         for i, layer in enumerate(self.layers):
             past = None if local is None else local[i]
@@ -163,7 +169,8 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, last_context_length: int | None = None,
                 memory: FoTMemory | None = None, cache: FoTCache | None = None, past_key_values: FoTCache | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, crossbatch=None, **kwargs) -> FoTCausalLMOutput:
+                use_cache: bool | None = None, logits_to_keep: int = 0, crossbatch: CrossBatch | None = None,
+                memory_mass: MemoryMassProbe | None = None, **kwargs) -> FoTCausalLMOutput:
         """input_ids (B, L); attention_mask (B, L) or (B, n_past + L) (its last L columns are used), 1 = token.
 
         memory: memory to start from (ignored when a cache is given: the cache carries its memory).
@@ -171,6 +178,8 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         logits_to_keep: int N > 0 = logits only for the last N positions. Positions are always derived from the
         padding mask per window (see `segment_context`); a `position_ids` argument is ignored.
         crossbatch: `CrossBatch` for training (the whole input is one segment, L <= W).
+        memory_mass: a `MemoryMassProbe`: the memory layers record their attention mass per memory source over the
+        final segment into it (evaluation; the outputs are the same with or without it).
         Returns logits, loss, cache (if use_cache), memory.
         """
         cache = cache if cache is not None else past_key_values
@@ -182,7 +191,7 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         state = cache if cache is not None else FoTCache.empty(memory if memory is not None else self.new_memory())
         n_keep = L if (labels is not None or not logits_to_keep) else min(int(logits_to_keep), L)
         lcl = self.config.last_context_length if last_context_length is None else last_context_length
-        state, logits = self._process(input_ids, valid, state, lcl, n_keep, crossbatch)
+        state, logits = self._process(input_ids, valid, state, lcl, n_keep, crossbatch, memory_mass)
         loss = None if labels is None else self._loss(logits, labels, kwargs.get("num_items_in_batch"))
         return FoTCausalLMOutput(loss=loss, logits=logits, cache=state if use_cache else None, memory=state.memory)
 
@@ -198,7 +207,7 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         mem_len = max(L - lcl, 0)
         return [(s, min(s + W, mem_len)) for s in range(0, mem_len, W)], mem_len
 
-    def _process(self, input_ids, valid, state: FoTCache, lcl: int, n_keep: int, crossbatch):
+    def _process(self, input_ids, valid, state: FoTCache, lcl: int, n_keep: int, crossbatch, memory_mass=None):
         """Flush if needed, run windows into memory, then the local segment; logits of the last n_keep positions."""
         L = input_ids.shape[1]
         if state.n_local and state.n_local + L > self.config.max_position_embeddings:
@@ -216,7 +225,7 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
             if state.n_local:
                 key_valid = torch.cat([state.local_valid, key_valid], dim=1)  # (B, S)
             hidden, local = self.model.run_segment(input_ids[:, local_start:], key_valid, state.local, memory,
-                                                   crossbatch)
+                                                   crossbatch, memory_mass)
             local_valid = key_valid
             logits.append(self._logits(hidden, local_start, L - n_keep))
         logits = [x for x in logits if x is not None]
