@@ -1,7 +1,6 @@
 """build_datasets: tokenized docs, min-length filter, max_docs, validation split, mixtures, synthetic sources."""
 
 import os
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -10,19 +9,7 @@ import torch
 
 from fotlab.data import DocPacker, IGNORE_INDEX, build_datasets, byte_tokenizer
 
-try:
-    from fotlab.spec import DataSpec, SourceSpec
-except ImportError:  # spec module not there: same field names
-    def SourceSpec(**kw):
-        base = {"kind": "embedded", "path": None, "glob": "**/*.txt", "text_field": "text", "name": None,
-                "config": None, "data_dir": None, "split": "train", "streaming": False, "weight": 1.0,
-                "min_doc_tokens": 0, "max_docs": None, "n_docs": 64, "doc_len": 512, "key_len": 4,
-                "value_len": 4, "max_passkey": 50000}
-        return SimpleNamespace(**{**base, **kw})
-
-    def DataSpec(**kw):
-        base = {"sources": [SourceSpec()], "tokenizer": None, "validation_docs": 8, "num_proc": 1, "cache_dir": None}
-        return SimpleNamespace(**{**base, **kw})
+from fotlab.spec import DataSpec, SourceSpec
 
 
 @pytest.fixture(scope="module")

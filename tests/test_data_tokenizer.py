@@ -1,17 +1,10 @@
 """Tokenizers: byte-level round trip, trained BPE, pretrained directories via AutoTokenizer."""
 
-from types import SimpleNamespace
-
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fotlab.data import build_tokenizer, byte_tokenizer
-
-try:
-    from fotlab.spec import TokenizerSpec
-except ImportError:  # spec module not there: same field names
-    def TokenizerSpec(**kw):
-        return SimpleNamespace(**{"kind": "byte", "path": None, "vocab_size": 4096, **kw})
+from fotlab.spec import DataSpec, SourceSpec, TokenizerSpec
 
 SAMPLES = ["héllo wörld", "tabs\tand\nnewlines\r\n", "日本語 🙂 emoji", "\x00 nul and ctrl \x7f", "  leading spaces",
            "def f(x):\n    return x ** 2  # ünïcode"]
@@ -66,8 +59,8 @@ def test_bpe_trains_on_data_spec_sources(tmp_path):
     (tmp_path / "docs").mkdir()
     for i, text in enumerate(CORPUS[:3]):
         (tmp_path / "docs" / f"{i}.txt").write_text(text * 20)
-    data = SimpleNamespace(sources=[SimpleNamespace(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
-                           cache_dir=str(tmp_path / "cache"))
+    data = DataSpec(sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
+                    cache_dir=str(tmp_path / "cache"))
     tok = build_tokenizer(TokenizerSpec(kind="bpe", vocab_size=280), data_spec=data)
     assert len(tok(CORPUS[1])["input_ids"]) < 0.6 * len(CORPUS[1].encode())
 
@@ -90,8 +83,8 @@ def test_pretrained_missing_dir_names_the_path(tmp_path):
 def test_bpe_from_data_spec_is_cached_by_sources(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text(CORPUS[0] * 30)
-    data = SimpleNamespace(sources=[SimpleNamespace(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
-                           cache_dir=str(tmp_path / "cache" / "datasets"))
+    data = DataSpec(sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
+                    cache_dir=str(tmp_path / "cache" / "datasets"))
     spec = TokenizerSpec(kind="bpe", vocab_size=270)
     first = build_tokenizer(spec, data_spec=data)
     saved = list((tmp_path / "cache" / "datasets" / "fotlab_tokenizers").glob("bpe-*/tokenizer.json"))

@@ -3,7 +3,8 @@
     python -c "from fotlab.data import build_tokenizer, build_datasets; t = build_tokenizer(None); \
       print(build_datasets(None, t, 0))"
 
-Pipeline per source (every spec object is duck-typed; only attributes are read):
+Takes the typed `fotlab.spec.DataSpec` / `SourceSpec` (its defaults are the pydantic ones, stated once there).
+Pipeline per source:
 1. load: text sources -> "text" rows (`fotlab.data.sources`); dictionary_lookup -> token ids + loss_mask;
    passkey -> prompt "text" + "answer" (loss only on the answer tokens).
 2. tokenize with `Dataset.map` (batched, `num_proc`, cached under `cache_dir`, default ~/.cache/fotlab/datasets;
@@ -25,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
 
 from fotlab.data import sources as src_mod
 from fotlab.data import synthetic
+from fotlab.spec.models import DataSpec, SourceSpec
 
 SYNTHETIC_KINDS = ("dictionary_lookup", "passkey")
 TOKENIZE_VERSION = "fotlab-tokenize-v2"
@@ -49,17 +50,17 @@ def _features(with_mask: bool, with_index: bool = True) -> datasets.Features:
     return datasets.Features(cols)
 
 
-def resolve_cache_dir(data_spec) -> str:
+def resolve_cache_dir(data_spec: DataSpec | None) -> str:
     """`data_spec.cache_dir`, else ~/.cache/fotlab/datasets."""
-    cache_dir = getattr(data_spec, "cache_dir", None)
+    cache_dir = data_spec.cache_dir if data_spec is not None else None
     path = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "fotlab" / "datasets"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
-def _sources(data_spec) -> list:
-    sources = list(getattr(data_spec, "sources", None) or [])
-    return sources or [SimpleNamespace(kind="embedded", weight=1.0, min_doc_tokens=0, max_docs=None)]
+def sources_of(data_spec: DataSpec | None) -> list[SourceSpec]:
+    """The spec's sources (no data spec: DataSpec's default, the embedded corpus)."""
+    return list((data_spec if data_spec is not None else DataSpec()).sources)
 
 
 def _split_hash(key: str) -> int:
@@ -114,43 +115,38 @@ def _ids_dataset(ds):
     return ds.map(add, batched=True, remove_columns=["key"], features=_features(True), desc="index")
 
 
-def load_source(source, index: int, tokenizer, seed: int, cache_dir: str, num_proc: int = 1):
+def load_source(source: SourceSpec, index: int, tokenizer, seed: int, cache_dir: str, num_proc: int = 1):
     """One source as a tokenized dataset (input_ids [+ loss_mask], n_tokens, split_hash)."""
-    kind = getattr(source, "kind", "embedded")
-    n_docs = int(getattr(source, "n_docs", 64))
-    doc_len = int(getattr(source, "doc_len", 512))
+    kind, n_docs, doc_len = source.kind, source.n_docs, source.doc_len
     syn_seed = seed * 1000 + index
     if kind == "dictionary_lookup":
         if len(tokenizer) < synthetic.DICT_VOCAB:
             raise ValueError(f"{src_mod.source_label(source, index)}: tokenizer has {len(tokenizer)} ids, "
                              f"fewer than the {synthetic.DICT_VOCAB} the task uses")
-        ds = synthetic.dictionary_lookup_dataset(n_docs, doc_len, int(getattr(source, "key_len", 4)),
-                                                 int(getattr(source, "value_len", 4)), syn_seed, cache_dir)
+        ds = synthetic.dictionary_lookup_dataset(n_docs, doc_len, source.key_len, source.value_len, syn_seed,
+                                                 cache_dir)
         return _ids_dataset(ds)
     if kind == "passkey":
-        ds = synthetic.passkey_dataset(tokenizer, n_docs, doc_len, int(getattr(source, "max_passkey", 50000)),
-                                       syn_seed, cache_dir)
+        ds = synthetic.passkey_dataset(tokenizer, n_docs, doc_len, source.max_passkey, syn_seed, cache_dir)
         return tokenize_dataset(ds, tokenizer, num_proc)
     raw = src_mod.load_raw_source(source, index, cache_dir)
-    max_docs = getattr(source, "max_docs", None)
-    if max_docs and not getattr(source, "min_doc_tokens", 0) and isinstance(raw, datasets.Dataset):
-        raw = raw.select(range(min(int(max_docs), len(raw))))  # cap before tokenizing when no filter needs all
+    if source.max_docs and not source.min_doc_tokens and isinstance(raw, datasets.Dataset):
+        raw = raw.select(range(min(source.max_docs, len(raw))))  # cap before tokenizing when no filter needs all
     return tokenize_dataset(raw, tokenizer, num_proc)
 
 
-def filter_and_split(ds, source, n_val: int):
+def filter_and_split(ds, source: SourceSpec, n_val: int):
     """Apply min_doc_tokens and max_docs, then hold out n_val documents (smallest split_hash)."""
-    min_tokens = int(getattr(source, "min_doc_tokens", 0) or 0)
-    max_docs = getattr(source, "max_docs", None)
+    min_tokens, max_docs = source.min_doc_tokens, source.max_docs
     if min_tokens > 0:
         ds = ds.filter(lambda n: n >= min_tokens, input_columns="n_tokens")
     if isinstance(ds, datasets.IterableDataset):
         if max_docs:
-            ds = ds.take(int(max_docs))
+            ds = ds.take(max_docs)
         ds = ds.remove_columns(["n_tokens", "split_hash"])
         return ds.skip(n_val), _materialize(ds.take(n_val))
     if max_docs:
-        ds = ds.select(range(min(int(max_docs), len(ds))))
+        ds = ds.select(range(min(max_docs, len(ds))))
     if n_val >= len(ds) and n_val > 0:
         raise ValueError(f"{len(ds)} documents left cannot give {n_val} validation documents and a training set")
     order = np.argsort(np.asarray(ds["split_hash"], dtype=np.int64), kind="stable")
@@ -211,18 +207,19 @@ def _concat_validation(parts: list):
     return datasets.concatenate_datasets(nonempty)
 
 
-def build_datasets(data_spec, tokenizer, seed: int = 0):
+def build_datasets(data_spec: DataSpec | None, tokenizer, seed: int = 0):
     """(train_docs, val_docs): tokenized document datasets with "input_ids" (+ "loss_mask").
 
-    `data_spec=None` means the default: the embedded corpus, 8 validation documents, byte-level tokens.
+    `data_spec=None` means `DataSpec()`: the embedded corpus, 8 validation documents.
     """
-    sources = _sources(data_spec)
+    data_spec = data_spec if data_spec is not None else DataSpec()
+    sources = data_spec.sources
     cache_dir = resolve_cache_dir(data_spec)
-    num_proc = int(getattr(data_spec, "num_proc", 1) or 1)
+    num_proc = data_spec.num_proc
     if num_proc > 1:  # map workers fork after the tokenizer may have used its thread pool
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    weights = [float(getattr(s, "weight", 1.0)) for s in sources]
-    n_vals = allocate_validation(int(getattr(data_spec, "validation_docs", 8)), weights)
+    weights = [s.weight for s in sources]
+    n_vals = allocate_validation(data_spec.validation_docs, weights)
     trains, vals = [], []
     for i, (source, n_val) in enumerate(zip(sources, n_vals)):
         ds = load_source(source, i, tokenizer, seed, cache_dir, num_proc)
@@ -234,14 +231,14 @@ def build_datasets(data_spec, tokenizer, seed: int = 0):
     return mix_sources(trains, weights, seed), _concat_validation(vals)
 
 
-def corpus_texts(data_spec, max_docs_per_source: int | None = None):
+def corpus_texts(data_spec: DataSpec | None, max_docs_per_source: int | None = None):
     """Raw training texts of the text sources (for training a BPE tokenizer): an iterator of str."""
     cache_dir = resolve_cache_dir(data_spec)
-    for i, source in enumerate(_sources(data_spec)):
-        if getattr(source, "kind", "embedded") in SYNTHETIC_KINDS:
+    for i, source in enumerate(sources_of(data_spec)):
+        if source.kind in SYNTHETIC_KINDS:
             continue
         raw = src_mod.load_raw_source(source, i, cache_dir)
-        caps = [c for c in (max_docs_per_source, getattr(source, "max_docs", None)) if c]
+        caps = [c for c in (max_docs_per_source, source.max_docs) if c]
         for j, row in enumerate(raw):
             if caps and j >= min(caps):
                 break

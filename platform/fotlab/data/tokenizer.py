@@ -104,11 +104,10 @@ def _has_tokenizer_files(path: Path) -> bool:
 
 def _bpe_cache_path(tok_spec, data_spec) -> Path:
     """Where a BPE trained on data_spec's text sources is kept when `tokenizer.path` is not set."""
-    from fotlab.data.build import SYNTHETIC_KINDS, resolve_cache_dir, _sources
+    from fotlab.data.build import SYNTHETIC_KINDS, resolve_cache_dir, sources_of
 
     fields = ("kind", "path", "glob", "text_field", "name", "config", "data_dir", "split", "max_docs")
-    sources = [[str(getattr(s, f, None)) for f in fields] for s in _sources(data_spec)
-               if getattr(s, "kind", "embedded") not in SYNTHETIC_KINDS]
+    sources = [[str(getattr(s, f)) for f in fields] for s in sources_of(data_spec) if s.kind not in SYNTHETIC_KINDS]
     key = json.dumps({"v": BPE_CACHE_VERSION, "vocab_size": int(tok_spec.vocab_size), "sources": sources})
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return Path(resolve_cache_dir(data_spec)) / "fotlab_tokenizers" / f"bpe-{digest}"
