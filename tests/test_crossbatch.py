@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fotlab.model.crossbatch import CrossBatch, allowed_contexts, crossbatch_attention
+from fotlab.spec import CrossBatchSpec
 from fotlab.train.crossbatch_schedule import context_mixture, crossbatch_for_step, mixture_fractions
 
 
@@ -180,36 +181,43 @@ def test_context_mixture_matches_spec_table():
     assert mixture_fractions(16, CrossBatch(3, 4, True))[(4, 3, 0)] == 0.25
 
 
+def _schedule(**fields) -> CrossBatchSpec:
+    return CrossBatchSpec(**fields)
+
+
 def test_schedule_switch():
-    base = CrossBatch(1, 4, True)
-    switch = [(100, 63), (10, 7)]
-    ranges = [crossbatch_for_step(s, base, switch).range for s in (0, 9, 10, 99, 100, 5000)]
+    cb = _schedule(range=1, packing=4, stepping=True, switch=[{"at_step": 100, "range": 63}, {"at_step": 10, "range": 7}])
+    ranges = [crossbatch_for_step(s, cb).range for s in (0, 9, 10, 99, 100, 5000)]
     assert ranges == [1, 1, 7, 7, 63, 63]
-    assert crossbatch_for_step(5000, base, switch).packing == 4
-    assert crossbatch_for_step(5000, base, switch, batch_size=16).range == 15  # capped at B - 1
-    assert crossbatch_for_step(0, base, None).range == 1
+    assert crossbatch_for_step(5000, cb) == CrossBatch(63, 4, True)
+    assert crossbatch_for_step(5000, cb, batch_size=16).range == 15  # capped at B - 1
+    assert crossbatch_for_step(0, _schedule(range=1)).range == 1
 
 
 def test_schedule_sampling_is_deterministic_per_step():
-    base = CrossBatch(0, 2, False)
-    draws = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=5).range for s in range(200)]
+    cb = _schedule(range=0, packing=2, sample_from=[1, 127])
+    draws = [crossbatch_for_step(s, cb, seed=5).range for s in range(200)]
     assert set(draws) == {1, 127}
-    resumed = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=5).range for s in range(100, 200)]
+    resumed = [crossbatch_for_step(s, cb, seed=5).range for s in range(100, 200)]
     assert resumed == draws[100:]  # a resumed run replays the same ranges
-    other_seed = [crossbatch_for_step(s, base, sample_from=[1, 127], rng_seed=6).range for s in range(200)]
+    other_seed = [crossbatch_for_step(s, cb, seed=6).range for s in range(200)]
     assert other_seed != draws
-    capped = {crossbatch_for_step(s, base, sample_from=[1, 127], batch_size=8).range for s in range(50)}
+    capped = {crossbatch_for_step(s, cb, batch_size=8).range for s in range(50)}
     assert capped == {1, 7}
 
 
-def test_schedule_errors():
-    base = CrossBatch(1)
+def test_schedule_rules_are_the_specs():
+    """switch vs sample_from and the bounds are checked once, by the spec, before anything runs."""
+    from fotlab.spec import SpecError, parse_spec
+
+    both = {"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 0, "range": 3}],
+                                                                   "sample_from": [1, 2]}}}
+    with pytest.raises(SpecError, match="train.crossbatch.sample_from"):
+        parse_spec(both, check_paths=False)
+    with pytest.raises(SpecError, match="sample_from"):
+        parse_spec({"name": "x", "train": {"crossbatch": {"sample_from": []}}}, check_paths=False)
     with pytest.raises(ValueError):
-        crossbatch_for_step(0, base, [(0, 3)], [1, 2])
-    with pytest.raises(ValueError):
-        crossbatch_for_step(0, base, sample_from=[])
-    with pytest.raises(ValueError):
-        crossbatch_for_step(-1, base)
+        crossbatch_for_step(-1, _schedule(range=1))
 
 
 @pytest.mark.parametrize("cb, heads, padded", [
@@ -258,7 +266,8 @@ def test_flex_backend_falls_back_when_seq_len_is_not_a_block_multiple():
 def test_backend_validation():
     with pytest.raises(ValueError):
         CrossBatch(1, backend="triton")
-    assert crossbatch_for_step(3, CrossBatch(1, 2, True, "flex"), [(2, 5)]).backend == "flex"
+    cb = _schedule(range=1, packing=2, stepping=True, backend="flex", switch=[{"at_step": 2, "range": 5}])
+    assert crossbatch_for_step(3, cb).backend == "flex"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

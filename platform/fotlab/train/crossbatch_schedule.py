@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import replace
 
 from fotlab.model.crossbatch import CrossBatch, allowed_contexts
+from fotlab.spec.models import CrossBatchSpec
 
 __all__ = ["crossbatch_for_step", "context_mixture", "mixture_fractions"]
 
 
-def _switched_range(step: int, base_range: int, switch: list[tuple[int, int]]) -> int:
-    """Range in force at `step`: the last (at_step, range) with at_step <= step, else the base range."""
+def _switched_range(step: int, base_range: int, switch) -> int:
+    """Range in force at `step`: the last switch with at_step <= step, else the base range."""
     current = base_range
-    for at_step, new_range in sorted(switch):
-        if at_step <= step:
-            current = new_range
+    for sw in sorted(switch, key=lambda sw: sw.at_step):
+        if sw.at_step <= step:
+            current = sw.range
     return current
 
 
@@ -39,36 +39,25 @@ def _sampled_range(step: int, sample_from: list[int], rng_seed: int) -> int:
     return sample_from[rng.randrange(len(sample_from))]
 
 
-def crossbatch_for_step(step: int, base: CrossBatch, switch: list[tuple[int, int]] | None = None,
-                        sample_from: list[int] | None = None, rng_seed: int = 0, *,
-                        batch_size: int | None = None) -> CrossBatch:
-    """The CrossBatch to use at training step `step` (0-based).
+def crossbatch_for_step(step: int, cb: CrossBatchSpec, *, seed: int = 0, batch_size: int | None = None) -> CrossBatch:
+    """The CrossBatch to use at training step `step` (0-based) under the validated `train.crossbatch` section.
 
-    base: packing and stepping for every step, and the range when no schedule applies.
-    switch: [(at_step, range), ...]: from at_step on, use that range (e.g. [(0, 7), (10_000, 63)]).
-    sample_from: ranges to sample from, uniformly and independently per step (e.g. [1, 127] for d in {2, 128}).
-    switch and sample_from are alternatives; giving both is an error.
-    batch_size: if given, the range is capped at batch_size - 1 (larger ranges add no contexts, see module doc).
+    cb.packing / stepping / backend hold for every step; cb.range unless a schedule applies: `switch` (from each
+    at_step on, that range) or `sample_from` (a range drawn per step, deterministic in seed and step). The rules
+    on these fields (alternatives, bounds against the batch size) are the spec's (`fotlab.spec.checks`), checked
+    once before anything runs. batch_size: if given, the range is capped at batch_size - 1 (see module doc).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if switch and sample_from:
-        raise ValueError("give either switch or sample_from, not both")
-    if switch is not None and any(at_step < 0 or new_range < 0 for at_step, new_range in switch):
-        raise ValueError(f"switch entries must be (at_step >= 0, range >= 0), got {switch}")
-    if sample_from is not None and (not sample_from or min(sample_from) < 0):
-        raise ValueError(f"sample_from must be a non-empty list of ranges >= 0, got {sample_from}")
-    if switch:
-        new_range = _switched_range(step, base.range, switch)
-    elif sample_from:
-        new_range = _sampled_range(step, sample_from, rng_seed)
+    if cb.switch:
+        new_range = _switched_range(step, cb.range, cb.switch)
+    elif cb.sample_from:
+        new_range = _sampled_range(step, cb.sample_from, seed)
     else:
-        new_range = base.range
+        new_range = cb.range
     if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         new_range = min(new_range, batch_size - 1)
-    return replace(base, range=int(new_range))
+    return CrossBatch(range=int(new_range), packing=cb.packing, stepping=cb.stepping, backend=cb.backend)
 
 
 def context_mixture(batch_size: int, crossbatch: CrossBatch) -> list[tuple[int, int, int]]:

@@ -20,12 +20,7 @@ logger = logging.getLogger(__name__)
 
 def crossbatch_at(spec, step: int) -> CrossBatch:
     """The CrossBatch of 0-based training step `step` (switch / sample_from per spec.train.crossbatch)."""
-    cb = spec.train.crossbatch
-    base = CrossBatch(range=cb.range, packing=cb.packing, stepping=cb.stepping, backend=cb.backend)
-    switch = [(s.at_step, s.range) for s in cb.switch] or None
-    return crossbatch_for_step(
-        step, base, switch, cb.sample_from, rng_seed=spec.seed, batch_size=spec.train.batch_size
-    )
+    return crossbatch_for_step(step, spec.train.crossbatch, seed=spec.seed, batch_size=spec.train.batch_size)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
