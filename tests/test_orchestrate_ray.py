@@ -27,10 +27,13 @@ def test_one_worker_ray_run_is_tracked_end_to_end(ray_session, tiny_corpus, tmp_
     outcome = run_experiment(spec, progress=False, report_every=2)
     assert outcome.status == "FINISHED" and outcome.final_step == 4
     assert_tracked_run(mlflow_uri, outcome, n_steps=4)
-    # Ray Train persisted the reported checkpoints under storage/<run name>/ (what a resume restores).
+    # One retention policy, fotlab's: the loop's checkpoints (train.keep_checkpoints = 2) on the run's storage are
+    # what a resume restores; Ray keeps no second copy under storage/<run name>/.
     run_dir = Path(tmp_path / "runs" / outcome.run_name)
-    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000002", "step-00000004"]
-    assert outcome.checkpoint == str(run_dir / "step-00000004")
+    checkpoints = run_dir / "output" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert list(run_dir.glob("step-*")) == [] and list(run_dir.glob("checkpoint_*")) == []
+    assert outcome.checkpoint == str(checkpoints / "step-00000004")
 
 
 @pytest.mark.timeout(420)
@@ -77,7 +80,7 @@ def test_train_coordinator_is_started_ahead_of_the_controller(ray_session):
 
 
 @pytest.mark.timeout(600)
-def test_ray_run_resumes_from_its_ray_checkpoint_into_the_same_mlflow_run(
+def test_ray_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(
     ray_session, tiny_corpus, tmp_path, mlflow_uri
 ):
     n_steps = 200  # enough steps that the stop (polled every 5) lands mid-run: a tiny step takes ~5 ms here

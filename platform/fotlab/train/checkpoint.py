@@ -13,6 +13,14 @@ old set of checkpoints or the new complete one; hidden `.tmp-*` leftovers are ne
 removed by the next save. Every rank writes its own rank file into the same temp dir (shared `output_dir`);
 rank 0 writes the shared files and does the rename. Files are read back with safetensors and
 `torch.load(weights_only=True)` only.
+
+Retention: these checkpoints are the only ones a run keeps, and `train.keep_checkpoints` (applied by
+`save_checkpoint`, `prune_checkpoints`) is the only retention policy. Ray Train's and Ray Tune's `CheckpointConfig`
+is not used and nothing is reported to Ray with a checkpoint, because fotlab's folder is the one every way of
+running has in common: an in-process run (`scaling.num_workers: 0`, which Ray does not persist), a sweep trial
+inside Tune, and Ray Train workers all write it, and all resume from it (`orchestrate.worker.resume_dir`). A Ray
+copy would be a second, redundant copy of every checkpoint with a second policy and a second place to look.
+The folder must therefore be on storage all workers share (a local path, NFS or another mounted filesystem).
 """
 
 from __future__ import annotations
