@@ -189,3 +189,42 @@ def test_shipped_sweeps_validate():
         sweep = load_sweep(path, check_paths=False)
         assert sweep.scheduler.name == "asha" and sweep.num_samples >= 4
         assert {"memory.layers", "train.crossbatch.range", "train.context_length"} <= set(sweep.search_space)
+
+
+def test_a_sweep_trials_trainer_carries_the_scaling_storage_and_failure_of_its_spec(tmp_path, tiny_corpus):
+    """Runs and multi-worker sweep trials build their Ray trainer in one place (`trainer.build_trainer`): a trial
+    gets every `scaling` (TPU slice, accelerator, resources), `storage.filesystem` and `failure` field of its spec,
+    exactly as `fotlab run` would."""
+    from pyarrow.fs import LocalFileSystem
+
+    from fotlab import tracking
+    from fotlab.orchestrate.run_record import RunRecord
+    from fotlab.orchestrate.runner import trainer_for
+    from fotlab.orchestrate.sweep_trial import TrialContext, spec_for, trial_trainer
+    from fotlab.orchestrate.trainer import WorkerConfig
+    from fotlab.orchestrate.worker import train_worker
+
+    path = write_sweep(tmp_path, tiny_corpus, set=[
+        "scaling.num_workers=4", "scaling.use_tpu=true", "scaling.topology=2x2", "scaling.accelerator_type=TPU-V6E",
+        "scaling.resources_per_worker={TPU: 1}", "storage.filesystem=local", "failure.max_failures=3"])
+    sweep = load_sweep(path)
+    resources = sweep_space.trial_resources(trial_spec(sweep, {}, check_paths=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    context = TrialContext(sweep, {}, uri, "exp", "parent-1", str(tmp_path / "sweep"), resources)
+    spec = spec_for(context, {"train.optimizer.lr": 1e-3})
+    run = tracking.TrackedRun(uri, "trial-run-1", "0")
+    trial = trial_trainer(spec, context, run, tmp_path / "sweep" / "outputs" / "t1", "t1")
+    record = RunRecord(run=run, run_name="r", ray_run_name="r-1", storage_path=str(tmp_path / "runs"))
+    single = trainer_for(spec, record, None, report_every=10)
+    for trainer in (trial, single):
+        scaling, run_config = trainer.scaling_config, trainer.run_config
+        assert (scaling.num_workers, scaling.use_tpu, scaling.topology, scaling.accelerator_type) == \
+            (4, True, "2x2", "TPU-V6E")
+        assert scaling.resources_per_worker == {"TPU": 1.0}
+        assert isinstance(run_config.storage_filesystem, LocalFileSystem)
+        assert run_config.failure_config.max_failures == 3
+        assert trainer.train_loop_per_worker.func is train_worker
+        assert isinstance(trainer.train_loop_per_worker.args[0], WorkerConfig)
+    config = trial.train_loop_per_worker.args[0]
+    assert config.spec == spec and config.run_id == "trial-run-1" and config.resume  # a restored trial continues
+    assert trial.run_config.name == "train-t1" and trial.run_config.storage_path == str(tmp_path / "sweep" / "nested")

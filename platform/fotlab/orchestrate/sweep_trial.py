@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,26 +158,28 @@ def close_child_run(run: tracking.TrackedRun, metrics: dict[str, float], step: i
     run.close(metrics, step, {TAG_STOPPED_EARLY: "false"})
 
 
-def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str):
-    """The nested Ray trainer of a multi-worker trial (`trainer.build_trainer`, as `fotlab run`), reporting to Tune.
+def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str,
+                  callbacks: Sequence = ()):
+    """The nested Ray trainer of a multi-worker trial (`trainer.build_trainer`, as `fotlab run`); `callbacks`:
+    the trial's `TuneReportCallback` (it can only be made inside the Tune session).
 
     Rerunning with the same run name and storage path resumes from the trial's checkpoints.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from fotlab.orchestrate.trainer import WorkerConfig, build_trainer
     from fotlab.orchestrate.worker import train_worker
 
     config = WorkerConfig(spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir=str(output_dir),
                           report_every=NESTED_REPORT_EVERY, resume=True)
     return build_trainer(train_worker, config, run_name=f"train-{trial_id}",
-                         storage_path=str(Path(context.sweep_dir) / "nested"), callbacks=[TuneReportCallback()])
+                         storage_path=str(Path(context.sweep_dir) / "nested"), callbacks=callbacks)
 
 
 def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
                   trial_id: str) -> dict[str, float]:
     """Multi-worker trial: fit the nested trainer (its workers run the pipeline), then close the child run."""
-    result = trial_trainer(spec, context, run, output_dir, trial_id).fit()
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    result = trial_trainer(spec, context, run, output_dir, trial_id, callbacks=[TuneReportCallback()]).fit()
     value = result.return_value or {}
     metrics = numeric_metrics(value.get("metrics") or result.metrics or {})
     close_child_run(run, metrics, int(value.get("final_step") or spec.train.steps))
