@@ -1,9 +1,16 @@
-"""Ray orchestration around the plain training loop.
+"""Orchestration: every way of running an experiment, each a thin shell around one pipeline.
 
-- `run_experiment(spec)`: one Ray Train (V2) run of `fotlab.train.train` tracked as one MLflow run.
-- `submit_experiment(spec, address)`: the same run on a remote cluster through Ray Jobs.
+- `pipeline.run_pipeline(spec, run, runtime, hooks)`: train -> log the model -> register it -> the spec's
+  evaluations, on a `tracking.TrackedRun`. Called by each Ray Train worker (`worker.train_worker`), each
+  single-worker sweep trial (`sweep_trial`) and the paper reproductions (`reproduce`).
+- `trainer.build_trainer(worker_fn, WorkerConfig(...), run_name=, storage_path=)`: the one builder of the Ray
+  trainer from a spec's `scaling`, `storage` and `failure` sections; `fotlab run` (`runner`) and multi-worker
+  sweep trials use it.
+- `run_experiment(spec)`: one Ray Train (V2) run tracked as one MLflow run (`runner`, `run_record`).
+- `run_sweep(sweep)`: Ray Tune + Optuna, one parent MLflow run and a child per trial (`sweep*`).
+- `submit_experiment(spec, address)`: the same run on a remote cluster through Ray Jobs (`jobs`).
 - `run_command`, `submit_command`, `eval_command`, `sweep_command`: the handlers behind
-  `fotlab run / submit / eval / sweep`.
+  `fotlab run / submit / eval / sweep` (`commands`, `sweep`).
 
 Ray and MLflow are imported lazily, so importing this package is cheap.
 """
