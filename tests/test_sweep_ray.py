@@ -180,3 +180,42 @@ def test_multi_worker_trial_runs_a_nested_trainer_without_early_stopping(ray_ses
     assert [m.step for m in history] == [2, 4]  # logged by rank 0 of the nested trainer into the child run
     assert outcome.rows[0]["status"] == "COMPLETED" and outcome.rows[0]["val/loss"] is not None
     assert_no_placement_group_left()
+
+
+@pytest.mark.timeout(600)
+def test_a_sweep_trial_and_fotlab_run_leave_the_same_mlflow_run_layout(ray_session, tiny_corpus, tmp_path):
+    """Both go through one pipeline (train -> log model -> register -> evaluations): same params (besides the
+    trial's `sweep/*`), the same fotlab tags (besides each one's own bookkeeping), the same metrics, artifacts and
+    a registered model version."""
+    from fotlab.orchestrate import run_experiment
+
+    sweep, path = tiny_sweep(tmp_path, tiny_corpus, steps=4, search="grid", num_samples=None,
+                             search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
+                             scheduler={"name": "none"})
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["tracking"].update(log_model=True, register_model="layout_model")
+    base["eval"] = {"perplexity": [{"name": "ppl", "memory_sizes": [0, 32], "chunk_len": 16,
+                                    "max_stream_tokens": 64}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    outcome = run_sweep(load_sweep(path), progress=False, sweep_path=str(path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (trial,) = child_runs(uri, outcome.parent_run_id)
+    # the same experiment as `fotlab run` of the trial's exported spec, in-process
+    spec = load_spec(outcome.best_spec, ["scaling.num_workers=0"])
+    run = client_for(uri).get_run(run_experiment(spec, progress=False).run_id)
+
+    client = client_for(uri)
+    assert trial.info.status == run.info.status == "FINISHED"
+    assert {k for k in trial.data.params if not k.startswith("sweep/")} == set(run.data.params)
+    own = {tracking.TAG_PARENT_RUN, TAG_SWEEP_ROLE, TAG_TRIAL_ID, TAG_STOPPED_EARLY, tracking.TAG_SWEEP,
+           "fotlab.ray_run_name", "fotlab.storage_path", "fotlab.resumable"}
+    fotlab_tags = [{k for k in r.data.tags if k.startswith("fotlab.") and k not in own} for r in (trial, run)]
+    assert fotlab_tags[0] == fotlab_tags[1] and tracking.TAG_REGISTERED_VERSION in fotlab_tags[0]
+    assert (trial.data.tags[tracking.TAG_KIND], run.data.tags[tracking.TAG_KIND]) == ("trial", "run")
+    assert set(trial.data.metrics) == set(run.data.metrics)
+    assert {"eval/ppl_single_doc/mem_32", tracking.TRAIN_TIME_S, tracking.EVAL_TIME_S} <= set(run.data.metrics)
+    for r in (trial, run):
+        top = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"spec.yaml", "model", "eval"} <= top, top
+    versions = client.search_model_versions("name='layout_model'")
+    assert {v.run_id for v in versions} == {trial.info.run_id, run.info.run_id}

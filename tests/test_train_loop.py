@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from fotlab.model import FoTForCausalLM
 from fotlab.spec import parse_spec
 from fotlab.train import LossNotFiniteError, Runtime, TrainHooks, latest_checkpoint, list_checkpoints, train
-from fotlab.train import metrics as M
+from fotlab import names as M
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog. ",
@@ -64,7 +64,7 @@ class Recorder(TrainHooks):
         return self.stop_at is not None and self.step >= self.stop_at
 
     def losses(self):
-        return {step: m[M.LOSS] for step, m in self.logs if M.LOSS in m}
+        return {step: m[M.TRAIN_LOSS] for step, m in self.logs if M.TRAIN_LOSS in m}
 
 
 def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
@@ -75,8 +75,8 @@ def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
     losses = hooks.losses()
     assert sorted(losses) == [4, 8, 12, 16, 20, 24]
     assert losses[24] < losses[4] - 1.0, losses  # a repetitive corpus is learned quickly
-    train_logs = [m for _, m in hooks.logs if M.LOSS in m]
-    assert set(train_logs[0]) == {M.LOSS, M.LR, M.GRAD_NORM, M.TOKENS_PER_S, M.STEP_TIME_S, M.CROSSBATCH_RANGE,
+    train_logs = [m for _, m in hooks.logs if M.TRAIN_LOSS in m]
+    assert set(train_logs[0]) == {M.TRAIN_LOSS, M.LR, M.GRAD_NORM, M.TOKENS_PER_S, M.STEP_TIME_S, M.CROSSBATCH_RANGE,
                                   M.TOKENS_SEEN}
     assert train_logs[-1][M.TOKENS_SEEN] == 24 * 4 * 32 and train_logs[0][M.CROSSBATCH_RANGE] == 1.0
     assert train_logs[-1][M.LR] == pytest.approx(1e-2 * 0.1)  # cosine reaches min_lr_ratio at the last step
@@ -88,11 +88,11 @@ def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
     assert val_logs[1][1][M.VAL_PPL] == pytest.approx(math.exp(val_logs[1][1][M.VAL_LOSS]))
 
     assert result.final_step == 24 and not result.stopped_early
-    assert result.metrics[M.LOSS] == losses[24] and M.VAL_LOSS in result.metrics
+    assert result.metrics[M.TRAIN_LOSS] == losses[24] and M.VAL_LOSS in result.metrics
     assert [s for s, _ in hooks.checkpoints] == [12, 24]
     assert [p.name for p in list_checkpoints(result.checkpoint_dir)] == ["step-00000012", "step-00000024"]
     state = json.loads((result.checkpoint_dir / "step-00000024" / "trainer_state.json").read_text())
-    assert state["step"] == 24 and state["metrics"][M.LOSS] == losses[24]
+    assert state["step"] == 24 and state["metrics"][M.TRAIN_LOSS] == losses[24]
 
     model = FoTForCausalLM.from_pretrained(result.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
@@ -119,7 +119,7 @@ def test_resume_continues_exactly(corpus, cache_dir, tmp_path):
     first = Recorder(stop_at=3)
     stopped = train(make_spec(corpus, cache_dir, **kwargs), Runtime(output_dir=tmp_path / "split"), first)
     assert stopped.stopped_early and stopped.final_step == 3
-    assert stopped.metrics[M.LOSS] == full.losses()[3]
+    assert stopped.metrics[M.TRAIN_LOSS] == full.losses()[3]
     assert latest_checkpoint(stopped.checkpoint_dir).name == "step-00000003"
 
     second = Recorder()
@@ -128,7 +128,7 @@ def test_resume_continues_exactly(corpus, cache_dir, tmp_path):
     assert resumed.final_step == 6
     assert first.losses() == {s: full.losses()[s] for s in (1, 2, 3)}
     assert second.losses() == {s: full.losses()[s] for s in (4, 5, 6)}  # exact float equality
-    ranges = {s: m[M.CROSSBATCH_RANGE] for s, m in full.logs if M.LOSS in m}
+    ranges = {s: m[M.CROSSBATCH_RANGE] for s, m in full.logs if M.TRAIN_LOSS in m}
     assert len(set(ranges.values())) > 1  # sampled ranges really varied (and were reproduced)
 
 

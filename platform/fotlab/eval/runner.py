@@ -85,7 +85,7 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
         return {}
     if validation_docs is None and _needs_validation(eval_spec):
         validation_docs = _validation_docs(data_spec, tokenizer, seed)
-    cache_dir = getattr(data_spec, "cache_dir", None)
+    cache_dir = data_spec.cache_dir if data_spec is not None else None
 
     def docs_of(source):
         return load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
