@@ -226,5 +226,6 @@ def test_a_sweep_trials_trainer_carries_the_scaling_storage_and_failure_of_its_s
         assert trainer.train_loop_per_worker.func is train_worker
         assert isinstance(trainer.train_loop_per_worker.args[0], WorkerConfig)
     config = trial.train_loop_per_worker.args[0]
-    assert config.spec == spec and config.run_id == "trial-run-1" and config.resume  # a restored trial continues
+    assert config.spec == spec and config.run_id == "trial-run-1"
+    assert config.output_dir == str(tmp_path / "sweep" / "outputs" / "t1")  # a restored trial resumes from here
     assert trial.run_config.name == "train-t1" and trial.run_config.storage_path == str(tmp_path / "sweep" / "nested")

@@ -29,7 +29,6 @@ class RunRecord:
     run_name: str
     ray_run_name: str
     storage_path: str
-    resumed: bool = False
 
     @property
     def run_id(self) -> str:
@@ -75,4 +74,4 @@ def reopen_run(spec, tracking_uri: str, run_ref: str) -> RunRecord:
         raise RunNotFoundError(f"--resume {run_ref}: run {found.info.run_id} already FINISHED; nothing to resume")
     run = tracking.start_spec_run(spec, uri=tracking_uri, run_id=found.info.run_id, tags={TAG_RESUMABLE: "false"})
     run.delete_tag(tracking.TAG_ERROR)
-    return RunRecord(run, found.info.run_name, tags[TAG_RAY_RUN_NAME], tags[TAG_STORAGE_PATH], resumed=True)
+    return RunRecord(run, found.info.run_name, tags[TAG_RAY_RUN_NAME], tags[TAG_STORAGE_PATH])

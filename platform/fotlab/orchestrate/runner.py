@@ -103,7 +103,7 @@ def trainer_for(spec, record: run_record.RunRecord, channel: ChannelHandle | Non
     output_dir = output_dir_for(record.storage_path, record.ray_run_name)
     spec = tracking.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
     config = WorkerConfig(spec=spec, run_id=record.run_id, tracking_uri=record.tracking_uri,
-                          output_dir=str(output_dir), report_every=report_every, resume=record.resumed,
+                          output_dir=str(output_dir), report_every=report_every,
                           channel=channel, quiet=quiet)
     return build_trainer(train_worker, config, run_name=record.ray_run_name, storage_path=record.storage_path)
 

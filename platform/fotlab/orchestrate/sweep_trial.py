@@ -169,7 +169,7 @@ def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_
     from fotlab.orchestrate.worker import train_worker
 
     config = WorkerConfig(spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir=str(output_dir),
-                          report_every=NESTED_REPORT_EVERY, resume=True)
+                          report_every=NESTED_REPORT_EVERY)
     return build_trainer(train_worker, config, run_name=f"train-{trial_id}",
                          storage_path=str(Path(context.sweep_dir) / "nested"), callbacks=callbacks)
 

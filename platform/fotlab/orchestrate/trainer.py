@@ -30,7 +30,8 @@ class WorkerConfig:
     run_id / tracking_uri: the MLflow run rank 0 logs into (created on the driver).
     output_dir: where the loop writes checkpoints and the final model (shared between ranks on one host).
     report_every: `ray.train.report` every this many steps between checkpoints.
-    resume: continue from the checkpoints in output_dir (a `--resume` or a restored sweep trial).
+    (A worker resumes whenever output_dir holds a checkpoint: a `--resume`, a restored sweep trial, or Ray
+    restarting failed workers; see `worker.resume_dir`.)
     channel: the driver's live-progress / stop channel (None: no live display, no graceful stop).
     quiet: workers keep their console to warnings (the driver draws the live display).
     """
@@ -40,7 +41,6 @@ class WorkerConfig:
     tracking_uri: str
     output_dir: str
     report_every: int = 50
-    resume: bool = False
     channel: Any = None  # fotlab.orchestrate.channel.ChannelHandle | None
     quiet: bool = False
 
