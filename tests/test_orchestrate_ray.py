@@ -83,7 +83,7 @@ def test_train_coordinator_is_started_ahead_of_the_controller(ray_session):
 def test_ray_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(
     ray_session, tiny_corpus, tmp_path, mlflow_uri
 ):
-    n_steps = 200  # enough steps that the stop (polled every 5) lands mid-run: a tiny step takes ~5 ms here
+    n_steps = 500  # enough steps that the stop (polled every 5) lands mid-run even on a loaded host (~5 ms a step)
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=n_steps))
     interrupt_after_first_checkpoint(tmp_path / "runs")
     with pytest.raises(RunInterruptedError) as caught:
