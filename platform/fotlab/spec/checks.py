@@ -160,7 +160,7 @@ def _source_problems(source, field: str, check_paths: bool) -> Iterator[Problem]
 
 
 def _eval_sources(eval_spec) -> Iterator[tuple[str, Any]]:
-    """(dotted field, source) of every evaluation that reads documents (the eval section's shape is fotlab.eval's)."""
+    """(dotted field, source) of every evaluation that reads documents (the eval section: fotlab.spec.eval)."""
     for name, section in eval_spec:
         items = section if isinstance(section, list) else [section]
         for i, item in enumerate(items):
