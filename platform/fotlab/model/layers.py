@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fotlab.model.configuration import FoTConfig
+
+if TYPE_CHECKING:
+    from fotlab.model.crossbatch import CrossBatch
 
 
 class FoTRMSNorm(nn.Module):
@@ -88,7 +92,7 @@ class SegmentContext:
     sin: torch.Tensor
     local_mask: torch.Tensor
     key_valid: torch.Tensor
-    crossbatch: object | None = None
+    crossbatch: CrossBatch | None = None
 
     @functools.cached_property
     def causal_only(self) -> bool:
@@ -162,7 +166,7 @@ class FoTMemoryAttention(FoTAttention):
             q = apply_rope(q, ctx.cos[:, -T:], ctx.sin[:, -T:])
             k_all = apply_rope(k_all, ctx.cos, ctx.sin)
         cb = ctx.crossbatch
-        if cb is not None and getattr(cb, "range", 0) > 0:
+        if cb is not None and cb.range > 0:
             from fotlab.model.crossbatch import crossbatch_attention
 
             out = crossbatch_attention(q, k_all, k_raw, v_all, cb, key_valid=ctx.key_valid)
