@@ -114,9 +114,7 @@ class FoTConfig(PretrainedConfig):
         self.torch_attention = torch_attention
         self.gradient_checkpoint_every_ith = gradient_checkpoint_every_ith
         kwargs.pop("model_type", None)
-        # transformers' config __init__ takes these at run time (extra kwargs become attributes), but its
-        # dataclass_transform signature does not declare them.
-        super().__init__(  # type: ignore[call-arg]
+        super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

@@ -61,9 +61,7 @@ def load_pretrained(cls, path, *args, **kwargs) -> PreTrainedModel:
         config = fot_config_from_dict(config.to_dict(), **overrides) if overrides else config
     if model_type in FOREIGN_MODEL_TYPES and Path(path).is_dir():
         return load_foreign_dir(cls, Path(path), config, dtype=kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
-    # The base classmethod's function, called with our class (cls.from_pretrained would come back here).
-    base_from_pretrained = PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
-    return base_from_pretrained(cls, path, *args, config=config, **kwargs)
+    return PreTrainedModel.from_pretrained.__func__(cls, path, *args, config=config, **kwargs)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
