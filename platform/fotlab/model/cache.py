@@ -50,7 +50,7 @@ class FoTCache:
 
     def flushed(self, mem_layers) -> "FoTCache":
         """The whole local cache leaves: memory layers append it (raw keys, current masks); others drop it."""
-        if self.n_local == 0:
+        if self.local is None or self.n_local == 0:
             return self
         memory = self.memory
         for i in mem_layers:

@@ -266,6 +266,7 @@ def crossbatch_attention_sdpa(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch
                               scale: float | None = None) -> torch.Tensor:
     """crossbatch_attention as one SDPA call over a gathered key/value prefix (same arguments)."""
     B, H, T, Dh = q.shape
+    scale = 1.0 / math.sqrt(Dh) if scale is None else scale  # of Dh, not of the padded head dim SDPA sees
     allowed = allowed_contexts(B, crossbatch.n_contexts, crossbatch.packing, crossbatch.stepping, q.device)  # (B,)
     n_slots = min(crossbatch.n_contexts, B)  # slots >= B are masked for every entry (allowed[b] <= b + 1 <= B)
     head_pad = _head_pad(q)

@@ -108,6 +108,13 @@ class LayerMemory:
             return self._buffer.valid[:, self._start:self._end]
         return (self._buffer.keys, self._buffer.values)[i][:, :, self._start:self._end]
 
+    def _slots(self, expose: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """keys, values, valid of a memory that was appended to (as the properties, but never None)."""
+        keys, values, valid = (self._read(i, expose) for i in range(3))
+        if keys is None or values is None or valid is None:
+            raise ValueError("this memory was never appended to: it has no slots to read")
+        return keys, values, valid
+
     @property
     def keys(self) -> torch.Tensor | None:
         """(B, Hkv, M, Dh) raw keys in `dtype`, or None when nothing was ever appended."""
@@ -159,8 +166,8 @@ class LayerMemory:
         if self.capacity is not None:
             n_keep = min(n_keep, self.capacity - n_new)
         buffer, start = self._buffer, self._end - n_keep
-        owns_end = buffer is not None and buffer.filled == self._end and not buffer.exposed
-        if not owns_end or self._end + n_new > buffer.n_slots:
+        # Write in place only where this memory owns the end of the buffer and the new slots fit.
+        if buffer is None or buffer.filled != self._end or buffer.exposed or self._end + n_new > buffer.n_slots:
             buffer, start = self._grow(k, n_keep, n_new), 0
         end = start + n_keep + n_new
         buffer.keys[:, :, end - n_new:end] = k
@@ -181,9 +188,10 @@ class LayerMemory:
             valid=torch.zeros(B, n_slots, dtype=torch.bool, device=k.device),
         )
         if n_keep > 0:
-            buffer.keys[:, :, :n_keep] = self._read(0, expose=False)[:, :, -n_keep:]
-            buffer.values[:, :, :n_keep] = self._read(1, expose=False)[:, :, -n_keep:]
-            buffer.valid[:, :n_keep] = self._read(2, expose=False)[:, -n_keep:]
+            keys, values, valid = self._slots(expose=False)
+            buffer.keys[:, :, :n_keep] = keys[:, :, -n_keep:]
+            buffer.values[:, :, :n_keep] = values[:, :, -n_keep:]
+            buffer.valid[:, :n_keep] = valid[:, -n_keep:]
         return buffer
 
     def reset_rows(self, rows) -> "LayerMemory":
@@ -194,11 +202,12 @@ class LayerMemory:
         """
         if self.n_tokens == 0:
             return self
-        valid = self.valid.clone()
+        keys, values, valid = self._slots()
+        valid = valid.clone()
         rows = torch.as_tensor(rows, device=valid.device)
         valid[rows if rows.dtype == torch.bool else rows.long()] = False
         keep = valid.any(dim=0)  # (M,)
-        return LayerMemory._from_tensors(self.keys[:, :, keep], self.values[:, :, keep], valid[:, keep],
+        return LayerMemory._from_tensors(keys[:, :, keep], values[:, :, keep], valid[:, keep],
                                          self.capacity, self.dtype)
 
     @classmethod
@@ -211,16 +220,17 @@ class LayerMemory:
         """Same slots without autograd history (back in amortised buffer mode)."""
         if not self._segments:
             return self
-        return LayerMemory._from_tensors(self.keys.detach(), self.values.detach(), self.valid,
-                                         self.capacity, self.dtype)
+        keys, values, valid = self._slots()
+        return LayerMemory._from_tensors(keys.detach(), values.detach(), valid, self.capacity, self.dtype)
 
     def to(self, device=None, dtype: torch.dtype | str | None = None) -> "LayerMemory":
         """Copy to `device` and/or storage `dtype`."""
         dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         if self.n_tokens == 0:
             return LayerMemory.empty(dtype, self.capacity)
-        keys, values = self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype)
-        return LayerMemory._from_tensors(keys, values, self.valid.to(device), self.capacity, dtype)
+        keys, values, valid = self._slots()
+        keys, values = keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype)
+        return LayerMemory._from_tensors(keys, values, valid.to(device), self.capacity, dtype)
 
 
 def _evict_segments(segments: tuple, capacity: int | None) -> tuple:

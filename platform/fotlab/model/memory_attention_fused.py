@@ -58,16 +58,19 @@ def fused_dense(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale) -> torch.Te
     outputs are merged exactly by their log-sum-exps. Masks become -inf biases; a memory block with no valid slot
     for a batch row contributes nothing to that row.
     """
+    flash = _FLASH_CPU
+    if flash is None:  # can_fuse returns False without it
+        raise RuntimeError("this torch build has no _scaled_dot_product_flash_attention_for_cpu kernel")
     B, H, T, head_dim = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     group = H // n_kv
     k_loc, v_loc = (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
     causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
     if S == T and bool((local_mask == causal).all()):
-        out, lse = _FLASH_CPU(q, k_loc, v_loc, 0.0, True, scale=scale)  # (B, H, T, Dh), (B, H, T)
+        out, lse = flash(q, k_loc, v_loc, 0.0, True, scale=scale)  # (B, H, T, Dh), (B, H, T)
     else:
         bias = torch.zeros(local_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~local_mask, -math.inf)
-        out, lse = _FLASH_CPU(q, k_loc, v_loc, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = flash(q, k_loc, v_loc, 0.0, False, attn_mask=bias, scale=scale)
     if mem_k is None or mem_k.shape[2] == 0:
         return out
     out, lse = fold(out, n_kv), lse.reshape(B, n_kv, group * T)  # (B, Hkv, G*T, Dh), (B, Hkv, G*T)
@@ -78,11 +81,11 @@ def fused_dense(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale) -> torch.Te
         mv = mem_v[:, :, m0:m1].to(q.dtype).contiguous()
         valid = None if mem_valid is None else mem_valid[:, m0:m1]  # (B, m)
         if valid is None or bool(valid.all()):
-            part, part_lse = _FLASH_CPU(qf, mk, mv, 0.0, False, scale=scale)
+            part, part_lse = flash(qf, mk, mv, 0.0, False, scale=scale)
         else:
             bias = torch.zeros(B, 1, 1, m1 - m0, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~valid[:, None, None, :], -math.inf)
-            part, part_lse = _FLASH_CPU(qf, mk, mv, 0.0, False, attn_mask=bias, scale=scale)
+            part, part_lse = flash(qf, mk, mv, 0.0, False, attn_mask=bias, scale=scale)
             part_lse = part_lse.masked_fill(~valid.any(-1)[:, None, None], -math.inf)  # rows with no valid slot
         out, lse = _merge_parts(out, lse, part, part_lse)
     return out.reshape(B, H, T, head_dim)

@@ -222,15 +222,15 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         local, local_valid = None, None
         if local_start < L:
             key_valid = valid[:, local_start:]  # (B, T)
-            if state.n_local:
+            if state.local_valid is not None:
                 key_valid = torch.cat([state.local_valid, key_valid], dim=1)  # (B, S)
             hidden, local = self.model.run_segment(input_ids[:, local_start:], key_valid, state.local, memory,
                                                    crossbatch, memory_mass)
             local_valid = key_valid
             logits.append(self._logits(hidden, local_start, L - n_keep))
-        logits = [x for x in logits if x is not None]
+        kept = [x for x in logits if x is not None]
         new_state = FoTCache(local=local, local_valid=local_valid, memory=memory, n_seen=state.n_seen + L)
-        return new_state, torch.cat(logits, dim=1)  # (B, n_keep, V)
+        return new_state, torch.cat(kept, dim=1)  # (B, n_keep, V)
 
     def _logits(self, hidden: torch.Tensor, start: int, keep_from: int) -> torch.Tensor | None:
         """lm_head on the rows of hidden (B, T, D) at absolute positions >= keep_from (segment begins at start)."""
