@@ -6,12 +6,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fotlab.data import build_tokenizer, byte_tokenizer
+from fotlab.spec import TokenizerSpec
 
-try:
-    from fotlab.spec import TokenizerSpec
-except ImportError:  # spec module not there: same field names
-    def TokenizerSpec(**kw):
-        return SimpleNamespace(**{"kind": "byte", "path": None, "vocab_size": 4096, **kw})
 
 SAMPLES = ["héllo wörld", "tabs\tand\nnewlines\r\n", "日本語 🙂 emoji", "\x00 nul and ctrl \x7f", "  leading spaces",
            "def f(x):\n    return x ** 2  # ünïcode"]
