@@ -57,8 +57,7 @@ def ray_jobs_address(ray_session):
     import ray
 
     url = ray._private.worker.get_dashboard_url()  # no public getter after ray.init() returned
-    if not url:
-        pytest.skip("the local Ray cluster runs without a dashboard (ray[default] missing)")
+    assert url, "the local Ray cluster runs without a dashboard: install ray[default] (a dependency of fotlab)"
     return f"http://{url}"
 
 

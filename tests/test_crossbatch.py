@@ -1,5 +1,6 @@
 """Crossbatch attention against a brute-force per-entry reference (FOT_SPEC §2), plus its schedules."""
 
+import dataclasses
 import math
 
 import pytest
@@ -157,7 +158,7 @@ def test_crossbatch_validation():
         CrossBatch(True)
     with pytest.raises(TypeError):
         CrossBatch(1, 2, stepping=1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="range"):
         CrossBatch(1).range = 2  # frozen
 
 

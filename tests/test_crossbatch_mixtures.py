@@ -12,10 +12,9 @@ import tempfile
 import pytest
 import torch
 
+from fotlab import data
 from fotlab.model.crossbatch import CrossBatch, crossbatch_attention
 from fotlab.train.crossbatch_schedule import context_mixture
-
-data = pytest.importorskip("fotlab.data")
 
 BATCH_SIZE, SEQ_LEN, PACKING = 16, 32, 4
 

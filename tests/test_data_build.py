@@ -135,3 +135,33 @@ def test_num_proc_gives_the_same_tokens_and_reuses_the_cache(tmp_path, tok):
                                     cache_dir=str(tmp_path / "cache1")), tok, seed=0)
     assert again[0]["input_ids"] == runs[1][0]["input_ids"]
     assert sorted(p.name for p in (tmp_path / "cache1").rglob("*.arrow")) == cache_files  # cached, not redone
+
+
+def _one_line_build_error(error_type, spec, tok) -> str:
+    with pytest.raises(error_type) as info:
+        build_datasets(spec, tok, seed=0)
+    message = str(info.value).strip("'\"")  # KeyError quotes its message
+    assert "\n" not in message, message
+    return message
+
+
+def test_build_errors_name_the_source_and_what_is_wrong(tmp_path, tok):
+    path = write_corpus(tmp_path / "c", "a", [100] * 6)
+    fine = SourceSpec(kind="local", path=write_corpus(tmp_path / "fine", "b", [100] * 6), glob="*.txt")
+    cache = str(tmp_path / "cache")
+
+    def spec(validation_docs=0, **fields):
+        return DataSpec(sources=[fine, SourceSpec(path=path, **fields)],
+                        validation_docs=validation_docs, cache_dir=cache)
+
+    message = _one_line_build_error(FileNotFoundError, spec(kind="local", glob="*.md"), tok)
+    assert f"sources[1] (kind 'local', {path!r})" in message and "no files match '*.md'" in message
+    message = _one_line_build_error(ValueError, spec(kind="local", glob="*.txt", min_doc_tokens=10**6), tok)
+    assert message == f"sources[1] (kind 'local', {path!r}): no training documents left after filtering"
+    message = _one_line_build_error(ValueError, spec(4, kind="local", glob="*.txt", min_doc_tokens=10**6), tok)
+    assert f"(kind 'local', {path!r})" in message and "0 documents left cannot give 2 validation" in message
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"body": "no text field here"}\n')
+    bad_field = DataSpec(sources=[SourceSpec(kind="jsonl", path=str(jsonl))], validation_docs=0, cache_dir=cache)
+    message = _one_line_build_error(KeyError, bad_field, tok)
+    assert f"sources[0] (kind 'jsonl', {str(jsonl)!r}): no field 'text'" in message and "body" in message

@@ -8,15 +8,8 @@ import pandas as pd
 import pytest
 
 from fotlab.data import embedded_files, load_embedded, load_raw_source
+from fotlab.spec import SourceSpec
 
-try:
-    from fotlab.spec import SourceSpec
-except ImportError:  # spec module not there: same field names
-    def SourceSpec(**kw):
-        base = {"kind": "embedded", "path": None, "glob": "**/*.txt", "text_field": "text", "name": None,
-                "config": None, "data_dir": None, "split": "train", "streaming": False, "weight": 1.0,
-                "min_doc_tokens": 0, "max_docs": None}
-        return SimpleNamespace(**{**base, **kw})
 
 TEXTS = ["first document\nwith two lines\n", "second: ünïcode 🙂", "third " * 50]
 

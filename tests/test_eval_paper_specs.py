@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from fotlab.spec import load_spec
+from fotlab.spec import load_spec, model_overrides
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
+
+
+def _window(spec) -> int:
+    """The window W the run will use: its preset with the spec's overrides; for `init_from: models:/NAME/...` the
+    window of the paper spec that registers NAME (unless the spec overrides it)."""
+    from fotlab.model import preset_config
+
+    init_from = spec.model.init_from
+    if init_from is None:
+        return preset_config(spec.model.preset or "debug", **model_overrides(spec)).max_position_embeddings
+    assert init_from.startswith("models:/"), init_from
+    name = init_from.split("/")[1]
+    stage1 = [s for s in map(load_spec, sorted(PAPER.glob("*.yaml"))) if s.tracking.register_model == name]
+    assert len(stage1) == 1, f"no single paper spec registers {name!r}"
+    return spec.model.max_position_embeddings or _window(stage1[0])
 
 
 @pytest.mark.parametrize("path", sorted(PAPER.glob("*.yaml")), ids=lambda p: p.name)
 def test_paper_spec_loads_and_has_evaluations(path):
     spec = load_spec(path)
     assert spec.eval.selected(), f"{path.name} runs no evaluation"
-    assert spec.train.context_length <= (spec.model.max_position_embeddings or 10**9)
+    assert spec.train.context_length <= _window(spec)
 
 
 def test_every_claim_has_a_spec():
@@ -43,7 +57,8 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     assert "eval/dict_lookup_acc/mem_64" in run.data.metrics
     model_files = {a.path for a in MlflowClient(uri).list_artifacts(summary["run_id"], "model")}
     assert "model/config.json" in model_files and "model/model.safetensors" in model_files
-    json.dumps(summary, default=str)
+    assert summary["metrics"]["eval/dict_lookup_acc/mem_64"] == run.data.metrics["eval/dict_lookup_acc/mem_64"]
+    assert (Path(summary["model_dir"]) / "config.json").is_file()
 
 
 @pytest.mark.slow

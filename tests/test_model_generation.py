@@ -96,9 +96,17 @@ def test_sampling_runs_with_memory_prompt():
     model = debug_model(seed=4)
     prompt = torch.randint(1, 512, (2, 100))  # > W: prefix goes to memory
     torch.manual_seed(0)
-    out = model.generate(prompt, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
-    assert out.shape == (2, 108)
-    assert ((out[:, 100:] >= 0) & (out[:, 100:] < 512)).all()
+    out = model.generate(prompt, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    seqs, logits = out.sequences, torch.stack(out.logits, 1)  # (2, 108), (2, 8, V) before the top-k filter
+    assert seqs.shape == (2, 108) and torch.equal(seqs[:, :100], prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(logits[:, 0], model(prompt).logits[:, -1])  # the memory prompt's next logits
+    top20 = logits.topk(20, dim=-1).indices  # (2, 8, 20)
+    assert (top20 == seqs[:, 100:, None]).any(-1).all()  # every sampled token is one of its step's top 20
+    torch.manual_seed(0)
+    again = model.generate(prompt, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(again, seqs)  # seeded sampling repeats
 
 
 def test_generate_from_given_memory():

@@ -2,8 +2,9 @@
 
 import json
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fotlab.model import FoTConfig, FoTForCausalLM, preset_config
@@ -101,3 +102,50 @@ def test_load_hf_llama_dir_with_mem_layers(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "fot")
     assert again.config.mem_layers == [1, 2]
     assert torch.equal(logits(again, long_ids), logits(model, long_ids))
+
+
+def one_line_error(error_type, fn, *args, **kwargs) -> str:
+    """Call fn expecting `error_type`; return its message after checking it is one line."""
+    with pytest.raises(error_type) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(hidden_act="gelu"), ["hidden_act", "'gelu'"]),
+    (dict(mem_dtype="int8"), ["mem_dtype", "'int8'"]),
+    (dict(mem_retrieval="knn"), ["mem_retrieval", "'knn'"]),
+    (dict(num_attention_heads=4, num_key_value_heads=3), ["num_attention_heads 4", "kv heads 3"]),
+    (dict(num_hidden_layers=2, mem_layers=[1, 2]), ["mem_layers [2]", "2 layers"]),
+])
+def test_fot_config_errors_name_the_field(fields, words):
+    message = one_line_error(ValueError, FoTConfig, **fields)
+    assert all(w in message for w in words), message
+
+
+def test_unknown_preset_is_named():
+    message = one_line_error(ValueError, preset_config, "huge")
+    assert "'huge'" in message and "debug" in message
+
+
+def _llama_dir(path, **config):
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32, **config)).save_pretrained(path)
+    return path
+
+
+def test_loading_errors_name_the_directory_and_what_is_wrong(tmp_path):
+    biased = _llama_dir(tmp_path / "biased", attention_bias=True)
+    assert "attention_bias=True" in one_line_error(ValueError, FoTForCausalLM.from_pretrained, biased)
+    no_weights = _llama_dir(tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    message = one_line_error(FileNotFoundError, FoTForCausalLM.from_pretrained, no_weights)
+    assert str(no_weights) in message and "no *.safetensors or pytorch_model.bin" in message
+    partial = _llama_dir(tmp_path / "partial")
+    state = load_file(str(partial / "model.safetensors"))
+    del state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, str(partial / "model.safetensors"))
+    message = one_line_error(ValueError, FoTForCausalLM.from_pretrained, partial)
+    assert str(partial) in message and "missing ['model.layers.0.mlp.up_proj.weight']" in message

@@ -27,8 +27,33 @@ def rotate(x, pos, theta):
     return x * cos + half * sin
 
 
-def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16):
-    """Brute force for one row ids (L,): returns (L, V) logits and the memory size."""
+def topk_keep(s_mem, mem_k, mem_v, topk, stats=None, tie_margin=1e-5):
+    """(T, M) bool: the topk best memory slots of every query row of s_mem (T, M), by a plain descending sort.
+
+    A tie at the k-th place (scores within tie_margin shared by a kept and a dropped slot) is allowed only between
+    slots with identical keys and values, where any choice gives the same output (counted in stats["ties"]); any
+    other near-tie makes the selection depend on rounding, so the reference refuses it (change the test input)."""
+    keep = torch.zeros_like(s_mem, dtype=torch.bool)
+    for t in range(s_mem.shape[0]):
+        row = s_mem[t].tolist()
+        order = sorted(range(len(row)), key=lambda m: -row[m])
+        keep[t, order[:topk]] = True
+        kth = order[topk - 1]
+        boundary = [m for m in range(len(row)) if abs(row[m] - row[kth]) <= tie_margin]
+        if len({bool(keep[t, m]) for m in boundary}) > 1:
+            for m in boundary:
+                assert torch.equal(mem_k[m], mem_k[kth]) and torch.equal(mem_v[m], mem_v[kth]), \
+                    f"ambiguous top-{topk} at query {t}: slots {kth} and {m} score {row[kth]:.6f}, {row[m]:.6f}"
+            if stats is not None:
+                stats["ties"] = stats.get("ties", 0) + 1
+    return keep
+
+
+def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16, topk=None, stats=None):
+    """Brute force for one row ids (L,): returns (L, V) logits and the memory size.
+
+    topk: per query and query head only the topk best memory keys (by inner product) join the softmax (FOT_SPEC
+    §1.3 kNN retrieval); None = dense memory attention."""
     cfg, sd = model.config, {k: v.float() for k, v in model.state_dict().items()}
     H, Hkv, Dh, W = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.max_position_embeddings
     L = ids.shape[0]
@@ -61,7 +86,10 @@ def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16):
                 if is_mem and memory[li][0]:
                     mk = torch.stack([m[g] for m in memory[li][0]])  # (M, Dh)
                     mv = torch.stack([m[g] for m in memory[li][1]])
-                    scores = torch.cat([scores, qh @ mk.T / math.sqrt(Dh)], dim=1)
+                    s_mem = qh @ mk.T / math.sqrt(Dh)  # (T, M)
+                    if topk is not None and topk < mk.shape[0]:
+                        s_mem = s_mem.masked_fill(~topk_keep(s_mem, mk, mv, topk, stats), -math.inf)
+                    scores = torch.cat([scores, s_mem], dim=1)
                     values = torch.cat([vh, mv], dim=0)
                 heads.append(torch.softmax(scores, -1) @ values)
             attn = torch.stack(heads, 1).reshape(T, H * Dh)
@@ -160,3 +188,102 @@ def test_retrieval_and_grouping_variants_equal_dense(overrides):
     ids = torch.randint(0, 512, (2, 60))
     with torch.no_grad():
         assert torch.allclose(variant(ids).logits, dense(ids).logits, atol=1e-4)
+
+
+def retrieval_calls(monkeypatch) -> dict:
+    """Count the calls of the two top-k searches (spies that call through), so a test knows which path ran: the
+    torch block scan ("topk") or FAISS ("faiss"). Dense attention (k >= M, or no memory yet) calls neither."""
+    import fotlab.model.memory_attention as ma
+
+    calls = {"topk": 0, "faiss": 0}
+    for name, key in (("_topk_dense_scan", "topk"), ("_faiss_scan", "faiss")):
+        def spy(*args, _real=getattr(ma, name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ma, name, spy)
+    return calls
+
+
+def topk_model(seed, retrieval, topk, **overrides):
+    """A debug model with W = 8, last_context_length 6 and top-k retrieval; q and k weights scaled up 8x so that
+    attention scores spread over a few units (at init they are ~0.02 apart: near-ties everywhere, top-k ~ dense)."""
+    torch.manual_seed(seed)
+    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=8, last_context_length=6,
+                                         mem_retrieval=retrieval, mem_topk=topk, **overrides)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+OTHER = {"topk": "faiss", "faiss": "topk"}
+
+
+@pytest.mark.parametrize("retrieval", ["topk", "faiss"])
+@pytest.mark.parametrize("mem_positionals,n_kv_heads,mem_layers", [(True, 4, [1]), (False, 2, [0, 1])])
+def test_topk_below_memory_size_equals_brute_force(monkeypatch, retrieval, mem_positionals, n_kv_heads, mem_layers):
+    """k = 3 of up to 43 memory slots (FOT_SPEC §1.3): every query and head attends to its 3 best memory keys, as the
+    brute-force selection says, through the torch scan or FAISS; the result is not dense attention."""
+    calls = retrieval_calls(monkeypatch)
+    model = topk_model(0, retrieval, 3, mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads,
+                       mem_layers=mem_layers)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5 * 8 + 6 + 3))  # 5 full windows + 3-token window + local
+    with torch.no_grad():
+        out = model(ids)
+    assert calls[retrieval] > 0 and calls[OTHER[retrieval]] == 0
+    for b in range(2):
+        ref, n_mem = reference_logits(model, ids[b], 6, topk=3)
+        dense, _ = reference_logits(model, ids[b], 6)
+        assert (out.logits[b] - ref).abs().max().item() <= 1e-4
+        assert (out.logits[b, 8:] - dense[8:]).abs().max().item() > 1e-2  # windows with memory: top-3 is not dense
+    assert out.memory.n_tokens == n_mem == 43
+
+
+@pytest.mark.parametrize("retrieval", ["topk", "faiss"])
+def test_topk_below_memory_size_in_generation_equals_brute_force(monkeypatch, retrieval):
+    """Greedy generation with k = 3 < M across two local-cache flushes (FOT_SPEC §1.2): each step's scores equal the
+    brute force over the tokens so far, with the memory the flushes built (16, then 24, then 32 slots)."""
+    W, lcl, k = 8, 6, 3
+    model = topk_model(1, retrieval, k, num_key_value_heads=2)
+    prompt = torch.randint(1, 512, (2, 2 * W + lcl))  # 2 windows to memory, 6 tokens local
+    n_new = 12  # the local cache grows to W, flushes, grows to W again and flushes
+    calls = retrieval_calls(monkeypatch)
+    with torch.no_grad():
+        model(prompt)
+    n_prefill, calls[retrieval] = calls[retrieval], 0
+    out = model.generate(prompt, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True, pad_token_id=0)
+    assert calls[retrieval] >= n_prefill + n_new - 1 and calls[OTHER[retrieval]] == 0  # every decoding step
+    scores, ids = torch.stack(out.scores, 1), out.sequences  # (B, N, V), (B, P + N)
+    assert torch.equal(ids[:, prompt.shape[1]:], scores.argmax(-1))
+    local_start, n_flushes, max_dense_gap = 2 * W, 0, 0.0
+    for step in range(n_new):
+        L = prompt.shape[1] + step
+        if L - local_start > W:  # the newest token would overflow the local cache: the cache moves to memory
+            local_start, n_flushes = L - 1, n_flushes + 1
+        for b in range(2):
+            ref, n_mem = reference_logits(model, ids[b, :L], L - local_start, topk=k)
+            assert n_mem == local_start
+            assert (scores[b, step] - ref[-1]).abs().max().item() <= 1e-4, (step, b)
+            dense, _ = reference_logits(model, ids[b, :L], L - local_start)
+            max_dense_gap = max(max_dense_gap, (scores[b, step] - dense[-1]).abs().max().item())
+    assert n_flushes == 2 and max_dense_gap > 1e-2
+
+
+@pytest.mark.parametrize("retrieval", ["topk", "faiss"])
+def test_topk_ties_between_identical_memory_slots(monkeypatch, retrieval):
+    """Memory layer 0 stores k_proj(norm(embedding)) of every token: 4 distinct tokens repeated give identical keys
+    and values, so the k-th place is tied in every query; any choice among identical slots is the reference's."""
+    calls = retrieval_calls(monkeypatch)
+    model = topk_model(2, retrieval, 3, mem_layers=[0, 1])
+    ids = torch.tensor([5, 9, 17, 23])[torch.randint(0, 4, (2, 40))]
+    with torch.no_grad():
+        out = model(ids)
+    assert calls[retrieval] > 0
+    stats = {}
+    for b in range(2):
+        ref, _ = reference_logits(model, ids[b], 6, topk=3, stats=stats)
+        assert (out.logits[b] - ref).abs().max().item() <= 1e-4
+    assert stats["ties"] > 10

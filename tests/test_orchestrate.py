@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fotlab import tracking
+from fotlab.errors import FotlabError
 from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
 from fotlab.orchestrate.jobs import JOB_SPEC_FILE, SubmitError, build_job, check_address
 from fotlab.spec import load_spec, parse_spec
@@ -96,31 +95,37 @@ def test_failure_at_runtime_marks_the_run_failed(tiny_corpus, tmp_path, mlflow_u
     assert "FAILED" in str(caught.value) and caught.value.run_id in str(caught.value)
 
 
-def interrupt_after_first_checkpoint(storage: Path, signum: int = signal.SIGINT) -> threading.Thread:
-    """Press Ctrl-C (SIGINT to this process; or send `signum`) once the run has written its first checkpoint."""
+def stop_after_first_checkpoint(monkeypatch, storage: Path, signum: int) -> list[int]:
+    """A deterministic stop for an in-process run (`num_workers=0`): the training loop itself sends `signum` to
+    this process (as a terminal or a scheduler would) in the first step after the first checkpoint is on disk, so
+    the stop lands mid-run however fast or busy the machine is. Returns the list that receives that step."""
+    from fotlab.train import loop
+
     if signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # A shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
         # give this process Python's usual Ctrl-C behaviour (call from the main thread).
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    real_step, sent_at = loop.train_step, []
 
-    def watch() -> None:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(storage.glob("*/output/checkpoints/step-*")):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signum)
+    def step_then_signal(*args, **kwargs):
+        stats = real_step(*args, **kwargs)
+        if not sent_at and list(storage.glob("*/output/checkpoints/step-*")):
+            sent_at.append(kwargs["step"])
+            os.kill(os.getpid(), signum)
+        return stats
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    return sent_at
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri, signum):
-    n_steps = 200  # enough steps that the stop (polled every 5) lands mid-run: a tiny step takes ~5 ms here
+def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri, signum,
+                                                                   monkeypatch):
+    n_steps = 40
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
-    interrupt_after_first_checkpoint(tmp_path / "runs", signum)
+    sent_at = stop_after_first_checkpoint(monkeypatch, tmp_path / "runs", signum)
     with pytest.raises(RunInterruptedError) as caught:
         run_experiment(spec, progress=False)
     run_id = caught.value.run_id
@@ -129,22 +134,24 @@ def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, 
     stopped = client.get_run(run_id)
     assert stopped.info.status == "KILLED" and stopped.data.tags["fotlab.resumable"] == "true"
     stopped_at = max(m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS))
-    assert 2 <= stopped_at < n_steps
+    assert 2 <= sent_at[0] <= stopped_at < n_steps
 
     outcome = run_experiment(spec, resume=stopped.info.run_name, progress=False)  # by run name
     assert outcome.run_id == run_id and outcome.final_step == n_steps
     steps = [m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS)]
     assert steps == list(range(1, n_steps + 1))  # continued after the checkpoint, no step trained twice
     assert client.get_run(run_id).info.status == "FINISHED"
-    with pytest.raises(Exception, match="already FINISHED"):
+    with pytest.raises(FotlabError, match=f"--resume {run_id}: run {run_id} already FINISHED") as finished:
         run_experiment(spec, resume=run_id, progress=False)
+    assert "\n" not in str(finished.value)
 
 
 @pytest.mark.slow  # a fresh MLflow sqlite store takes ~10 s to migrate here
 def test_resume_of_an_unknown_run_is_a_one_line_error(tiny_corpus, tmp_path, mlflow_uri):
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri))
-    with pytest.raises(Exception, match="no-such-run"):
+    with pytest.raises(FotlabError, match="--resume no-such-run: no run with id or name 'no-such-run'") as unknown:
         run_experiment(spec, resume="no-such-run", progress=False)
+    assert "\n" not in str(unknown.value)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ the early-stopping guard for nested trainers, the leaderboard and the exported b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -105,12 +106,26 @@ def test_grid_search_runs_every_combination_once_unless_told(tmp_path, tiny_corp
     assert n_trials(repeated) == 12
 
 
+def _suggestions(sweep, n: int = 4) -> list[dict]:
+    """The first n configurations the sweep's searcher suggests (before any result is reported)."""
+    space, _ = sweep_space.param_space(sweep)
+    searcher = sweep_space.search_algorithm(sweep, 1)
+    assert searcher.set_search_properties(None, None, space)
+    return [searcher.suggest(f"trial-{i}") for i in range(n)]
+
+
 def test_optuna_search_is_seeded_tpe(tmp_path, tiny_corpus):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
     sweep = load_sweep(write_sweep(tmp_path, tiny_corpus, seed=7))
     searcher = sweep_space.search_algorithm(sweep, 1)
-    assert type(searcher).__name__ == "OptunaSearch"
-    assert type(searcher._sampler).__name__ == "TPESampler"
+    assert isinstance(searcher, OptunaSearch) and isinstance(searcher._sampler, optuna.samplers.TPESampler)
     assert searcher.metric == "val/loss" and searcher.mode == "min"
+    first = _suggestions(sweep)
+    assert _suggestions(load_sweep(write_sweep(tmp_path, tiny_corpus, seed=7))) == first  # the seed fixes them
+    assert _suggestions(load_sweep(write_sweep(tmp_path, tiny_corpus, seed=8))) != first
+    assert len({json.dumps(c, sort_keys=True) for c in first}) > 1  # they do vary within a sweep
 
 
 def test_concurrency_follows_cluster_resources_and_trial_workers(tmp_path, tiny_corpus):

@@ -98,9 +98,10 @@ def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
     assert model.config.mem_layers == [1] and model.config.vocab_size == len(tokenizer)
     final_weights = load_file(str(result.checkpoint_dir / "step-00000024" / "model.safetensors"))
-    for name, tensor in model.state_dict().items():
-        if name in final_weights:
-            assert torch.equal(tensor, final_weights[name]), name
+    weights = model.state_dict()
+    assert set(final_weights) == set(weights)  # the exported model is exactly the final checkpoint's weights
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, final_weights[name]), name
     ids = tokenizer("the quick brown", return_tensors="pt").input_ids
     assert tokenizer.decode(ids[0]) == "the quick brown"
     with torch.no_grad():

@@ -148,7 +148,8 @@ def filter_and_split(ds, source: SourceSpec, n_val: int):
     if max_docs:
         ds = ds.select(range(min(max_docs, len(ds))))
     if n_val >= len(ds) and n_val > 0:
-        raise ValueError(f"{len(ds)} documents left cannot give {n_val} validation documents and a training set")
+        raise ValueError(f"{src_mod.source_label(source)}: {len(ds)} documents left cannot give {n_val} validation "
+                         "documents and a training set")
     order = np.argsort(np.asarray(ds["split_hash"], dtype=np.int64), kind="stable")
     val_rows = np.sort(order[:n_val])
     train_rows = np.sort(order[n_val:])
