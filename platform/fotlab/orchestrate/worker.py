@@ -2,8 +2,9 @@
 
 Design choices:
 - Everything Ray-specific about a worker lives here and stays short: rank / world size / device from
-  `ray.train.get_context()`, the model wrapper from `ray.train.torch.prepare_model` (DDP, or FSDP when
-  `spec.scaling.strategy == "fsdp"`), the checkpoint to resume from `ray.train.get_checkpoint()`.
+  `ray.train.get_context()`, the model wrapper (`ray.train.torch.prepare_model` for DDP; fotlab's own FSDP2,
+  `fotlab.train.sharding`, when `spec.scaling.strategy == "fsdp"`: Ray's FSDP refuses CPU), the checkpoint to
+  resume from `ray.train.get_checkpoint()`.
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
   all ranks call `ray.train.report` together (every `report_every` steps and at each checkpoint, with the
   checkpoint attached on rank 0 only).
@@ -98,12 +99,17 @@ def _resume_dir(config: dict[str, Any], stack: contextlib.ExitStack) -> Path | N
     return None
 
 
-def wrap_model_fn(strategy: str, n_workers: int):
-    """The `Runtime.wrap_model` for a worker: Ray's prepare_model (device placement + DDP/FSDP)."""
+def wrap_model_fn(spec, n_workers: int, device: torch.device):
+    """(`Runtime.wrap_model`, sharded) for a worker: FSDP2 (fotlab.train.sharding) for strategy fsdp, at any
+    number of workers (a 1-worker resume of an FSDP run stays sharded); else Ray's prepare_model (DDP)."""
     import ray.train.torch
 
-    parallel = None if n_workers <= 1 else ("fsdp" if strategy == "fsdp" else "ddp")
-    return functools.partial(ray.train.torch.prepare_model, parallel_strategy=parallel)
+    if spec.scaling.strategy == "fsdp":
+        from fotlab.train.sharding import FsdpSettings, fsdp_wrapper
+
+        return fsdp_wrapper(FsdpSettings.from_spec(spec), device), True
+    parallel = None if n_workers <= 1 else "ddp"
+    return functools.partial(ray.train.torch.prepare_model, parallel_strategy=parallel), False
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +132,15 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     hooks = WorkerHooks(config, rank, world_size, device)
     with contextlib.ExitStack() as stack:
         resume_from = _resume_dir(config, stack)
+        wrap_model, sharded = wrap_model_fn(spec, world_size, device)
         runtime = Runtime(
             output_dir=Path(config["output_dir"]),
             device=device,
             rank=rank,
             world_size=world_size,
             resume_from=resume_from,
-            wrap_model=wrap_model_fn(spec.scaling.strategy, world_size),
+            wrap_model=wrap_model,
+            sharded=sharded,
         )
         train = load_entry_point(config.get("train_fn") or DEFAULT_TRAIN_FN)
         result = train(spec, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
