@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Callable
 
 import torch
@@ -77,6 +78,9 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, settings: FsdpSetti
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if settings.cpu_offload and device.type == "cuda" else OffloadPolicy()
     kwargs = dict(mp_policy=mp, offload_policy=offload)
+    # A decoder layer returns its raw (k, v) as transposed views; FoT only concatenates them (out of place), so
+    # FSDP2's warning about in-place ops on views does not apply and would repeat on every step.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFoTDecoderLayer\) returned a view")
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
