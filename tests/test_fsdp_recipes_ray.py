@@ -1,9 +1,10 @@
 """The LongLLaMA recipes end to end at toy size: `fotlab run experiments/longllama_*.yaml` with the documented
-`--set` overrides (TOY_OVERRIDES, the same list the recipes' header comments and the README give) on 2 Ray Train
+`--set` overrides (read from the recipes' header comments, so what is documented is what is tested) on 2 Ray Train
 CPU workers with FSDP2: sharded checkpoints, an interrupted run resumed into the same MLflow run."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,21 +18,21 @@ from test_orchestrate import client_for, interrupt_after_first_checkpoint
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-# Keep in sync with the header comments of experiments/longllama_*.yaml and README.md ("LongLLaMA recipes").
-TOY_OVERRIDES = [
-    "model.init_from=null", "model.preset=debug", "model.max_position_embeddings=64",
-    "memory.layers=[1]", "memory.last_context_length=32",
-    "data.tokenizer={kind: byte}", "data.sources=[{kind: embedded, max_docs: 80}]", "data.validation_docs=4",
-    "train.context_length=32", "train.grad_accum=1", "train.steps=6", "train.log_every=1", "train.eval_every=3",
-    "train.eval_batches=1", "train.checkpoint_every=2", "train.precision=fp32",
-    "eval.perplexity.0.memory_sizes=[0, 64]", "eval.passkey.lengths=[64]", "eval.passkey.n_trials=1",
-    "scaling.num_workers=2", "scaling.use_gpu=false", "storage.filesystem=null",
-]
+
+
+def documented_overrides(recipe: str) -> list[str]:
+    """The `--set` overrides of the toy-size command in the recipe's header comment (what users copy)."""
+    lines = [line[1:].strip() for line in (REPO / "experiments" / recipe).read_text().splitlines()
+             if line.startswith("#   --set")]
+    words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
+    return [w for w in words if w != "--set"]
 
 
 def _toy_spec(recipe: str, tmp_path: Path, uri: str, steps: int):
+    overrides = documented_overrides(recipe)
+    assert len(overrides) > 20 and "scaling.num_workers=2" in overrides
     return load_spec(REPO / "experiments" / recipe, [
-        *TOY_OVERRIDES, f"train.steps={steps}", f"storage.path={tmp_path / 'runs'}", f"tracking.uri={uri}"])
+        *overrides, f"train.steps={steps}", f"storage.path={tmp_path / 'runs'}", f"tracking.uri={uri}"])
 
 
 def _sharded_checkpoints(run_dir: Path) -> list[str]:

@@ -130,9 +130,9 @@ def test_fsdp_checkpoints_resume_same_and_other_world_size(runs):
     resumed = _losses(_spawn(2, spec, same, "resume", resume_from=same / "checkpoints"))
     assert resumed == {5: reference[5], 6: reference[6]}
 
-    # 2 -> 1 -> 2 ranks: DCP reshards model and optimizer; the data position is approximate (each rank packs
-    # its own stream), so the losses continue the trajectory within 15% instead of exactly, far from the
-    # untrained loss a restart would show.
+    # 2 -> 1 -> 2 ranks: DCP reshards model and optimizer exactly; the data position is approximate (each rank
+    # packs its own stream: other rows than the uninterrupted run's), so the losses continue the trajectory within
+    # 2% instead of exactly (measured: 0.05% and 0.09%), far from the untrained loss a restart would show.
     other = tmp / "other"
     shutil.copytree(step4, other / "checkpoints" / step4.name)
     one_rank = _losses(_spawn(1, spec, other, "one", resume_from=other / "checkpoints", stop_after=1))
@@ -141,7 +141,7 @@ def test_fsdp_checkpoints_resume_same_and_other_world_size(runs):
     two_again = _losses(_spawn(2, spec, other, "two", resume_from=other / "checkpoints"))
     assert list(two_again) == [6]
     for step, loss in {**one_rank, **two_again}.items():
-        assert loss == pytest.approx(reference[step], rel=0.15), step
+        assert loss == pytest.approx(reference[step], rel=0.02), step
         assert abs(loss - reference[step]) < 0.5 * (reference[1] - reference[step])
 
 
