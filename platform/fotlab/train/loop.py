@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train import metrics as M
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
-from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from fotlab.train.loop_support import (any_rank, check_replicated, crossbatch_at, mean_over_ranks, resolve_precision,
                                        save_final_model)
