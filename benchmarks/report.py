@@ -6,7 +6,7 @@ import json
 import sys
 
 EXTRA = ("seconds", "prefill_rss_mib", "mem_bytes_per_token", "alloc_bytes_per_token", "child_cpu_seconds",
-         "logits_max_abs_diff")
+         "logits_max_abs_diff", "state_mib_per_rank", "params_mib", "grads_mib", "optim_mib")
 
 
 def _num(x: float) -> str:

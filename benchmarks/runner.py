@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama")
-MODULES = {"prefill_longllama": "longllama_ref"}  # benchmark name -> module under benchmarks/ (default: same name)
+BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama", "fsdp_memory")
+MODULES = {"prefill_longllama": "longllama_ref", "fsdp_memory": "sharded_memory"}  # benchmark name -> module under benchmarks/ (default: same name)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -197,3 +197,16 @@ def test_longllama_reference_computes_what_fotlab_computes(tmp_path):
     assert "error" not in ours and "error" not in theirs, (ours, theirs)
     assert theirs["logits_max_abs_diff"] < 1e-4 and theirs["argmax_equal"] == 1
     assert theirs["transformers"].startswith("4.")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_fsdp_memory_shards_params_grads_and_optimizer_state():
+    from benchmarks import sharded_memory
+
+    by_name = {case.name: sharded_memory.run(case.params) for case in runner.collect_cases(["fsdp_memory"], "tiny")}
+    ddp, fsdp = by_name["ddp"], by_name["fsdp"]
+    assert ddp["n_params"] == fsdp["n_params"] and ddp["seconds"] > 0 and fsdp["seconds"] > 0
+    assert ddp["params_mib"] == pytest.approx(ddp["n_params"] * 4 / 2**20)  # fp32, fully replicated
+    assert ddp["optim_mib"] >= 2 * ddp["params_mib"]  # AdamW: exp_avg + exp_avg_sq (+ step)
+    assert fsdp["state_mib_per_rank"] <= 0.6 * ddp["state_mib_per_rank"]

@@ -2,8 +2,8 @@
 
 Design choices:
 - Everything Ray-specific about a worker lives here and stays short: rank / world size / device from
-  `ray.train.get_context()`, the model wrapper from `ray.train.torch.prepare_model` (DDP, or FSDP when
-  `spec.scaling.strategy == "fsdp"`). The worker gets a frozen `trainer.WorkerConfig` (the validated spec itself,
+  `ray.train.get_context()`, the model wrapper (`ray.train.torch.prepare_model` for DDP; fotlab's own FSDP2,
+  `fotlab.train.sharding`, when `spec.scaling.strategy == "fsdp"`: Ray's FSDP refuses CPU). The worker gets a frozen `trainer.WorkerConfig` (the validated spec itself,
   not re-parsed) and calls `pipeline.run_pipeline` (train -> evaluations -> log model -> register; rank 0 logs).
 - Checkpoints are fotlab's (`fotlab.train.checkpoint`, kept per `train.keep_checkpoints`) in the run's output
   folder; Ray's reports carry metrics only (see `trainer.run_config`), and a restart resumes from that folder.
@@ -83,12 +83,17 @@ def resume_dir(output_dir: Path) -> Path | None:
     return root if latest_checkpoint(root) is not None else None
 
 
-def wrap_model_fn(strategy: str, n_workers: int):
-    """The `Runtime.wrap_model` for a worker: Ray's prepare_model (device placement + DDP/FSDP)."""
+def wrap_model_fn(spec, n_workers: int, device: torch.device):
+    """(`Runtime.wrap_model`, sharded) for a worker: FSDP2 (fotlab.train.sharding) for strategy fsdp, at any
+    number of workers (a 1-worker resume of an FSDP run stays sharded); else Ray's prepare_model (DDP)."""
     import ray.train.torch
 
-    parallel = None if n_workers <= 1 else ("fsdp" if strategy == "fsdp" else "ddp")
-    return functools.partial(ray.train.torch.prepare_model, parallel_strategy=parallel)
+    if spec.scaling.strategy == "fsdp":
+        from fotlab.train.sharding import FsdpSettings, fsdp_wrapper
+
+        return fsdp_wrapper(FsdpSettings.from_spec(spec), device), True
+    parallel = None if n_workers <= 1 else "ddp"
+    return functools.partial(ray.train.torch.prepare_model, parallel_strategy=parallel), False
 
 
 def train_worker(config: WorkerConfig) -> dict[str, Any]:
@@ -111,8 +116,9 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     run = TrackedRun(config.tracking_uri, config.run_id, experiment_id="")
     hooks = WorkerHooks(config, run, rank, world_size, device)
     resume_from = resume_dir(Path(config.output_dir))
+    wrap_model, sharded = wrap_model_fn(spec, world_size, device)
     runtime = Runtime(output_dir=Path(config.output_dir), device=device, rank=rank, world_size=world_size,
-                      resume_from=resume_from, wrap_model=wrap_model_fn(spec.scaling.strategy, world_size))
+                      resume_from=resume_from, wrap_model=wrap_model, sharded=sharded)
     result = run_pipeline(spec, run, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
     return {
         "final_step": result.final_step,

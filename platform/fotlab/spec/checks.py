@@ -193,6 +193,13 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "scaling.use_tpu", "use_gpu and use_tpu are both true; pick one"
     if sc.topology is not None and not sc.use_tpu:
         yield "scaling.topology", "only applies with scaling.use_tpu: true"
+    if sc.fsdp is not None and sc.strategy != "fsdp":
+        yield "scaling.fsdp", f"only applies with scaling.strategy: fsdp (strategy is {sc.strategy})"
+    if sc.strategy == "fsdp" and sc.num_workers == 0:
+        yield "scaling.strategy", "fsdp needs Ray Train workers (num_workers >= 1); num_workers 0 runs in-process"
+    if sc.fsdp is not None and sc.fsdp.cpu_offload and not sc.use_gpu:
+        yield "scaling.fsdp.cpu_offload", "only applies with scaling.use_gpu: true (CPU runs keep everything in "\
+                                          "host memory already)"
     if spec.tracking.register_model and not spec.tracking.log_model:
         yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 

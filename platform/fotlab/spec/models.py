@@ -202,6 +202,15 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
 
 
+class FsdpSpec(StrictModel):
+    """FSDP2 settings (`scaling.strategy: fsdp`; see fotlab/train/sharding.py)."""
+
+    reshard_after_forward: bool = Field(True, description="Free gathered parameters after each layer's forward "
+                                        "(all-gather again in backward): less memory, more communication.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters, gradients and optimizer state in host "
+                              "memory (GPU runs only).")
+
+
 class ScalingSpec(StrictModel):
     """Ray Train scaling (ray.train.ScalingConfig)."""
 
@@ -209,7 +218,9 @@ class ScalingSpec(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] | None = Field(None, description="Ray resources per worker, e.g. "
                                                            "{CPU: 2} (None = Ray's default).")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data-parallel wrapper for multi-worker runs.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data-parallel wrapper for multi-worker runs "
+                                             "(fsdp: FSDP2 per decoder layer, sharded DCP checkpoints).")
+    fsdp: FsdpSpec | None = Field(None, description="FSDP2 settings (strategy fsdp only).")
     use_tpu: bool = Field(False, description="Run on TPU hosts.")
     topology: str | None = Field(None, description="TPU topology, e.g. '4x4' (use_tpu only).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'TPU-V5E' or 'H100'.")

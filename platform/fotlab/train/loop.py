@@ -16,8 +16,11 @@ Setup -> build -> fit:
   after a resume reproduce an uninterrupted run's losses bit for bit.
 - Validation: `val/loss` uses the crossbatch of the current step (same contexts as training) and
   `val/loss_no_xbatch` uses range 0; with range 0 both are the same number.
-- Checkpoint writes assume every rank sees the same `output_dir` (shared storage); only DDP-style replicated
-  models are supported there (rank 0 writes the full state dict; FSDP needs a sharded checkpointer).
+- Checkpoint writes assume every rank sees the same `output_dir` (shared storage). Replicated models (plain,
+  DDP): rank 0 writes the full state dict (train/checkpoint.py). Sharded models (`runtime.sharded`, FSDP2):
+  meta-device build filled from rank 0, DCP checkpoints with one shard per rank, resumable at another world
+  size, and a `model/` gathered to rank 0 at the end (train/sharding.py, train/dcp_checkpoint.py).
+- Resume takes the newest complete checkpoint; an incomplete one is skipped with a warning naming it.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from typing import Any
 import torch
 
 from fotlab import names as M
+from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
-from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint
+from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from fotlab.train.loop_support import (any_rank, check_replicated, crossbatch_at, mean_over_ranks, resolve_precision,
                                        save_final_model)
 from fotlab.train.optim import build_optimizer, build_scheduler
 from fotlab.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from fotlab.train.runtime import Runtime, TrainHooks, TrainResult, unwrap_model
+from fotlab.train.runtime import Runtime, TrainError, TrainHooks, TrainResult, unwrap_model
+from fotlab.train.sharding import build_sharded_model, gather_full_model
 from fotlab.train.steps import evaluate_loss, train_step
 
 logger = logging.getLogger(__name__)
@@ -98,11 +103,13 @@ def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
     seed_everything(spec.seed)
     precision = resolve_precision(spec.train.precision, runtime.device)
     data = build_data(spec, runtime)
+    if runtime.sharded:
+        return _build_sharded(spec, runtime, hooks, data, precision)
     model = build_model(spec, data.tokenizer, runtime.device)
     logger.info("model: %.2fM parameters, mem_layers %s", count_parameters(model) / 1e6, model.config.mem_layers)
     checkpoint, trainer_state, rank_state = None, None, None
     if runtime.resume_from is not None:
-        checkpoint = resolve_checkpoint(runtime.resume_from)
+        checkpoint = _resumable(runtime.resume_from, sharded=False)
         trainer_state, rank_state = load_checkpoint(checkpoint, model=model, rank=runtime.rank)
     wrapped = runtime.wrap_model(model)
     check_replicated(wrapped)
@@ -112,11 +119,43 @@ def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
     if checkpoint is not None:
         load_optimizer_state(checkpoint, optimizer, scheduler)
         data.train_packer.load_state_dict(rank_state["packer"])
-        restore_rng_state(rank_state["rng"])
-        run.step = run.last_checkpoint_step = int(trainer_state["step"])
-        run.tokens_seen = int(trainer_state.get("tokens_seen", 0))
-        run.metrics = dict(trainer_state.get("metrics", {}))
-        logger.info("resumed from %s at step %d", checkpoint, run.step)
+        _resumed(run, checkpoint, trainer_state, rank_state)
+    return run
+
+
+def _resumable(path: Path, sharded: bool) -> Path:
+    """The newest complete checkpoint at `path`, in the format this run writes (sharded DCP or replicated)."""
+    checkpoint = dcp_ckpt.find_resumable(path)
+    if dcp_ckpt.is_dcp_checkpoint(checkpoint) != sharded:
+        kind = "sharded (fsdp)" if not sharded else "replicated (ddp)"
+        raise TrainError(f"resume_from: {checkpoint} is a {kind} checkpoint; resume it with the strategy that wrote "
+                         "it (scaling.strategy)")
+    return checkpoint
+
+
+def _resumed(run: _Run, checkpoint: Path, trainer_state: dict, rank_state: dict) -> None:
+    restore_rng_state(rank_state["rng"])
+    run.step = run.last_checkpoint_step = int(trainer_state["step"])
+    run.tokens_seen = int(trainer_state.get("tokens_seen", 0))
+    run.metrics = dict(trainer_state.get("metrics", {}))
+    logger.info("resumed from %s at step %d", checkpoint, run.step)
+
+
+def _build_sharded(spec, runtime: Runtime, hooks: TrainHooks, data: DataBundle, precision: str) -> _Run:
+    """`_build` for a sharded model: meta-device build + broadcast from rank 0, then the DCP checkpoint."""
+    model = build_sharded_model(spec, data.tokenizer, runtime, build_model)
+    logger.info("model: %.2fM parameters (sharded over %d ranks)", count_parameters(model) / 1e6,
+                runtime.world_size)
+    optimizer = build_optimizer(model, spec.train.optimizer)
+    scheduler = build_scheduler(optimizer, spec.train.schedule, spec.train.steps)
+    run = _Run(spec, runtime, hooks, data, model, optimizer, scheduler, precision)
+    if runtime.resume_from is not None:
+        checkpoint = _resumable(runtime.resume_from, sharded=True)
+        trainer_state, rank_state = dcp_ckpt.load_dcp_checkpoint(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=runtime.rank)
+        dcp_ckpt.restore_packer(data.train_packer, rank_state["packer"], int(trainer_state["world_size"]),
+                                runtime.world_size)
+        _resumed(run, checkpoint, trainer_state, rank_state)
     return run
 
 
@@ -199,9 +238,10 @@ def _evaluate(run: _Run, crossbatch) -> None:
 
 def _checkpoint(run: _Run) -> Path:
     runtime = run.runtime
-    path = save_checkpoint(
+    save = dcp_ckpt.save_dcp_checkpoint if runtime.sharded else save_checkpoint
+    path = save(
         runtime.checkpoint_dir, run.step,
-        model=run.bare_model, optimizer=run.optimizer, scheduler=run.scheduler,
+        model=run.model if runtime.sharded else run.bare_model, optimizer=run.optimizer, scheduler=run.scheduler,
         trainer_state={"metrics": run.metrics, "tokens_seen": run.tokens_seen, "world_size": runtime.world_size,
                        "name": run.spec.name},
         rank_state={"rng": capture_rng_state(), "packer": run.data.train_packer.state_dict()},
@@ -221,6 +261,7 @@ def _finish(run: _Run) -> None:
         _evaluate(run, crossbatch_at(run.spec, run.step - 1))
     if run.last_checkpoint_step != run.step:
         _checkpoint(run)
+    final = gather_full_model(run.model, run.runtime.rank) if run.runtime.sharded else run.bare_model
     if run.runtime.is_main:
-        save_final_model(run.bare_model, run.data.tokenizer, run.runtime.model_dir)
+        save_final_model(final, run.data.tokenizer, run.runtime.model_dir)
     run.runtime.barrier()

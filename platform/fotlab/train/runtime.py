@@ -54,6 +54,9 @@ class Runtime:
             (e.g. `DistributedDataParallel`); identity by default.
         barrier: synchronises all ranks around checkpoint writes; default `torch.distributed.barrier` when a
             process group is initialised, else nothing.
+        sharded: `wrap_model` shards the parameters (FSDP2, `fotlab.train.sharding.fsdp_wrapper`): the model is
+            built on the meta device and filled from rank 0, checkpoints are DCP shards (train/dcp_checkpoint.py)
+            and the final `model/` is gathered to rank 0.
     """
 
     output_dir: Path
@@ -63,6 +66,7 @@ class Runtime:
     resume_from: Path | None = None
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
     barrier: Callable[[], None] = _default_barrier
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)

@@ -73,7 +73,8 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over shards
         return model.clip_grad_norm_(limit)
     params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, limit)
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over all shards
 
 
 def train_step(

@@ -1,0 +1,194 @@
+"""Sharded training checkpoints with `torch.distributed.checkpoint` (DCP), for FSDP2 runs.
+
+    python -c "from fotlab.train.dcp_checkpoint import find_resumable; print(find_resumable('out/checkpoints'))"
+
+Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`, same names as the replicated format):
+    .metadata, __<rank>_0.distcp   DCP: model + optimizer state, one shard file per rank (DCP reshards on load,
+                                   so a checkpoint written by N ranks resumes on M)
+    scheduler.pt                   lr scheduler state_dict (rank 0)
+    rank-00000.pt ...              per-rank state: RNG states, data position (packer)
+    trainer_state.json             step, metrics, world size, `format: "dcp"` and a manifest (every other
+                                   file's name and size) — written LAST: it is the completion marker
+
+Atomicity: every rank writes into `.tmp-step-00000100/` (DCP fsyncs its files); after a barrier rank 0 writes
+the manifest, renames the dir into place and prunes old checkpoints (`train.keep_checkpoints`).
+`find_resumable` walks the checkpoints newest first and takes the first one whose manifest matches the files on
+disk; a dir without its marker, with a missing or truncated file, is skipped with a warning that names it.
+
+Resuming at another world size: model and optimizer reshard through DCP exactly; the lr scheduler is global.
+Each rank's RNG state comes from rank `r % old_world_size`; the data position cannot map document for
+document (each rank packs its own stream), so every rank starts a fresh stream for its new rank and skips the
+same number of global batches the old ranks had drawn (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fotlab.train.checkpoint import (STATE_FILE, fsync_path, list_checkpoints, prune_checkpoints, replace_dir,
+                                     step_dir_name)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dcp"
+_STEP_DIR = re.compile(r"^step-\d{8}$")
+
+
+def is_dcp_checkpoint(path: Path) -> bool:
+    """True when `path` holds a DCP checkpoint marker (trainer_state.json with format "dcp")."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        return False
+    try:
+        return json.loads(state_file.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _manifest(directory: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.is_file() and f.name != STATE_FILE}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (no marker, unreadable marker, missing / truncated file), or None."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE} (the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    for name, size in (state.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _candidates(path: Path) -> list[Path]:
+    """Checkpoint dirs to try, newest first: `path` itself (a step dir) and its older siblings, or the step
+    dirs under a checkpoints root (complete or not)."""
+    path = Path(path)
+    is_step = _STEP_DIR.match(path.name) or (path / STATE_FILE).is_file()
+    root, newest = (path.parent, path) if is_step else (path, None)
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True) \
+        if root.is_dir() else []
+    if newest is not None:
+        steps = [newest] + [p for p in steps if p.name < newest.name]
+    return steps
+
+
+def find_resumable(path: Path) -> Path:
+    """The newest complete checkpoint at `path` (a step dir or a checkpoints root); incomplete ones are skipped
+    with a warning naming them. Raises FileNotFoundError when none is complete."""
+    for candidate in _candidates(Path(path)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("checkpoint %s is incomplete (%s); not resuming from it, trying the previous one",
+                       candidate, problem)
+    raise FileNotFoundError(f"resume_from: no complete checkpoint at {path}")
+
+
+def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save_dcp_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank: int,
+    keep: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write sharded checkpoint `step` under `root` atomically (called by every rank); returns the final dir."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    final_dir = root / step_dir_name(step)
+    tmp_dir = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftover of an interrupted save
+        tmp_dir.mkdir()
+    barrier()
+    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp_dir))
+    torch.save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
+    fsync_path(tmp_dir / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
+        fsync_path(tmp_dir / "scheduler.pt")
+    barrier()
+    if rank == 0:
+        state = {"format": FORMAT, "step": step, **trainer_state, "files": _manifest(tmp_dir)}
+        (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        fsync_path(tmp_dir / STATE_FILE)
+        fsync_path(tmp_dir)
+        replace_dir(tmp_dir, final_dir)
+        fsync_path(root)
+        prune_checkpoints(root, keep)
+        logger.info("sharded checkpoint step %d -> %s", step, final_dir)
+    barrier()
+    return final_dir
+
+
+def load_dcp_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load model + optimizer (resharded to this world size), scheduler; returns (trainer_state, rank_state)
+    where rank_state is the saved state of rank `rank % saved_world_size`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    trainer_state = json.loads((path / STATE_FILE).read_text())
+    state = _model_and_optim_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    saved_world = int(trainer_state.get("world_size", 1))
+    rank_state = torch.load(path / f"rank-{rank % saved_world:05d}.pt", weights_only=True)
+    return trainer_state, rank_state
+
+
+def restore_packer(packer, saved: dict[str, Any], saved_world_size: int, world_size: int) -> None:
+    """Put this rank's packer at the saved data position: exactly when the world size is unchanged, else by
+    skipping the global number of batches drawn so far (module docstring)."""
+    if saved_world_size == world_size:
+        packer.load_state_dict(saved)
+        return
+    drawn = int(saved["step"]) * saved_world_size
+    skip = drawn // world_size
+    logger.warning("resuming %d-rank checkpoint on %d ranks: data position is approximate (each rank skips %d "
+                   "batches of its new stream, %d global batches were drawn)", saved_world_size, world_size,
+                   skip, drawn)
+    for _ in range(skip):
+        packer.next_batch()
+
+
+__all__ = ["find_resumable", "checkpoint_problem", "is_dcp_checkpoint", "save_dcp_checkpoint",
+           "load_dcp_checkpoint", "restore_packer", "list_checkpoints"]
