@@ -149,7 +149,7 @@ def build_trainer(
         "train_fn": train_fn,
         "quiet": quiet,
     }
-    filesystem = storage_filesystem(spec.storage.filesystem)
+    filesystem = storage_filesystem(spec.storage.filesystem or os.environ.get("FOTLAB_STORAGE_FILESYSTEM"))
     storage_path = record.storage_path
     if filesystem is not None and "://" in storage_path:
         storage_path = storage_path.split("://", 1)[1]  # Ray wants `bucket/path` beside a custom filesystem
