@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fotlab.orchestrate.live_metrics import LiveMetrics
 from fotlab.tracking import TrackedRun
 
 STOP_POLL_STEPS = 5  # should_stop() asks the driver every this many steps
@@ -47,8 +49,10 @@ class WorkerHooks:
         self._last_report_step = 0
         self._n_stop_polls = 0
         self.run = TrackedRun(config["tracking_uri"], config["run_id"], experiment_id="")
+        self.live = LiveMetrics.for_worker(config, rank)  # Prometheus, through ray.util.metrics
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.live.on_log(step, metrics)
         if self.rank == 0:
             self.run.log_metrics(metrics, step)
             if self.channel is not None:
@@ -64,7 +68,9 @@ class WorkerHooks:
 
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if self.rank == 0 else None
         self._last_report_step = step
+        started = time.monotonic()
         ray.train.report(_report_metrics(step, metrics), checkpoint=checkpoint, checkpoint_dir_name=Path(path).name)
+        self.live.on_checkpoint(step, time.monotonic() - started)
 
     def should_stop(self) -> bool:
         self._n_stop_polls += 1
