@@ -5,8 +5,6 @@ Each test costs 30-120 s here (Ray worker start-up dominates), so there are few;
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,24 +123,3 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_jobs_address, tiny_corpus, tmp_pa
     result = yaml.safe_load(logs.strip().splitlines()[-1])  # the job's stdout ends with fotlab run's JSON
     assert client_for(mlflow_uri).get_run(result["run_id"]).info.status == "FINISHED"
 
-
-@pytest.mark.timeout(180)
-def test_cli_submit_without_tracking_or_storage_is_refused_in_one_line(ray_jobs_address, tiny_corpus, tmp_path):
-    """Neither the spec nor the cluster's environment names a storage path: the run would land in the job's
-    temporary folder, so `fotlab submit` refuses (after asking the cluster for its environment) and sends nothing."""
-    from ray.job_submission import JobSubmissionClient
-
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_corpus, tmp_path, "sqlite:///unused.db")))
-    before = {job.submission_id for job in JobSubmissionClient(ray_jobs_address).list_jobs()}
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "FOTLAB_STORAGE_PATH")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fotlab.cli", "submit", str(spec_file), "--address", ray_jobs_address,
-         "--set", "storage.path=null", "--set", "tracking.uri=null"],
-        capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env,
-    )
-    assert proc.returncode == 1, proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
-    assert "storage.path (or FOTLAB_STORAGE_PATH on the cluster)" in line and "temporary folder" in line
-    new = [job for job in JobSubmissionClient(ray_jobs_address).list_jobs() if job.submission_id not in before]
-    assert [(job.metadata or {}).get("fotlab.probe") for job in new] == ["environment"]  # the probe, no run
