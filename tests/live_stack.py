@@ -18,12 +18,22 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow
 STACK_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin (newest version)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    return str(candidates[-1]) if candidates else None
 
 
 def free_port() -> int:
@@ -122,24 +132,27 @@ class Stack:
     # -- PostgreSQL + MLflow -----------------------------------------------------------------------------------------
     def postgres(self) -> str:
         """A throwaway PostgreSQL cluster (initdb as `postgres`); returns its SQLAlchemy URI for database mlflow."""
-        data = self.root / "pgdata"
+        # Its own folder outside pytest's (mode 0700, root's): the `postgres` user must reach the data directory.
+        self._pg_root = Path(tempfile.mkdtemp(prefix="fotlab-stack-pg-"))
+        self._pg_root.chmod(0o755)
+        data = self._pg_root / "pgdata"
         data.mkdir()
         shutil.chown(data, "postgres", "postgres")
-        init = subprocess.run(["runuser", "-u", "postgres", "--", "initdb", "-D", str(data), "--auth=trust",
+        init = subprocess.run(["runuser", "-u", "postgres", "--", pg_bin("initdb"), "-D", str(data), "--auth=trust",
                                "-U", "postgres"], capture_output=True, text=True, check=False)
         if init.returncode:
             raise RuntimeError(f"initdb failed: {init.stderr[-1000:]}")
         port = free_port()
-        proc, log = self.start("postgres", ["postgres", "-D", str(data), "-p", str(port), "-k", str(data),
+        proc, log = self.start("postgres", [pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
                                             "-c", "listen_addresses=127.0.0.1"], user="postgres")
 
         def ready() -> bool:
-            check = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
+            check = subprocess.run([pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
             return check.returncode == 0
 
         wait_for(ready, "PostgreSQL", 60, proc, log)
-        subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"], check=True)
-        return f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        subprocess.run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"], check=True)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"  # SQLAlchemy 2.1 defaults to psycopg 3
 
     def mlflow_server(self, backend_uri: str) -> str:
         port = free_port()
@@ -179,6 +192,8 @@ class Stack:
             while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
                 time.sleep(0.2)
         self._kill_stragglers()
+        if getattr(self, "_pg_root", None) is not None:
+            shutil.rmtree(self._pg_root, ignore_errors=True)
 
     def _kill_stragglers(self) -> None:
         """Ray processes that left their group (workers, agents) still name this stack's temp dir."""

@@ -249,3 +249,26 @@ def test_live_metric_names_are_prometheus_names_declared_once():
     names = all_metric_names()
     assert len(names) == len(set(names))
     assert all(_NAME.match(n) and n.startswith("ray_fotlab_") for n in names)
+
+
+def test_storage_path_comes_from_the_cluster_environment_when_the_spec_has_none(monkeypatch, tmp_path):
+    from fotlab.spec import parse_spec, resolve_storage_path
+
+    spec = parse_spec({"name": "x"})
+    monkeypatch.setenv("FOTLAB_STORAGE_PATH", "s3://fotlab/runs")
+    assert resolve_storage_path(spec) == "s3://fotlab/runs"
+    explicit = parse_spec({"name": "x", "storage": {"path": str(tmp_path)}})
+    assert resolve_storage_path(explicit) == str(tmp_path)  # the spec wins
+
+
+def test_live_metrics_stay_off_outside_ray():
+    import ray
+
+    from fotlab.orchestrate.live_metrics import LiveMetrics
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is open in this process")
+    live = LiveMetrics("run", "exp", rank=0, context_length=128)
+    live.on_log(1, {"train/loss": 1.0, "train/crossbatch_range": 3.0})  # records nothing, raises nothing
+    live.on_checkpoint(1, 0.5)
+    assert not live.enabled
