@@ -1,6 +1,6 @@
 """Write the Grafana dashboards: fotlab's (training, sweeps) and Ray's own (default, Train).
 
-    .venv/bin/python dashboards/generate.py            # rewrite dashboards/*.json from this checkout and the installed Ray
+    .venv/bin/python dashboards/generate.py            # rewrite dashboards/*.json (this checkout, installed Ray)
     .venv/bin/python dashboards/generate.py --check    # exit 1 when a committed dashboard differs (tests run this)
 
 fotlab's panels are declared below (metric names come from fotlab.orchestrate.live_metrics, declared once); Ray's
@@ -22,7 +22,8 @@ SWEEP_FILTER = 'sweep=~"$sweep"'
 
 # (title, unit, PromQL, legend) per panel, in rows of two. `requires_gpu` panels show data only on GPU nodes.
 TRAINING_PANELS = [
-    ("Train loss", "none", f"max by (run_id, rank) (ray_fotlab_train_loss{{{RUN_FILTER}}})", "{{run_id}} rank {{rank}}"),
+    ("Train loss", "none", f"max by (run_id, rank) (ray_fotlab_train_loss{{{RUN_FILTER}}})",
+     "{{run_id}} rank {{rank}}"),
     ("Validation loss", "none", f"max by (run_id) (ray_fotlab_val_loss{{{RUN_FILTER}}})", "{{run_id}}"),
     ("Tokens/s per worker", "none", f"max by (run_id, rank) (ray_fotlab_tokens_per_second{{{RUN_FILTER}}})",
      "{{run_id}} rank {{rank}}"),

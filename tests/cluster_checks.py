@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ../shared/schemas/kuberay beside the checkout (as CI lays it out); FOTLAB_KUBERAY_SCHEMAS overrides it for a
 # checkout that lives elsewhere (a git worktree).
 KUBERAY_SCHEMAS = Path(os.environ.get("FOTLAB_KUBERAY_SCHEMAS") or REPO.parent / "shared" / "schemas" / "kuberay")
-KUBERAY_SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json", "RayService": "rayservice_v1.json"}
+KUBERAY_SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json",
+                        "RayService": "rayservice_v1.json"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 MAX_NAME = {"RayJob": 47, "RayService": 47, "RayCluster": 53}
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -44,7 +45,8 @@ def kuberay_controller_problems(resource: dict) -> list[str]:
     if kind == "RayJob":
         if spec.get("submissionMode", "K8sJobMode") not in SUBMISSION_MODES:
             problems.append(f"submissionMode {spec.get('submissionMode')!r}")
-        if (spec.get("ttlSecondsAfterFinished", 0) > 0 or spec.get("suspend")) and not spec.get("shutdownAfterJobFinishes"):
+        needs_shutdown = spec.get("ttlSecondsAfterFinished", 0) > 0 or spec.get("suspend")
+        if needs_shutdown and not spec.get("shutdownAfterJobFinishes"):
             problems.append("ttlSecondsAfterFinished/suspend need shutdownAfterJobFinishes: true")
     cluster = spec.get("rayClusterSpec", spec) if kind == "RayJob" else spec
     for group in cluster.get("workerGroupSpecs") or []:

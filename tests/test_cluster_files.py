@@ -172,8 +172,8 @@ def test_render_job_cli_for_the_3b_recipe_on_gpu_validates():
 
 
 def test_render_job_tpu_maps_topology_onto_slices():
-    tpu = ["--set", "scaling.use_tpu=true", "--set", "scaling.topology=2x4", "--set", "scaling.accelerator_type=TPU-V6E",
-           "--set", "scaling.num_workers=4"]
+    tpu = ["--set", "scaling.use_tpu=true", "--set", "scaling.topology=2x4",
+           "--set", "scaling.accelerator_type=TPU-V6E", "--set", "scaling.num_workers=4"]
     proc = render("experiments/quickstart.yaml", "--overlay", "tpu", *tpu)
     assert proc.returncode == 0, proc.stderr
     resources = load_manifests(proc.stdout)

@@ -1,6 +1,7 @@
 """The entrypoint of a `fotlab submit` job (see fotlab.orchestrate.jobs): `fotlab run` on $FOTLAB_JOB_SPEC.
 
-    FOTLAB_JOB_SPEC="$(fotlab validate experiments/quickstart.yaml --print)" python -m fotlab.orchestrate.job_entry --json
+    export FOTLAB_JOB_SPEC="$(fotlab validate experiments/quickstart.yaml --print)"
+    python -m fotlab.orchestrate.job_entry --json
 """
 
 import sys
