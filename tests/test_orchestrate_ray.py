@@ -122,4 +122,3 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_jobs_address, tiny_corpus, tmp_pa
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     result = yaml.safe_load(logs.strip().splitlines()[-1])  # the job's stdout ends with fotlab run's JSON
     assert client_for(mlflow_uri).get_run(result["run_id"]).info.status == "FINISHED"
-
