@@ -19,7 +19,9 @@ import yaml
 from fotlab import tracking
 from fotlab.errors import FotlabError
 from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
-from fotlab.orchestrate.jobs import JOB_SPEC_FILE, SubmitError, build_job, check_address
+from fotlab.orchestrate.jobs import (
+    JOB_ENTRY_MODULE, JOB_SPEC_ENV, SubmitError, build_job, check_address, missing_destinations,
+)
 from fotlab.spec import load_spec, parse_spec
 
 
@@ -191,13 +193,24 @@ def test_submit_rejects_non_dashboard_addresses(address):
 
 def test_submit_job_ships_the_resolved_spec(tiny_corpus, tmp_path):
     spec = load_spec_with_overrides(tiny_corpus, tmp_path, ["train.steps=7"])
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    entrypoint, runtime_env = build_job(spec, staging)
-    assert entrypoint.startswith(f"python -m fotlab.cli run {JOB_SPEC_FILE} --json")
-    assert runtime_env["working_dir"] == str(staging)
-    assert Path(runtime_env["py_modules"][0], "orchestrate", "jobs.py").is_file()
-    assert load_spec(staging / JOB_SPEC_FILE) == spec and spec.train.steps == 7
+    entrypoint, runtime_env = build_job(spec)
+    assert entrypoint == f"python -m {JOB_ENTRY_MODULE} --json --no-progress"
+    # No working_dir: Ray re-extracts it (rmtree + unzip) on every node, under a driver that runs in it.
+    assert "working_dir" not in runtime_env
+    assert Path(runtime_env["py_modules"][0], "orchestrate", "job_entry.py").is_file()
+    assert parse_spec(yaml.safe_load(runtime_env["env_vars"][JOB_SPEC_ENV])) == spec and spec.train.steps == 7
+
+
+def test_submit_refuses_a_run_that_would_write_into_the_job_folder(tiny_corpus, tmp_path):
+    spec = load_spec_with_overrides(tiny_corpus, tmp_path, ["tracking.uri=null", "storage.path=null"])
+    assert missing_destinations(spec, {}) == ["tracking.uri (or MLFLOW_TRACKING_URI on the cluster)",
+                                              "storage.path (or FOTLAB_STORAGE_PATH on the cluster)"]
+    cluster = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "FOTLAB_STORAGE_PATH": "s3://fotlab/runs"}
+    assert missing_destinations(spec, cluster) == []
+    assert missing_destinations(spec, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == [
+        "storage.path (or FOTLAB_STORAGE_PATH on the cluster)"]
+    explicit = load_spec_with_overrides(tiny_corpus, tmp_path, [])  # tracking.uri and storage.path set
+    assert missing_destinations(explicit, {}) == []
 
 
 def load_spec_with_overrides(corpus: Path, tmp_path: Path, overrides: list[str]):

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.set_defaults(handler=_cmd_orchestrate)
 
+    p = sub.add_parser("render-job", help="print a KubeRay RayJob (+ spec ConfigMap) for the spec: kubectl apply -f -")
+    _add_spec_args(p, json_flag=False)
+    p.add_argument("--overlay", metavar="gpu|tpu", help="worker kind (default: CPU workers)")
+    p.add_argument("--image", help="the fotlab image the pods run (default: fotlab:<version>-<overlay>)")
+    p.set_defaults(handler=_cmd_render_job)
+
     p = sub.add_parser("validate", help="check specs; one line per problem")
     p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -144,6 +150,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             continue
         print(spec_to_yaml(spec) if args.print_spec else f"{path}: ok ({spec.name})")
     return EXIT_USER_ERROR if n_bad else 0
+
+
+def _cmd_render_job(args: argparse.Namespace) -> int:
+    from fotlab.orchestrate.kuberay import render_job_command
+
+    return render_job_command(args)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

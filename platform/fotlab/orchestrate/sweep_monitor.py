@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from fotlab import tracking
+from fotlab.orchestrate.live_metrics import SweepLiveMetrics
 from fotlab.orchestrate.sweep_space import TIME_ATTR
 from fotlab.names import TAG_STOPPED_EARLY
 from fotlab.orchestrate.sweep_trial import STEPS_TOTAL, child_run_id
@@ -47,16 +48,21 @@ class SweepMonitor(Callback):
         self.progress = progress
         self.trials: list = []  # Tune's Trial objects, as of the last step
         self._live = None
+        self._live_metrics = None  # Prometheus gauges (fotlab.orchestrate.live_metrics)
         self._last_draw = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_live=None, trials=[])
+        state.update(_live=None, _live_metrics=None, trials=[])
         return state
 
     # -- Tune callback hooks -------------------------------------------------------------------------------------
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         self.trials = list(trials)
+        if self._live_metrics is None:  # made here, in Tune's loop: not pickled with the callback
+            sweep = self.sweep
+            self._live_metrics = SweepLiveMetrics(sweep.name, self.parent_run_id, sweep.metric, sweep.mode)
+        self._live_metrics.on_trials(self.trials)
         if time.monotonic() - self._last_draw >= REFRESH_S:
             self.draw()
 

@@ -86,7 +86,8 @@ def run_config(spec, run_name: str, storage_path: str, callbacks: Sequence = (),
     see `fotlab.train.checkpoint`)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig
 
-    filesystem = storage_filesystem(spec.storage.filesystem)
+    # the cluster's default (compose / KubeRay set FOTLAB_STORAGE_FILESYSTEM beside FOTLAB_STORAGE_PATH)
+    filesystem = storage_filesystem(spec.storage.filesystem or os.environ.get("FOTLAB_STORAGE_FILESYSTEM"))
     if filesystem is not None and "://" in storage_path:
         storage_path = storage_path.split("://", 1)[1]  # Ray wants `bucket/path` beside a custom filesystem
     return RunConfig(

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fotlab import names
+from fotlab.orchestrate.live_metrics import LiveMetrics
 from fotlab.orchestrate.trainer import WorkerConfig
 from fotlab.tracking import TrackedRun, numeric_metrics
 
@@ -41,8 +43,10 @@ class WorkerHooks:
         self._last_report_step = 0
         self._n_stop_polls = 0
         self.run = run
+        self.live = LiveMetrics.for_worker(config, rank)  # Prometheus, through ray.util.metrics
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.live.on_log(step, metrics)
         if self.rank == 0:
             self.run.log_metrics(metrics, step)
             if self.channel is not None:
@@ -58,6 +62,8 @@ class WorkerHooks:
 
         self._last_report_step = step
         ray.train.report(_report_metrics(step, metrics))  # the checkpoint stays fotlab's (see the module doc)
+        if names.CHECKPOINT_TIME_S in metrics:
+            self.live.on_checkpoint(step, metrics[names.CHECKPOINT_TIME_S])
 
     def should_stop(self) -> bool:
         self._n_stop_polls += 1

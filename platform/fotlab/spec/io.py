@@ -247,8 +247,9 @@ def resolve_artifact_root(spec: ExperimentSpec | None, tracking_uri: str) -> str
 
 
 def resolve_storage_path(spec: ExperimentSpec | None = None) -> str:
-    """Ray Train storage: spec.storage.path (local paths made absolute), else `<project-or-cwd>/.fotlab/runs`."""
-    path = spec.storage.path if spec is not None else None
+    """Ray Train storage: spec.storage.path (local paths made absolute), else $FOTLAB_STORAGE_PATH (what the
+    compose and KubeRay stacks set on every node), else `<project-or-cwd>/.fotlab/runs`."""
+    path = (spec.storage.path if spec is not None else None) or os.environ.get("FOTLAB_STORAGE_PATH")
     if path is None:
         return str(project_root() / ".fotlab" / "runs")
     return path if "://" in path else str(Path(path).expanduser().resolve())

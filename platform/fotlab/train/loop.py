@@ -239,6 +239,7 @@ def _evaluate(run: _Run, crossbatch) -> None:
 def _checkpoint(run: _Run) -> Path:
     runtime = run.runtime
     save = dcp_ckpt.save_dcp_checkpoint if runtime.sharded else save_checkpoint
+    started = time.perf_counter()
     path = save(
         runtime.checkpoint_dir, run.step,
         model=run.model if runtime.sharded else run.bare_model, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -248,7 +249,7 @@ def _checkpoint(run: _Run) -> Path:
         rank=runtime.rank, keep=run.spec.train.keep_checkpoints, barrier=runtime.barrier,
     )
     run.last_checkpoint_step = run.step
-    run.hooks.on_checkpoint(run.step, path, dict(run.metrics))
+    run.hooks.on_checkpoint(run.step, path, {**run.metrics, M.CHECKPOINT_TIME_S: time.perf_counter() - started})
     return path
 
 
