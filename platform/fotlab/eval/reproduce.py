@@ -51,7 +51,7 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
             result = train(train_spec, Runtime(output_dir=out, device="cpu"), hooks)
             model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
             if spec.tracking.log_model:
-                run.log_model_dir(model_dir)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
+                run.log_model_dir(model_dir, step=final_step)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
                 if spec.tracking.register_model:
                     run.register_model(spec.tracking.register_model)
         else:

@@ -180,7 +180,7 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
     metrics = numeric_metrics(result.metrics)
     metrics.update(run_evaluations(spec, result, runtime.device, run))
     if spec.tracking.log_model:
-        run.log_model_dir(result.model_dir)
+        run.log_model_dir(result.model_dir, step=result.final_step)
     close_child_run(run, metrics, result.final_step)
     reporter.latest.update(metrics)
     reporter.report(result.final_step, model_dir=str(result.model_dir))

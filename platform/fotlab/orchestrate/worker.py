@@ -140,7 +140,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and not result.stopped_early:
         metrics.update(run_evaluations(spec, result, device, hooks.run))
         if config.get("log_model", True):
-            hooks.run.log_model_dir(result.model_dir)
+            hooks.run.log_model_dir(result.model_dir, step=result.final_step)
             if spec.tracking.register_model:
                 hooks.run.register_model(spec.tracking.register_model)
     return {
