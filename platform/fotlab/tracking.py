@@ -238,6 +238,17 @@ class TrackedRun:
             version = client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
         return str(version.version)
 
+    def log_datasets(self, records) -> None:
+        """Record what the run read as MLflow dataset inputs (`fotlab.data.lineage.DatasetRecord`s: name, source,
+        digest, document and token counts as the profile; the context -- training, validation, evaluation -- as
+        the input's `mlflow.data.context` tag). The same dataset is recorded once per run and context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(r.name, r.digest, "fotlab", r.source, profile=r.profile()),
+                               tags=[InputTag(DATASET_CONTEXT_TAG, r.context)]) for r in records]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 

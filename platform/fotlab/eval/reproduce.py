@@ -44,16 +44,14 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     if run_id is not None and tracking.TAG_ERROR in tracking.get_run(run.uri, run_id).data.tags:
         run.client.delete_tag(run_id, tracking.TAG_ERROR)  # the earlier failure is being repaired
     t0 = time.time()
+    trained = model_dir is None
     try:
-        if model_dir is None:
+        if trained:
             hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
                                                              console.print(f"step {step}: {_short(metrics)}")))
             result = train(train_spec, Runtime(output_dir=out, device="cpu"), hooks)
             model_dir, final_step, train_metrics = Path(result.model_dir), result.final_step, result.metrics
-            if spec.tracking.log_model:
-                run.log_model_dir(model_dir, step=final_step)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
-                if spec.tracking.register_model:
-                    run.register_model(spec.tracking.register_model)
+            run.log_datasets(result.datasets)
         else:
             model_dir, final_step, train_metrics = Path(model_dir), spec.train.steps, {}
         train_s = time.time() - t0
@@ -64,6 +62,10 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
         if train_metrics:
             timings["time/train_s"] = train_s
         run.log_metrics(timings, step=final_step)
+        if trained and spec.tracking.log_model:  # after the evaluations, so their metrics link to the model
+            run.log_model_dir(model_dir, step=final_step)  # evaluate it again later: `fotlab eval SPEC --model runs:/ID`
+            if spec.tracking.register_model:
+                run.register_model(spec.tracking.register_model)
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
         run.fail(exc if not isinstance(exc, Terminated) else "Terminated: SIGTERM",

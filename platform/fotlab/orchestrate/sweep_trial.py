@@ -178,6 +178,7 @@ def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_di
         runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_from)
         result = train(spec, runtime, TrainHooks(reporter.on_log, reporter.on_checkpoint))
     metrics = numeric_metrics(result.metrics)
+    run.log_datasets(result.datasets)
     metrics.update(run_evaluations(spec, result, runtime.device, run))
     if spec.tracking.log_model:
         run.log_model_dir(result.model_dir, step=result.final_step)

@@ -138,6 +138,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         result = train(spec, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
     metrics = dict(result.metrics)
     if rank == 0 and not result.stopped_early:
+        hooks.run.log_datasets(result.datasets)
         metrics.update(run_evaluations(spec, result, device, hooks.run))
         if config.get("log_model", True):
             hooks.run.log_model_dir(result.model_dir, step=result.final_step)

@@ -126,6 +126,7 @@ class TrainResult:
         model_dir: HF-format model + tokenizer (`FoTForCausalLM.from_pretrained`, `AutoTokenizer`).
         checkpoint_dir: the folder holding `step-*` checkpoints.
         stopped_early: True when `hooks.should_stop()` ended the run before `spec.train.steps`.
+        datasets: what the run read (`fotlab.data.lineage.DatasetRecord`: training and validation documents).
     """
 
     final_step: int
@@ -133,6 +134,7 @@ class TrainResult:
     model_dir: Path
     checkpoint_dir: Path
     stopped_early: bool = False
+    datasets: list = dataclasses.field(default_factory=list)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
