@@ -16,6 +16,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -267,6 +268,17 @@ class TrackedRun:
         message = error if isinstance(error, str) else one_line(error)
         self.client.set_tag(self.run_id, TAG_ERROR, message[:MAX_PARAM_VALUE_LEN])
         self.finish(status)
+
+
+def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """One `fotlab.<field>` tag per swept spec field (the compare view groups and filters runs by tags)."""
+    return {f"fotlab.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in params.items()}
+
+
+def describe_params(params: Mapping[str, Any]) -> str:
+    """`optimizer.lr=0.003 memory.layers=[1]`: swept values for a run name (the last two parts of each field)."""
+    return " ".join(f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v)}"
+                    for k, v in params.items())
 
 
 def one_line(error: BaseException) -> str:
