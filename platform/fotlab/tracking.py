@@ -270,6 +270,17 @@ class TrackedRun:
         self.finish(status)
 
 
+UI_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow UI's "Model training" view (not GenAI)
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run) in the model-training view. MLflow 3.17's UI
+    keeps a browser-wide GenAI / Model training switch that starts on GenAI; this query parameter selects
+    training for the page and the links on it, whatever the switch says."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/{page}?{UI_TRAINING_VIEW}"
+
+
 def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:
     """One `fotlab.<field>` tag per swept spec field (the compare view groups and filters runs by tags)."""
     return {f"fotlab.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in params.items()}
