@@ -58,11 +58,15 @@ def _eval_spec(corpus) -> dict:
 @pytest.mark.slow
 def test_run_evaluations_all_sections(model, tok, corpus, tmp_path):
     spec = EvalSpec.model_validate(_eval_spec(corpus))
-    seen = []
+    seen, documents = [], []
     val_docs = [{"input_ids": list(range(100, 180))}, {"input_ids": list(range(50, 120))}]
     results = run_evaluations(spec, model, tok, output_dir=tmp_path / "out", seed=0, validation_docs=val_docs,
-                              on_result=lambda r: seen.append(r.name))
+                              on_result=lambda r: seen.append(r.name), on_documents=documents.append)
     assert list(results) == spec.selected() == seen
+    # lineage: each distinct document set once (ppl and distraction read the same 4 local documents)
+    assert [(d.name, d.n_docs, d.context) for d in documents] == [("eval-local", 4, "evaluation"),
+                                                                   ("eval-validation", 2, "evaluation")]
+    assert documents[1].n_tokens == 80 + 70 and documents[0].digest != documents[1].digest
     assert "eval/valppl_single_doc/mem_32" in results["perplexity:valppl:single_doc"].metrics
     for name, r in results.items():
         assert r.metrics and r.figure_path.is_file()

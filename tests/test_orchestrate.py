@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,17 @@ def assert_tracked_run(uri: str, outcome, n_steps: int) -> None:
     assert [m.step for m in client.get_metric_history(outcome.run_id, tracking.TRAIN_LOSS)] == list(
         range(1, n_steps + 1))
     assert tracking.VAL_LOSS in run.data.metrics
-    top = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"spec.yaml", "model"} <= top
-    model_files = {Path(a.path).name for a in client.list_artifacts(outcome.run_id, "model")}
-    assert "config.json" in model_files and any(f.endswith(".safetensors") for f in model_files)
+    assert "spec.yaml" in {a.path for a in client.list_artifacts(outcome.run_id)}
+    (output,) = run.outputs.model_outputs  # the model: an MLflow Model logged by the run at its last step
+    assert output.step == n_steps and client.get_logged_model(output.model_id).source_run_id == outcome.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        logged = tracking.download_model(f"runs:/{outcome.run_id}", uri, tmp)
+        assert "config.json" in {p.name for p in logged.iterdir()}
+        assert FoTForCausalLM.from_pretrained(str(logged)).config.num_hidden_layers == 2
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # what it read: mlflow.data.context
+    assert set(inputs) == {"training", "validation"}
+    assert json.loads(inputs["training"].profile)["num_documents"] == 8  # 10 tiny documents, 2 held out
+    assert json.loads(inputs["validation"].profile)["num_documents"] == 2
     model = FoTForCausalLM.from_pretrained(outcome.model_dir)
     assert model.config.num_hidden_layers == 2
     assert outcome.metrics[tracking.VAL_LOSS] == pytest.approx(run.data.metrics[tracking.VAL_LOSS])

@@ -72,6 +72,8 @@ def test_sweep_with_early_stopping_is_one_parent_with_a_child_per_trial(ray_sess
 
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
+    kind = client.get_experiment(parent.info.experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert kind == tracking.EXPERIMENT_KIND  # MLflow's model-training view
     assert parent.data.tags[tracking.TAG_SWEEP] == "tiny-sweep" and parent.data.tags[TAG_SWEEP_ROLE] == "parent"
     assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["n_stopped_early"] >= 1
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
@@ -86,6 +88,11 @@ def test_sweep_with_early_stopping_is_one_parent_with_a_child_per_trial(ray_sess
         assert child.data.tags[tracking.TAG_SWEEP] == "tiny-sweep" and child.data.tags[TAG_SWEEP_ROLE] == "trial"
         assert child.info.experiment_id == parent.info.experiment_id
         assert "sweep/train.optimizer.lr" in child.data.params and "train.steps" in child.data.params
+        # compare view: what varies is in the run name and in one fotlab.<field> tag per swept field
+        lr, layers = child.data.tags["fotlab.train.optimizer.lr"], child.data.tags["fotlab.memory.layers"]
+        assert float(lr) == float(child.data.params["sweep/train.optimizer.lr"]) and layers in ("[0]", "[1]", "[0, 1]")
+        trial_name, _, varies = child.info.run_name.partition(": ")
+        assert trial_name and set(varies.split(" ")) == {f"optimizer.lr={lr}", f"memory.layers={layers}"}
         assert tracking.VAL_LOSS in child.data.metrics and tracking.TRAIN_LOSS in child.data.metrics
     stopped = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "true"]
     completed = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "false"]

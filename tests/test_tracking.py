@@ -60,10 +60,11 @@ def test_spec_run_params_tags_metrics_artifacts(store, spec, tmp_path):
     history = client.get_metric_history(run.run_id, tracking.TRAIN_LOSS)
     assert [(m.step, m.value) for m in history] == [(1, 2.5), (2, 2.0)]
     assert "note" not in got.data.metrics and "bad" not in got.data.metrics
-    files = {f.path for f in client.list_artifacts(run.run_id)}
-    assert {tracking.SPEC_ARTIFACT, tracking.MODEL_ARTIFACT_DIR} <= files
-    model_files = {f.path for f in client.list_artifacts(run.run_id, tracking.MODEL_ARTIFACT_DIR)}
-    assert model_files == {"model/config.json", "model/model.safetensors"}
+    assert {f.path for f in client.list_artifacts(run.run_id)} == {tracking.SPEC_ARTIFACT}
+    (output,) = got.outputs.model_outputs  # the model is an MLflow Model of the run, not a folder of run artifacts
+    local = tracking.download_model(f"runs:/{run.run_id}", store, tmp_path / "back")
+    assert {p.name for p in local.iterdir()} == {"config.json", "model.safetensors"}
+    assert local.parent.parent.joinpath("MLmodel").is_file() and output.model_id == run.model_id
     spec_text = Path(client.download_artifacts(run.run_id, tracking.SPEC_ARTIFACT, str(tmp_path))).read_text()
     assert parse_spec(yaml.safe_load(spec_text)) == spec
 
@@ -213,7 +214,7 @@ def test_init_from_reference_is_downloaded_once_and_replaced_by_the_local_copy(s
     run = _model_run(store, spec, tmp_path / "src", "stage1")
     stage2 = spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": f"runs:/{run.run_id}"})})
     local = tracking.with_local_init_from(stage2, store, tmp_path / "init")
-    assert Path(local.model.init_from).parent == tmp_path / "init"
+    assert Path(local.model.init_from).is_relative_to(tmp_path / "init")
     assert json.loads((Path(local.model.init_from) / "config.json").read_text())["marker"] == "stage1"
     assert stage2.model.init_from == f"runs:/{run.run_id}"  # the spec as written is left alone
     assert tracking.with_local_init_from(spec, store, tmp_path / "none") is spec  # nothing to download

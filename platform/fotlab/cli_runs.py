@@ -144,12 +144,26 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
     return cmd
 
 
+def _newest_run(uri: str):
+    """The most recent run in the store, or None (an empty or unreachable store: the UI still starts)."""
+    try:
+        runs = tracking.search_runs(uri, max_results=1)
+    except Exception:  # noqa: BLE001 - only a convenience link
+        return None
+    return runs[0] if runs else None
+
+
 def serve_ui(args: argparse.Namespace) -> int:
     """Run the MLflow UI in the foreground (replaces this process)."""
     uri = _uri(args)
     if uri.startswith(("file:", "/", ".")) or "://" not in uri:
         raise FotlabError(f"tracking URI {uri!r} is a file store (deprecated); use sqlite:///path/mlflow.db")
     cmd = ui_command(uri, args.host, args.port)
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    newest = _newest_run(uri)
+    if newest is not None:  # MLflow's UI starts in its GenAI view; this link opens the training view
+        print(f"newest run: {tracking.ui_link(base, newest.info.experiment_id, newest.info.run_id)}",
+              file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)
     return 0  # not reached

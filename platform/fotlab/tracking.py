@@ -18,8 +18,10 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +35,12 @@ from fotlab.names import (CROSSBATCH_RANGE, GRAD_NORM, LR, STEP_TIME_S, SUMMARY_
                           TAG_ERROR, TAG_GIT_COMMIT, TAG_KIND, TAG_NOTE, TAG_PARENT_RUN, TAG_REGISTERED_VERSION,
                           TAG_SPEC_NAME, TAG_SWEEP, TAG_VERSION, TOKENS_PER_S, TOKENS_SEEN, TRAIN_LOSS, VAL_LOSS,
                           VAL_LOSS_NO_XBATCH, VAL_PPL, TRAIN_TIME_S, EVAL_TIME_S)
+# MLflow 3 picks the UI mode of an experiment from this tag. fotlab trains models, from scratch or from a LLaMA:
+# "custom_model_development" is the kind the UI itself sets when a user picks "Machine learning" (the model
+# training view: runs, charts, models); "finetuning" would mislabel the from-scratch runs.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # "training" | "validation" | "evaluation" on a run's dataset input
 
 SPEC_ARTIFACT = "spec.yaml"
 MODEL_ARTIFACT_DIR = "model"
@@ -89,10 +97,13 @@ def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> s
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(TAG_EXPERIMENT_KIND) is None:  # made by an older fotlab, or by hand: training view
+            client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return found.experiment_id
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location,
+                                               tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by another process
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:
@@ -107,6 +118,7 @@ class TrackedRun:
     uri: str
     run_id: str
     experiment_id: str
+    model_id: str | None = None  # the MLflow Model logged by `log_model_dir`
     _monitor: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -171,17 +183,59 @@ class TrackedRun:
             self.client.log_batch(self.run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
         return kept
 
-    def log_model_dir(self, model_dir: str | Path, artifact_path: str = MODEL_ARTIFACT_DIR) -> None:
-        """Upload a saved model directory (HF format: config.json, *.safetensors, tokenizer files)."""
+    def log_model_dir(self, model_dir: str | Path, step: int = 0, name: str = MODEL_ARTIFACT_DIR) -> str:
+        """Log a saved model directory (HF format: config.json, *.safetensors, tokenizer files) as an MLflow Model
+        (MLflow 3's logged-model entity: a pyfunc whose files are that directory, see `fotlab.serving`), an output
+        of this run at `step`; the run's metrics at `step` (the final metrics and evaluations) are linked to it.
+        Returns the model id (`models:/<id>`), also kept as `self.model_id` for `register_model`."""
+        import tempfile
+
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        from fotlab.serving import save_mlflow_model
+
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        mlflow_client = self.client
+        run = mlflow_client.get_run(self.run_id)
+        logged = mlflow_client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
+                                                   params=dict(run.data.params), model_type="fot-causal-lm")
+        try:
+            with tempfile.TemporaryDirectory(prefix="fotlab-mlmodel-") as tmp:
+                local = Path(tmp) / "mlmodel"
+                meta = Model(artifact_path=logged.artifact_location, run_id=self.run_id, model_id=logged.model_id)
+                save_mlflow_model(path, local, mlflow_model=meta)
+                mlflow_client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)  # never left PENDING
+            raise
+        mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        mlflow_client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=int(step))])
+        self.model_id = logged.model_id
+        self.link_metrics(int(step))
+        return logged.model_id
+
+    def link_metrics(self, step: int) -> None:
+        """The run's metrics logged at `step` and not linked yet, logged again with the run's model id, so the
+        model's page lists them (the pipeline calls it again after the evaluations). No model, nothing to do."""
+        from mlflow.entities import Metric
+
+        if self.model_id is None:
+            return
+        mlflow_client = self.client
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=self.model_id, run_id=self.run_id)
+                  for key in mlflow_client.get_run(self.run_id).data.metrics
+                  for m in mlflow_client.get_metric_history(self.run_id, key)
+                  if m.step == step and m.model_id is None]
+        for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
+            mlflow_client.log_batch(self.run_id, metrics=linked[start:start + MAX_METRICS_PER_BATCH])
 
     def register_model(self, name: str, artifact_path: str = MODEL_ARTIFACT_DIR) -> str:
-        """Register the run's logged model folder as a new version of the registered model `name` (created if
-        new) in this store's model registry; returns the version. Later specs can start from it with
-        `model.init_from: models:/NAME/latest`."""
+        """Register the run's logged model as a new version of the registered model `name` (created if new) in
+        this store's model registry; returns the version. Later specs can start from it with
+        `model.init_from: models:/NAME/latest`; `mlflow models serve -m models:/NAME/latest` serves it."""
         from mlflow.exceptions import MlflowException
 
         mlflow_client = self.client
@@ -189,9 +243,28 @@ class TrackedRun:
             mlflow_client.get_registered_model(name)
         except MlflowException:
             mlflow_client.create_registered_model(name)
-        version = mlflow_client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id)
+        model_id = self.model_id or logged_model_id(self.uri, self.run_id)
+        if model_id is not None:
+            # The source is the model's artifact location, not `models:/<id>`: MLflow's sqlite registry resolves a
+            # `models:/` source through the process-wide tracking URI, which may name another store.
+            source = mlflow_client.get_logged_model(model_id).artifact_location
+            version = mlflow_client.create_model_version(name, source, run_id=self.run_id, model_id=model_id)
+        else:  # a run from before MLflow Models: its raw model folder
+            version = mlflow_client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
+                                                         run_id=self.run_id)
         self.set_tags({TAG_REGISTERED_VERSION: f"{name}/{version.version}"})
         return str(version.version)
+
+    def log_datasets(self, records) -> None:
+        """Record what the run read as MLflow dataset inputs (`fotlab.data.lineage.DatasetRecord`s: name, source,
+        digest, document and token counts as the profile; the context -- training, validation, evaluation -- as
+        the input's `mlflow.data.context` tag). The same dataset is recorded once per run and context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(r.name, r.digest, "fotlab", r.source, profile=r.profile()),
+                               tags=[InputTag(DATASET_CONTEXT_TAG, r.context)]) for r in records]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -217,6 +290,28 @@ def numeric_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Keep finite numbers only (what MLflow and ray.train.report accept)."""
     return {k: float(v) for k, v in (metrics or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+UI_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow UI's "Model training" view (not GenAI)
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run) in the model-training view. MLflow 3.17's UI
+    keeps a browser-wide GenAI / Model training switch that starts on GenAI; this query parameter selects
+    training for the page and the links on it, whatever the switch says."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base_url.rstrip('/')}/{page}?{UI_TRAINING_VIEW}"
+
+
+def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """One `fotlab.<field>` tag per swept spec field (the compare view groups and filters runs by tags)."""
+    return {f"fotlab.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in params.items()}
+
+
+def describe_params(params: Mapping[str, Any]) -> str:
+    """`optimizer.lr=0.003 memory.layers=[1]`: swept values for a run name (the last two parts of each field)."""
+    return " ".join(f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v)}"
+                    for k, v in params.items())
 
 
 def one_line(error: BaseException) -> str:
@@ -359,8 +454,11 @@ def is_model_uri(ref: str | None) -> bool:
 
 def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
     """The local model directory for `ref`: a directory as is, or an MLflow model reference downloaded into
-    dst_dir (`runs:/RUN_ID` means the run's logged model folder). Raises TrackingError (one line) if the run,
-    the registered model or the download is missing, or the result is not a saved model (no config.json)."""
+    dst_dir (`runs:/RUN_ID` means the run's logged model). Raises TrackingError (one line) if the run, the
+    registered model or the download is missing, or the result is not a saved model (no config.json).
+
+    Both layouts load: an MLflow Model (`MLmodel` + the model directory as its pyfunc data, fotlab >= 0.2) and a
+    run's raw `model/` artifact folder (older runs)."""
     if is_model_uri(ref):
         import mlflow.artifacts
 
@@ -371,32 +469,62 @@ def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
                                                             tracking_uri=uri))
         except Exception as exc:  # MlflowException and OSError: one line for the user
             raise TrackingError(f"{ref}: cannot download it from {uri}: {exc}".splitlines()[0]) from None
+        path = model_files_dir(path)
     else:
-        path = Path(ref).expanduser()
+        path = model_files_dir(Path(ref).expanduser())
     if not (path / "config.json").is_file():
         raise TrackingError(f"{ref}: {path} is not a saved model directory (no config.json)")
     return path
 
 
+def model_files_dir(path: Path) -> Path:
+    """The HF-format directory inside an MLflow Model folder (its pyfunc `data`), else `path` itself."""
+    import yaml
+
+    mlmodel = path / "MLmodel"
+    if (path / "config.json").is_file() or not mlmodel.is_file():
+        return path
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    return path / flavor["data"] if flavor.get("data") else path
+
+
+def logged_model_id(uri: str, run_id: str) -> str | None:
+    """The id of the MLflow Model a run logged last (its newest model output), or None (runs before 0.2)."""
+    outputs = client(uri).get_run(run_id).outputs
+    models = list(outputs.model_outputs) if outputs is not None and outputs.model_outputs else []
+    return models[-1].model_id if models else None
+
+
+LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
+
+
 def _model_artifact_uri(ref: str, uri: str) -> str:
-    """`runs:/RUN_ID/PATH` for a model reference, resolved in this store (its registry included, never MLflow's
-    process-wide registry URI): `runs:/RUN_ID` -> the run's model folder; `models:/NAME/VERSION`, `models:/NAME/
-    latest` (highest version) and `models:/NAME@ALIAS` -> the registered version's source."""
+    """Where the files of a model reference live, resolved in this store (its registry included, never MLflow's
+    process-wide registry URI): `runs:/RUN_ID` -> the run's logged model (or, for older runs, its `model/`
+    folder); `models:/<model id>` -> that logged model; `models:/NAME/VERSION`, `models:/NAME/latest` (highest
+    version) and `models:/NAME@ALIAS` -> the registered version's source."""
+    mlflow_client = client(uri)
     if ref.startswith("runs:/"):
         run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+        model_id = logged_model_id(uri, run_id) if sub in ("", MODEL_ARTIFACT_DIR) else None
+        if model_id is not None:
+            return mlflow_client.get_logged_model(model_id).artifact_location
         return f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-    mlflow_client = client(uri)
     name, _, version = ref[len("models:/"):].strip("/").partition("/")
+    if not version and LOGGED_MODEL_ID.match(name):
+        return mlflow_client.get_logged_model(name).artifact_location
     if "@" in name:
         name, alias = name.split("@", 1)
-        return mlflow_client.get_model_version_by_alias(name, alias).source
-    if version in ("", "latest"):
+        source = mlflow_client.get_model_version_by_alias(name, alias).source
+    elif version in ("", "latest"):
         mlflow_client.get_registered_model(name)  # "not found" names the model
         versions = mlflow_client.search_model_versions(f"name = '{name}'")
         if not versions:
             raise TrackingError(f"registered model {name!r} has no versions")
-        return max(versions, key=lambda v: int(v.version)).source
-    return mlflow_client.get_model_version(name, version).source
+        source = max(versions, key=lambda v: int(v.version)).source
+    else:
+        source = mlflow_client.get_model_version(name, version).source
+    return _model_artifact_uri(source, uri) if source.startswith(MODEL_URI_SCHEMES) else source
 
 
 def with_local_init_from(spec, uri: str, dst_dir: str | Path):

@@ -9,11 +9,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fotlab.eval.results import EvalResult
 from fotlab.spec.eval import EvalSpec, perplexity_key
+
+if TYPE_CHECKING:
+    from fotlab.data.lineage import DatasetRecord
 
 EVAL_ARTIFACT_DIR = "eval"  # MLflow artifact folder of eval plots and JSON results
 
@@ -69,14 +74,17 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
 
 def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | Path, seed: int = 0,
                     context_length: int | None = None, validation_docs=None, data_spec=None,
-                    on_result: Callable[[EvalResult], None] | None = None, console=None) -> dict[str, EvalResult]:
+                    on_result: Callable[[EvalResult], None] | None = None, console=None,
+                    on_documents: Callable[[DatasetRecord], None] | None = None) -> dict[str, EvalResult]:
     """Run every selected evaluation in order; returns {name: EvalResult} (names as `eval_spec.selected()`).
 
     output_dir: plots and `<name>.json` results go here. context_length: the training local context T (the
     default chunk length). validation_docs / data_spec: documents for sources of kind "validation" (built from
     data_spec with `fotlab.data.build_datasets` when not given). on_result: called after each evaluation
-    (e.g. to log it). console: a `rich.console.Console` for the tables (None = no printing).
+    (e.g. to log it). console: a `rich.console.Console` for the tables (None = no printing). on_documents: called
+    once per distinct document set an evaluation reads, with its `DatasetRecord` (lineage).
     """
+    from fotlab.data.lineage import describe_documents
     from fotlab.eval.documents import load_documents
 
     out = Path(output_dir)
@@ -87,8 +95,16 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
         validation_docs = _validation_docs(data_spec, tokenizer, seed)
     cache_dir = data_spec.cache_dir if data_spec is not None else None
 
+    described: set[str] = set()
+
     def docs_of(source):
-        return load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
+        docs = load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
+        record = describe_documents(docs, name=f"eval-{source.kind}", context="evaluation",
+                                    source=json.dumps(source.model_dump(mode="json", exclude_defaults=True)))
+        if on_documents is not None and record.digest not in described:
+            described.add(record.digest)
+            on_documents(record)
+        return docs
 
     results = {}
     for name, job in _jobs(eval_spec, model, tokenizer, out, seed, context_length, docs_of):
@@ -104,7 +120,6 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
 
 def log_eval_result(result: EvalResult, run, step: int = 0) -> dict[str, float]:
     """Log one result to a `fotlab.tracking.TrackedRun`: metrics at `step`, its plot and JSON under `eval/`."""
-    import json
     import tempfile
 
     logged = run.log_metrics(result.metrics, step=step)
@@ -122,6 +137,7 @@ def run_spec_evaluations(spec, model, tokenizer, output_dir: str | Path, *, run=
     """`run_evaluations` with the settings of an `ExperimentSpec` (eval section, seed, train.context_length, data);
     each result is logged to `run` (a `fotlab.tracking.TrackedRun`) when given."""
     on_result = None if run is None else (lambda r: log_eval_result(r, run, step))
+    on_documents = None if run is None else (lambda record: run.log_datasets([record]))
     return run_evaluations(spec.eval, model, tokenizer, output_dir=output_dir, seed=spec.seed,
                            context_length=spec.train.context_length, validation_docs=validation_docs,
-                           data_spec=spec.data, on_result=on_result, console=console)
+                           data_spec=spec.data, on_result=on_result, console=console, on_documents=on_documents)

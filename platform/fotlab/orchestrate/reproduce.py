@@ -41,7 +41,8 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     # logged with the reference as written
     train_spec = spec if model_dir is not None else \
         tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
-    run = tracking.start_spec_run(spec, tags={tracking.TAG_KIND: "reproduce"}, run_id=run_id)
+    run = tracking.start_spec_run(spec, tags={tracking.TAG_KIND: "reproduce", "fotlab.seed": str(spec.seed)},
+                                  run_id=run_id, run_name=spec.tracking.run_name or f"{spec.name}-seed{spec.seed}")
     if run_id is not None:
         run.delete_tag(tracking.TAG_ERROR)  # the earlier failure is being repaired
     t0 = time.time()

@@ -69,12 +69,15 @@ def open_child_run(context: TrialContext, spec, params: dict[str, Any], trial_id
                    trial_name: str) -> tuple[tracking.TrackedRun, int]:
     """(the trial's child run, the last step it already logged): created once, reopened on a restore.
 
-    A new run gets the full spec as params plus the swept fields again as `sweep/<field>` (easy to pick out).
+    A new run gets the full spec as params plus the swept fields again as `sweep/<field>` params and as
+    `fotlab.<field>` tags, and a name that says what varies (`<trial>: lr=0.003 memory.layers=[1]`), so MLflow's
+    compare view and run table pick the trials apart.
     """
     existing = child_run_id(context.tracking_uri, context.parent_run_id, trial_id)
     tags = {TAG_KIND: "trial", tracking.TAG_SWEEP: context.sweep.name, TAG_SWEEP_ROLE: "trial",
-            TAG_TRIAL_ID: trial_id}
-    run = tracking.start_spec_run(spec, uri=context.tracking_uri, run_name=trial_name, run_id=existing, tags=tags,
+            TAG_TRIAL_ID: trial_id, **tracking.swept_param_tags(params)}
+    run_name = f"{trial_name}: {tracking.describe_params(params)}" if params else trial_name
+    run = tracking.start_spec_run(spec, uri=context.tracking_uri, run_name=run_name, run_id=existing, tags=tags,
                                   parent_run_id=context.parent_run_id)
     if existing is None:
         run.log_params({f"{SWEEP_PARAM_PREFIX}{key}": value for key, value in params.items()})

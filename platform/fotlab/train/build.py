@@ -28,6 +28,7 @@ class DataBundle:
     tokenizer: Any
     train_packer: Any
     val_docs: Any | None
+    datasets: list = dataclasses.field(default_factory=list)  # `fotlab.data.lineage.DatasetRecord`s read
 
 
 def _packer(docs, spec, runtime: Runtime, tokenizer, seed: int):
@@ -53,11 +54,24 @@ def build_data(spec, runtime: Runtime) -> DataBundle:
 
     tokenizer = build_tokenizer(spec.data.tokenizer, data_spec=spec.data)  # BPE: trained on (or cached for) the data
     train_docs, val_docs = build_datasets(spec.data, tokenizer, spec.seed)
+    records = data_lineage(spec, train_docs, val_docs)
     if val_docs is not None and len(val_docs) < runtime.world_size:
         logger.warning("only %d validation documents for %d ranks: validation is off", len(val_docs),
                        runtime.world_size)
         val_docs = None
-    return DataBundle(tokenizer, _packer(train_docs, spec, runtime, tokenizer, spec.seed), val_docs)
+    return DataBundle(tokenizer, _packer(train_docs, spec, runtime, tokenizer, spec.seed), val_docs, records)
+
+
+def data_lineage(spec, train_docs, val_docs) -> list:
+    """The training and validation documents as dataset records (digest, documents, tokens) for tracking."""
+    from fotlab.data.lineage import describe_dataset, sources_json
+
+    source = sources_json(spec.data.sources)
+    records = [describe_dataset(train_docs, name=f"{spec.name}-train", source=source, context="training")]
+    if val_docs is not None:
+        records.append(describe_dataset(val_docs, name=f"{spec.name}-validation", source=source,
+                                        context="validation"))
+    return records
 
 
 def val_batches(bundle: DataBundle, spec, runtime: Runtime) -> list[dict[str, torch.Tensor]]:

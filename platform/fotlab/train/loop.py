@@ -96,6 +96,7 @@ def train(spec, runtime: Runtime, hooks: TrainHooks | None = None) -> TrainResul
         model_dir=runtime.model_dir,
         checkpoint_dir=runtime.checkpoint_dir,
         stopped_early=stopped_early,
+        datasets=list(run.data.datasets),
     )
 
 

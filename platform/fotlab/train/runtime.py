@@ -130,6 +130,7 @@ class TrainResult:
         model_dir: HF-format model + tokenizer (`FoTForCausalLM.from_pretrained`, `AutoTokenizer`).
         checkpoint_dir: the folder holding `step-*` checkpoints.
         stopped_early: True when `hooks.should_stop()` ended the run before `spec.train.steps`.
+        datasets: what the run read (`fotlab.data.lineage.DatasetRecord`: training and validation documents).
     """
 
     final_step: int
@@ -137,6 +138,7 @@ class TrainResult:
     model_dir: Path
     checkpoint_dir: Path
     stopped_early: bool = False
+    datasets: list = dataclasses.field(default_factory=list)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
