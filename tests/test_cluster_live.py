@@ -114,7 +114,8 @@ def test_submit_to_a_two_node_stack_tracks_to_postgres_and_exports_live_metrics(
         run = client.get_run(result["run_id"])
         assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] > 0
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6  # steps 2, 4, ..., 12
-        assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        (output,) = run.outputs.model_outputs  # the MLflow Model, its files behind the server's artifact proxy
+        assert client.get_logged_model(output.model_id).status.to_proto() == 2  # READY
         assert Path(result["model_dir"]).is_relative_to(tmp_path / "runs")  # never the job's temporary folder
 
         record_sweep_gauges(head.dashboard_url, client_env)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fotlab import tracking
 from fotlab.spec import load_spec, model_overrides
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
@@ -55,8 +56,8 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     assert "eval/dict_lookup_acc/mem_64" in run.data.metrics
-    model_files = {a.path for a in MlflowClient(uri).list_artifacts(summary["run_id"], "model")}
-    assert "model/config.json" in model_files and "model/model.safetensors" in model_files
+    logged = tracking.download_model(f"runs:/{summary['run_id']}", uri, tmp_path / "logged")  # the MLflow Model
+    assert {"config.json", "model.safetensors"} <= {p.name for p in logged.iterdir()}
     assert summary["metrics"]["eval/dict_lookup_acc/mem_64"] == run.data.metrics["eval/dict_lookup_acc/mem_64"]
     assert (Path(summary["model_dir"]) / "config.json").is_file()
 
@@ -96,7 +97,7 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     run2 = MlflowClient(uri).get_run(finetuned["run_id"])
     assert run2.info.status == "FINISHED" and "eval/passkey_acc/len_320" in run2.data.metrics
     assert run2.data.params["model.init_from"] == "models:/paper_retrieval_fot/latest"  # logged as written
-    started_from = tmp_path / "run2" / "init_from" / "model" / "config.json"  # the registered version, downloaded
+    (started_from,) = (tmp_path / "run2" / "init_from").rglob("config.json")  # the registered version, downloaded
     assert started_from.read_text() == (Path(summary["model_dir"]) / "config.json").read_text()
 
 

@@ -30,6 +30,7 @@ ALLOWED = {
     "eval": {"errors", "presets", "names", "spec", "model", "data", "tracking"},
     "orchestrate": {"errors", "presets", "names", "spec", "model", "data", "tracking", "train", "eval", "jax"},
     "cli_runs": {"errors", "names", "spec", "tracking"},
+    "serving": {"errors", "names", "model", "data", "tracking"},  # MLflow's pyfunc loader of a fotlab model
 }
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fotlab import serving, tracking
+from fotlab import names, serving, tracking
 from fotlab.data import byte_tokenizer
 from fotlab.model import FoTForCausalLM, preset_config
 
@@ -104,7 +104,7 @@ def test_logged_model_generates_like_the_model_and_loads_without_pickles(store, 
         got = loaded.predict(pd.DataFrame({"prompt": [LONG_PROMPT, LONG_PROMPT[:-40]]}),
                              params={"max_new_tokens": N_NEW})
         expected = [reference_completion(model_dir, p, N_NEW) for p in (LONG_PROMPT, LONG_PROMPT[:-40])]
-        assert list(got[serving.COMPLETION_COLUMN]) == expected, ref
+        assert list(got[names.COMPLETION_COLUMN]) == expected, ref
     monkeypatch.undo()
 
     tracking.download_model(f"models:/{model_id}", store, tmp_path / "dl")
@@ -145,9 +145,9 @@ def test_a_model_asking_for_remote_code_is_refused(store, model_dir, tmp_path):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
     (remote / "config.json").write_text(json.dumps(config))
     run = tracking.start_run(store, tracking.setup_experiment(store, "remote"))
-    with pytest.raises(serving.RemoteCodeError, match=r"config\.json: asks for custom code \(auto_map\)"):
+    with pytest.raises(tracking.RemoteCodeError, match=r"config\.json: asks for custom code \(auto_map\)"):
         run.log_model_dir(remote)
-    with pytest.raises(serving.RemoteCodeError):
+    with pytest.raises(tracking.RemoteCodeError):
         serving._load_pyfunc(str(remote))  # what MLflow's loader calls
     run.finish()
 
@@ -214,7 +214,7 @@ def test_on_a_tracking_server_and_served_by_mlflow_models_serve(model_dir, tmp_p
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
-        assert answer["predictions"] == [{serving.COMPLETION_COLUMN: reference_completion(model_dir, LONG_PROMPT,
+        assert answer["predictions"] == [{names.COMPLETION_COLUMN: reference_completion(model_dir, LONG_PROMPT,
                                                                                           N_NEW)}]
     finally:
         for proc in (serve, server):

@@ -50,7 +50,7 @@ def test_second_stage_run_starts_from_the_model_the_first_registered(ray_session
               "model": {"init_from": "models:/tiny_stage1/latest"}}
     second = run_experiment(parse_spec(stage2), progress=False, report_every=2)
     assert second.status == "FINISHED" and second.final_step == 2
-    started_from = tmp_path / "runs" / second.run_name / "output" / "init_from" / "model" / "config.json"
+    (started_from,) = (tmp_path / "runs" / second.run_name / "output" / "init_from").rglob("config.json")
     assert started_from.read_text() == (first.model_dir / "config.json").read_text()
     params = client_for(mlflow_uri).get_run(second.run_id).data.params
     assert params["model.init_from"] == "models:/tiny_stage1/latest"  # logged as written

@@ -30,6 +30,13 @@ VAL_LOSS_NO_XBATCH = "val/loss_no_xbatch"  # crossbatch range 0: the gap to val/
 TRAIN_METRICS = (TRAIN_LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S, CROSSBATCH_RANGE, TOKENS_SEEN, VAL_LOSS,
                  VAL_PPL, VAL_LOSS_NO_XBATCH)
 SUMMARY_METRICS = (TRAIN_LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S)  # shown by `fotlab runs list`
+# ----- the MLflow Model (pyfunc) of a fotlab model: columns, params, loader -----------------------------------
+PROMPT_COLUMN = "prompt"  # pyfunc input: one prompt per row
+COMPLETION_COLUMN = "completion"  # pyfunc output: its greedy completion
+DEFAULT_MAX_NEW_TOKENS = 32
+PYFUNC_LOADER = "fotlab.serving"  # the module MLflow imports to load the model (`_load_pyfunc`)
+REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")  # config.json keys that ask for code outside fotlab
+
 TRAIN_TIME_S = "time/train_s"  # wall time of training (pipeline)
 EVAL_TIME_S = "time/eval_s"  # wall time of the spec's evaluations (pipeline)
 

@@ -5,10 +5,10 @@
          -d '{"dataframe_records": [{"prompt": "a long prompt ..."}], "params": {"max_new_tokens": 32}}'
 
 Design choices:
-- Nothing is pickled and no code is read from the artifact: the MLflow Model is saved with
-  `loader_module="fotlab.serving"` and `data_path=<model dir>`, so MLflow's pyfunc loader imports this module from
-  the installed fotlab and calls `_load_pyfunc(data_path)`, which loads safetensors through
-  `FoTForCausalLM.from_pretrained`. A model directory whose config asks for custom code is refused.
+- Nothing is pickled and no code is read from the artifact: the MLflow Model is saved (`fotlab.tracking.
+  save_mlflow_model`) with `loader_module="fotlab.serving"` and `data_path=<model dir>`, so MLflow's pyfunc loader
+  imports this module from the installed fotlab and calls `_load_pyfunc(data_path)`, which loads safetensors
+  through `FoTForCausalLM.from_pretrained`. A model directory whose config asks for custom code is refused.
 - `predict` is long-context generation with memory: each prompt goes through the model once (the prefix in
   windows into memory, the last `last_context_length` tokens local), then greedy decoding continues from that
   state, exactly what `FoTForCausalLM.generate` does. Params: `max_new_tokens`, `last_context_length`.
@@ -17,31 +17,11 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from fotlab.errors import FotlabError
-
-PROMPT_COLUMN = "prompt"
-COMPLETION_COLUMN = "completion"
-DEFAULT_MAX_NEW_TOKENS = 32
-MODEL_DATA_DIR = "model"  # the model directory's name inside the MLflow Model's folder
-REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")
-
-
-class RemoteCodeError(FotlabError):
-    """A model directory that asks for custom code (auto_map / trust_remote_code): fotlab never runs it."""
-
-
-def check_no_remote_code(model_dir: str | Path) -> None:
-    """Raise `RemoteCodeError` when the directory's config.json asks for code outside fotlab/transformers."""
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    asked = [key for key in REMOTE_CODE_KEYS if config.get(key)]
-    if asked:
-        raise RemoteCodeError(f"{config_file}: asks for custom code ({', '.join(asked)}); fotlab loads only its own "
-                              "model classes and never runs code shipped with a model")
+from fotlab import names
+from fotlab.tracking import check_no_remote_code
 
 
 class FoTGenerator:
@@ -74,23 +54,23 @@ class FoTGenerator:
         import pandas as pd
 
         params = params or {}
-        max_new_tokens = int(params.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        max_new_tokens = int(params.get("max_new_tokens") or names.DEFAULT_MAX_NEW_TOKENS)
         lcl = params.get("last_context_length")
         lcl = None if lcl is None or int(lcl) < 0 else int(lcl)
         prompts = _prompts(model_input)
-        return pd.DataFrame({COMPLETION_COLUMN: [self.generate(p, max_new_tokens, lcl) for p in prompts]})
+        return pd.DataFrame({names.COMPLETION_COLUMN: [self.generate(p, max_new_tokens, lcl) for p in prompts]})
 
 
 def _prompts(model_input: Any) -> list[str]:
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        column = PROMPT_COLUMN if PROMPT_COLUMN in model_input.columns else model_input.columns[0]
+        column = names.PROMPT_COLUMN if names.PROMPT_COLUMN in model_input.columns else model_input.columns[0]
         return [str(p) for p in model_input[column]]
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, dict):
-        value = model_input.get(PROMPT_COLUMN)
+        value = model_input.get(names.PROMPT_COLUMN)
         return [value] if isinstance(value, str) else [str(p) for p in value]
     return [str(p) for p in model_input]
 
@@ -98,36 +78,3 @@ def _prompts(model_input: Any) -> list[str]:
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> FoTGenerator:
     """MLflow's entry point for `loader_module="fotlab.serving"`: data_path is the saved model directory."""
     return FoTGenerator(data_path)
-
-
-def signature(last_context_length: int):
-    """Input: a `prompt` string column; output: a `completion` string column; params as in `predict`."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
-                          ParamSpec("last_context_length", "long", int(last_context_length))])
-    return ModelSignature(inputs=Schema([ColSpec("string", PROMPT_COLUMN)]),
-                          outputs=Schema([ColSpec("string", COMPLETION_COLUMN)]), params=params)
-
-
-def save_mlflow_model(model_dir: str | Path, dst: str | Path, *, mlflow_model=None) -> None:
-    """Write an MLflow Model (pyfunc, loader_module fotlab.serving) at dst holding a copy of model_dir."""
-    import mlflow.pyfunc
-    import pandas as pd
-
-    check_no_remote_code(model_dir)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    mlflow.pyfunc.save_model(
-        str(dst), loader_module=__name__, data_path=str(model_dir), mlflow_model=mlflow_model,
-        signature=signature(config.get("last_context_length", 0)),
-        input_example=pd.DataFrame({PROMPT_COLUMN: ["def fibonacci(n):"]}),
-        pip_requirements=_requirements(),
-    )
-
-
-def _requirements() -> list[str]:
-    """The serving environment: fotlab (which brings torch, transformers, safetensors); the version installed here."""
-    import fotlab
-
-    return [f"fotlab=={fotlab.__version__}"]

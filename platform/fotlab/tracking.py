@@ -34,7 +34,8 @@ from fotlab.errors import FotlabError
 from fotlab.names import (CROSSBATCH_RANGE, GRAD_NORM, LR, STEP_TIME_S, SUMMARY_METRICS,  # noqa: E402,F401
                           TAG_ERROR, TAG_GIT_COMMIT, TAG_KIND, TAG_NOTE, TAG_PARENT_RUN, TAG_REGISTERED_VERSION,
                           TAG_SPEC_NAME, TAG_SWEEP, TAG_VERSION, TOKENS_PER_S, TOKENS_SEEN, TRAIN_LOSS, VAL_LOSS,
-                          VAL_LOSS_NO_XBATCH, VAL_PPL, TRAIN_TIME_S, EVAL_TIME_S)
+                          VAL_LOSS_NO_XBATCH, VAL_PPL, TRAIN_TIME_S, EVAL_TIME_S, CHECKPOINT_TIME_S,
+                          COMPLETION_COLUMN, DEFAULT_MAX_NEW_TOKENS, PROMPT_COLUMN, PYFUNC_LOADER, REMOTE_CODE_KEYS)
 # MLflow 3 picks the UI mode of an experiment from this tag. fotlab trains models, from scratch or from a LLaMA:
 # "custom_model_development" is the kind the UI itself sets when a user picks "Machine learning" (the model
 # training view: runs, charts, models); "finetuning" would mislabel the from-scratch runs.
@@ -193,8 +194,6 @@ class TrackedRun:
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import Model
 
-        from fotlab.serving import save_mlflow_model
-
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
@@ -225,10 +224,11 @@ class TrackedRun:
         if self.model_id is None:
             return
         mlflow_client = self.client
+        done = {(m.key, m.step) for m in mlflow_client.get_logged_model(self.model_id).metrics or []}
         linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=self.model_id, run_id=self.run_id)
                   for key in mlflow_client.get_run(self.run_id).data.metrics
                   for m in mlflow_client.get_metric_history(self.run_id, key)
-                  if m.step == step and m.model_id is None]
+                  if m.step == step and (m.key, m.step) not in done]
         for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
             mlflow_client.log_batch(self.run_id, metrics=linked[start:start + MAX_METRICS_PER_BATCH])
 
@@ -301,6 +301,41 @@ def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str
     training for the page and the links on it, whatever the switch says."""
     page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
     return f"{base_url.rstrip('/')}/{page}?{UI_TRAINING_VIEW}"
+
+
+class RemoteCodeError(TrackingError):
+    """A model directory that asks for custom code (auto_map / trust_remote_code): fotlab never runs it."""
+
+
+def check_no_remote_code(model_dir: str | Path) -> None:
+    """Raise `RemoteCodeError` when the directory's config.json asks for code outside fotlab/transformers."""
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    asked = [key for key in REMOTE_CODE_KEYS if config.get(key)]
+    if asked:
+        raise RemoteCodeError(f"{config_file}: asks for custom code ({', '.join(asked)}); fotlab loads only its own "
+                              "model classes and never runs code shipped with a model")
+
+
+def save_mlflow_model(model_dir: str | Path, dst: str | Path, *, mlflow_model=None) -> None:
+    """Write an MLflow Model at dst: a pyfunc loaded by `fotlab.serving` (no pickle) holding a copy of model_dir,
+    with its signature (prompt -> completion; params max_new_tokens, last_context_length) and an input example."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    check_no_remote_code(model_dir)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
+                          ParamSpec("last_context_length", "long", int(config.get("last_context_length", 0)))])
+    signature = ModelSignature(inputs=Schema([ColSpec("string", PROMPT_COLUMN)]),
+                               outputs=Schema([ColSpec("string", COMPLETION_COLUMN)]), params=params)
+    mlflow.pyfunc.save_model(
+        str(dst), loader_module=PYFUNC_LOADER, data_path=str(model_dir), mlflow_model=mlflow_model,
+        signature=signature, input_example=pd.DataFrame({PROMPT_COLUMN: ["def fibonacci(n):"]}),
+        pip_requirements=[f"fotlab=={fotlab.__version__}"],  # fotlab brings torch, transformers, safetensors
+    )
 
 
 def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:

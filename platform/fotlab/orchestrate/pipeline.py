@@ -5,7 +5,8 @@
 Every entry point calls it: each Ray Train worker of `fotlab run` and of a multi-worker sweep trial
 (`worker.train_worker`), a single-worker sweep trial (`sweep_trial`), and the paper reproductions
 (`reproduce`). So a run's MLflow layout (params and tags from `tracking.start_spec_run`, train/val metrics, eval
-metrics and plots, `time/*`, the `model/` artifact, the registered version) is the same whichever started it.
+metrics and plots, `time/*`, the dataset inputs, the MLflow Model, the registered version) is the same whichever
+started it.
 Only rank 0 evaluates, logs and registers; the other ranks return after training. Opening and closing the run
 stay with the caller (the driver owns them). The model is logged before the evaluations run, so an evaluation
 that fails still leaves the trained model in the run (`fotlab eval SPEC --model runs:/ID` re-runs them).
@@ -44,18 +45,21 @@ def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path 
     from fotlab.train import train
 
     t0 = time.time()
+    datasets = []
     if model_dir is None:
         trained = train(spec, runtime, hooks)
         result = PipelineResult(trained.final_step, numeric_metrics(trained.metrics), Path(trained.model_dir),
                                 Path(trained.checkpoint_dir), bool(trained.stopped_early))
         timings = {names.TRAIN_TIME_S: time.time() - t0}
+        datasets = trained.datasets
     else:
         result = PipelineResult(spec.train.steps, {}, Path(model_dir))
         timings = {}
     if runtime.rank != 0 or result.stopped_early:
         return result
+    run.log_datasets(datasets)  # what training read (dataset inputs: digest, documents, tokens)
     if spec.tracking.log_model and model_dir is None:
-        run.log_model_dir(result.model_dir)
+        run.log_model_dir(result.model_dir, step=result.final_step)  # an MLflow Model, linked to the final metrics
         if spec.tracking.register_model:
             result.registered_version = run.register_model(spec.tracking.register_model)
     t1 = time.time()
@@ -64,6 +68,7 @@ def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path 
     if spec.eval.selected():
         timings[names.EVAL_TIME_S] = time.time() - t1
     result.metrics.update(run.log_metrics(timings, step=result.final_step))
+    run.link_metrics(result.final_step)  # the evaluations' metrics belong to the logged model too
     return result
 
 
