@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "fotlab"
-CLI = {"cli", "cli_runs"}
+CLI = {"cli", "cli_runs", "cli_job"}
 # part of fotlab -> the parts it may import (besides itself and the `fotlab` package root, for __version__)
 ALLOWED = {
     "names": set(),

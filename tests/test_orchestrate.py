@@ -205,7 +205,7 @@ def test_submit_job_ships_the_resolved_spec(tiny_corpus, tmp_path):
     assert entrypoint == f"python -m {JOB_ENTRY_MODULE} --json --no-progress"
     # No working_dir: Ray re-extracts it (rmtree + unzip) on every node, under a driver that runs in it.
     assert "working_dir" not in runtime_env
-    assert Path(runtime_env["py_modules"][0], "orchestrate", "job_entry.py").is_file()
+    assert Path(runtime_env["py_modules"][0], "cli_job.py").is_file()
     assert parse_spec(yaml.safe_load(runtime_env["env_vars"][JOB_SPEC_ENV])) == spec and spec.train.steps == 7
 
 

@@ -5,7 +5,7 @@
 The spec is validated here (with its --set overrides applied) and travels as one resolved YAML text in the job's
 environment (`FOTLAB_JOB_SPEC`), together with this checkout's `fotlab` package (runtime_env py_modules), so the
 cluster runs exactly the code and spec you have. The cluster's image provides the dependencies (torch, ray, mlflow).
-The job's entrypoint, `python -m fotlab.orchestrate.job_entry`, writes the spec to a temporary file and runs
+The job's entrypoint, `python -m fotlab.cli_job`, writes the spec to a temporary file and runs
 `fotlab run SPEC --json --no-progress`; follow it with `ray job logs --follow`.
 
 Design choices:
@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
-import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -36,7 +33,7 @@ import fotlab
 from fotlab.errors import FotlabError
 
 JOB_SPEC_ENV = "FOTLAB_JOB_SPEC"  # the resolved spec (YAML text) in the job's environment
-JOB_ENTRY_MODULE = "fotlab.orchestrate.job_entry"
+JOB_ENTRY_MODULE = "fotlab.cli_job"  # a CLI module: it runs `fotlab run`
 CLUSTER_TRACKING_ENV = "MLFLOW_TRACKING_URI"
 CLUSTER_STORAGE_ENV = "FOTLAB_STORAGE_PATH"
 PROBE_TIMEOUT_S = 120.0
@@ -156,17 +153,3 @@ def submit_experiment(
     job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
                                 submission_id=submission_id, metadata=metadata)
     return Submission(job_id, address, entrypoint)
-
-
-def run_job_spec(argv: list[str]) -> None:
-    """The job's entrypoint: `fotlab run` on the spec in $FOTLAB_JOB_SPEC (written to a temporary file outside any
-    Ray-managed folder), with ``argv`` as further `fotlab run` options."""
-    from fotlab import cli
-
-    text = os.environ.get(JOB_SPEC_ENV)
-    if not text:
-        sys.exit(f"{JOB_ENTRY_MODULE}: ${JOB_SPEC_ENV} is not set (this module is the entrypoint of `fotlab submit`)")
-    with tempfile.NamedTemporaryFile("w", prefix="fotlab-job-", suffix=".yaml", delete=False) as out:
-        out.write(text)
-    sys.argv = ["fotlab", "run", out.name, *argv]
-    cli.entry()
