@@ -22,9 +22,16 @@ GPU_LENGTHS = {"full": [4096, 16384, 65536, 262144], "tiny": [128, 256]}
 
 def cases(size: str, device: str = "cpu") -> list[Case]:
     lengths = (LENGTHS if device == "cpu" else GPU_LENGTHS)[size]
-    return [Case("growth", "fotlab-dense vs length", f"{n // 1024}k" if n >= 1024 else str(n),
-                 {"size": size, "length": n}, max_repeats=1 if n >= 32768 and device == "cpu" else None)
-            for n in lengths]
+    return [
+        Case(
+            "growth",
+            "fotlab-dense vs length",
+            f"{n // 1024}k" if n >= 1024 else str(n),
+            {"size": size, "length": n},
+            max_repeats=1 if n >= 32768 and device == "cpu" else None,
+        )
+        for n in lengths
+    ]
 
 
 def memory_bytes(memory) -> tuple[int, int, int]:
@@ -52,8 +59,19 @@ def run(params: dict) -> dict:
         seconds, cpu_seconds, out = timed_on(device, model, ids, logits_to_keep=1, use_cache=False)
     used, allocated, n_tokens = memory_bytes(out.memory)
     peak = peak_rss_mib()
-    per_token = ({"cpu_us_per_token": 1e6 * cpu_seconds / params["length"]} if device == "cpu" else
-                 {"us_per_token": 1e6 * seconds / params["length"]})
-    return {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak, "prefill_rss_mib": peak - rss_before,
-            "mem_tokens": n_tokens, "mem_bytes_per_token": used / max(n_tokens, 1),
-            "alloc_bytes_per_token": allocated / max(n_tokens, 1), **per_token, **gpu_peak_mib(device)}
+    per_token = (
+        {"cpu_us_per_token": 1e6 * cpu_seconds / params["length"]}
+        if device == "cpu"
+        else {"us_per_token": 1e6 * seconds / params["length"]}
+    )
+    return {
+        "cpu_seconds": cpu_seconds,
+        "seconds": seconds,
+        "peak_rss_mib": peak,
+        "prefill_rss_mib": peak - rss_before,
+        "mem_tokens": n_tokens,
+        "mem_bytes_per_token": used / max(n_tokens, 1),
+        "alloc_bytes_per_token": allocated / max(n_tokens, 1),
+        **per_token,
+        **gpu_peak_mib(device),
+    }

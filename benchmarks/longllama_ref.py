@@ -46,8 +46,12 @@ LENGTHS = {"full": [4096, 16384], "tiny": [256]}
 SEED = 0
 GROUPING = (4, 2048)  # the LongLLaMA README's example of mem_attention_grouping
 # case name -> implementation; the first is the ratio baseline, the second the acceptance reference
-VARIANTS = {"fotlab": "fotlab", "longllama-ref": "ref", "longllama-ref-lastlogits": "ref-lastlogits",
-            "longllama-ref-grouped": "ref-grouped"}
+VARIANTS = {
+    "fotlab": "fotlab",
+    "longllama-ref": "ref",
+    "longllama-ref-lastlogits": "ref-lastlogits",
+    "longllama-ref-grouped": "ref-grouped",
+}
 OPTIONS: dict = {}  # set by configure(): code dir, interpreter, checkpoint root
 
 
@@ -59,8 +63,11 @@ def configure(code: str | None, python: str | None, ckpt_root: str | None = None
     if code:
         if not (Path(code) / "modeling_longllama.py").is_file():
             raise FileNotFoundError(f"{code}: no modeling_longllama.py")
-        OPTIONS.update(code=str(Path(code).resolve()), python=python,
-                       ckpt_root=str(ckpt_root or Path(tempfile.gettempdir()) / "fotlab-bench-longllama"))
+        OPTIONS.update(
+            code=str(Path(code).resolve()),
+            python=python,
+            ckpt_root=str(ckpt_root or Path(tempfile.gettempdir()) / "fotlab-bench-longllama"),
+        )
 
 
 def cases(size: str) -> list[Case]:
@@ -84,16 +91,39 @@ def cases(size: str) -> list[Case]:
 
 # ---- the shared checkpoint (written by fotlab in the parent process) ----
 
+
 def longllama_config(size: str) -> dict:
     """config.json of the benchmark model in LongLLaMA's format (its public config field names)."""
     shape = models.SHAPES[size]
-    return {"model_type": "longllama", "architectures": ["LongLlamaForCausalLM"], "torch_dtype": "float32",
-            **{k: shape[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                     "num_attention_heads", "max_position_embeddings", "last_context_length")},
-            "hidden_act": "silu", "initializer_range": 0.02, "rms_norm_eps": 1e-6, "use_cache": True,
-            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-            "mem_layers": list(models.PREFILL_MEM_LAYERS[size]), "mem_positionals": True,
-            "mem_dtype": "bfloat16", "mem_attention_grouping": None}
+    return {
+        "model_type": "longllama",
+        "architectures": ["LongLlamaForCausalLM"],
+        "torch_dtype": "float32",
+        **{
+            k: shape[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "max_position_embeddings",
+                "last_context_length",
+            )
+        },
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "mem_layers": list(models.PREFILL_MEM_LAYERS[size]),
+        "mem_positionals": True,
+        "mem_dtype": "bfloat16",
+        "mem_attention_grouping": None,
+    }
 
 
 def write_checkpoint(size: str, path: Path) -> Path:
@@ -117,6 +147,7 @@ def write_checkpoint(size: str, path: Path) -> Path:
 
 
 # ---- inside the child processes ----
+
 
 def import_reference(code_dir: str):
     """The reference's modeling module, imported from `code_dir` as a package (its files import each other
@@ -177,8 +208,10 @@ def _compare(params: dict, ids: torch.Tensor, logits: torch.Tensor) -> dict:
     if not torch.equal(theirs["ids"], ids):
         raise RuntimeError("fotlab and the reference read different prompts")
     diff = (logits.float() - theirs["logits"]).abs().max().item()
-    return {"logits_max_abs_diff": diff, "argmax_equal": int(torch.equal(logits.argmax(-1),
-                                                                          theirs["logits"].argmax(-1)))}
+    return {
+        "logits_max_abs_diff": diff,
+        "argmax_equal": int(torch.equal(logits.argmax(-1), theirs["logits"].argmax(-1))),
+    }
 
 
 def run(params: dict) -> dict:
@@ -193,9 +226,14 @@ def run(params: dict) -> dict:
     peak = peak_rss_mib()
     if not torch.isfinite(logits).all():
         raise RuntimeError("non-finite logits")
-    metrics = {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak,
-               "prefill_rss_mib": peak - rss_before, "tokens_per_cpu_s": params["length"] / cpu_seconds,
-               "logits_max_abs": logits.abs().max().item()}
+    metrics = {
+        "cpu_seconds": cpu_seconds,
+        "seconds": seconds,
+        "peak_rss_mib": peak,
+        "prefill_rss_mib": peak - rss_before,
+        "tokens_per_cpu_s": params["length"] / cpu_seconds,
+        "logits_max_abs": logits.abs().max().item(),
+    }
     if params["impl"] != "fotlab":
         import transformers
 

@@ -9,10 +9,24 @@ from __future__ import annotations
 import torch
 
 SHAPES = {
-    "full": dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                 num_attention_heads=8, max_position_embeddings=2048, last_context_length=1024),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                 num_attention_heads=4, max_position_embeddings=64, last_context_length=32),
+    "full": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        max_position_embeddings=2048,
+        last_context_length=1024,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        last_context_length=32,
+    ),
 }
 PREFILL_MEM_LAYERS = {"full": [3, 6], "tiny": [1, 3]}  # 2 memory layers
 TRAIN_MEM_LAYERS = {"full": [2, 4, 6], "tiny": [1, 2, 3]}  # 3 memory layers
@@ -39,12 +53,19 @@ def llama_twin(fot_model, max_len: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = fot_model.config
-    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps,
-                         rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
-                         max_position_embeddings=max(max_len or 0, c.max_position_embeddings),
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        max_position_embeddings=max(max_len or 0, c.max_position_embeddings),
+        attn_implementation="sdpa",
+    )
     llama = LlamaForCausalLM(config)
     llama.load_state_dict(fot_model.state_dict(), strict=True)
     return llama.train(fot_model.training)

@@ -19,8 +19,9 @@ from fotlab.model import memory_attention as attention_module
 MASKED_SCORE = -1e6
 
 
-def naive_memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None,
-                           grouping=None, scale=None) -> torch.Tensor:
+def naive_memory_attention(
+    q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None, grouping=None, scale=None
+) -> torch.Tensor:
     """Dense memory attention, whole score matrix at once: (B, H, T, Dh)."""
     B, H, T, head_dim = q.shape
     group = H // k.shape[1]
@@ -30,9 +31,10 @@ def naive_memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retr
     else:
         keys = torch.cat([k, mem_k.to(k.dtype)], dim=2)  # (B, Hkv, S + M, Dh)
         values = torch.cat([v, mem_v.to(v.dtype)], dim=2)
-        mem_mask = (torch.ones(B, mem_k.shape[2], dtype=torch.bool) if mem_valid is None else mem_valid)
-        mask = torch.cat([local_mask.expand(B, -1, T, -1),
-                          mem_mask[:, None, None, :].expand(B, local_mask.shape[1], T, -1)], dim=-1)
+        mem_mask = torch.ones(B, mem_k.shape[2], dtype=torch.bool) if mem_valid is None else mem_valid
+        mask = torch.cat(
+            [local_mask.expand(B, -1, T, -1), mem_mask[:, None, None, :].expand(B, local_mask.shape[1], T, -1)], dim=-1
+        )
     keys = keys.repeat_interleave(group, dim=1)  # (B, H, S + M, Dh)
     values = values.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (B, H, T, S + M)
@@ -47,8 +49,11 @@ def _concat_append(self, k, v, valid=None):
         valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     k, v, valid = k.to(self.dtype), v.to(self.dtype), valid.to(torch.bool)
     old = self._segments if self._segments else (() if self.n_tokens == 0 else ((self.keys, self.values, self.valid),))
-    merged = (k, v, valid) if not old else tuple(
-        torch.cat([old[0][i], x], dim=-1 if i == 2 else 2) for i, x in enumerate((k, v, valid)))
+    merged = (
+        (k, v, valid)
+        if not old
+        else tuple(torch.cat([old[0][i], x], dim=-1 if i == 2 else 2) for i, x in enumerate((k, v, valid)))
+    )
     return memory_module.LayerMemory(dtype=self.dtype, capacity=self.capacity, _segments=(merged,))
 
 

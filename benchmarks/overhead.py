@@ -36,9 +36,17 @@ print("final step", result.final_step)
 
 def cases(size: str) -> list[Case]:
     params = {"steps": STEPS[size]}
-    return [Case("overhead", f"quickstart {params['steps']} steps", name, {**params, "impl": name}, metric="seconds",
-                 timeout_s=900)
-            for name in ("train-direct", "fotlab-run", "fotlab-run-inprocess")]
+    return [
+        Case(
+            "overhead",
+            f"quickstart {params['steps']} steps",
+            name,
+            {**params, "impl": name},
+            metric="seconds",
+            timeout_s=900,
+        )
+        for name in ("train-direct", "fotlab-run", "fotlab-run-inprocess")
+    ]
 
 
 def overrides(steps: int, tmp: Path) -> list[str]:
@@ -58,11 +66,16 @@ def command(impl: str, steps: int, tmp: Path) -> list[str]:
 def run(params: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="fotlab-bench-") as tmp:
         tmp = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         t0 = time.perf_counter()
-        proc = subprocess.run(command(params["impl"], params["steps"], tmp), capture_output=True, text=True,
-                              cwd=tmp, env=env, timeout=850)
+        proc = subprocess.run(
+            command(params["impl"], params["steps"], tmp), capture_output=True, text=True, cwd=tmp, env=env, timeout=850
+        )
         seconds = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

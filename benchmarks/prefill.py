@@ -2,9 +2,9 @@
 
 Cases per length (4k / 16k / 64k tokens; "full" model of models.py, 2 memory layers, bf16 memory):
 fotlab dense (the ratio baseline), fotlab top-k (k 128), fotlab FAISS (k 128; not at 64k), the naive
-implementation of the same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain full attention: a
-different, quadratic model, shown where it runs in reasonable time). Everything runs under inference_mode in
-fp32 with logits for the last position only; each case's process first runs a short warm-up prompt.
+implementation of the same semantics (naive.py), and transformers LlamaForCausalLM on the same weights (plain
+full attention: a different, quadratic model, shown where it runs in reasonable time). Everything runs under
+inference_mode in fp32 with logits for the last position only; each case's process first runs a short warm-up prompt.
 
 `--device cuda`: the same cases except FAISS (a CPU library here) in bf16 weights on the GPU, LLaMA up to 64k
 (SDPA's fused kernels keep its memory linear), timed in wall seconds, with the allocator's peak GPU memory.
@@ -47,8 +47,9 @@ def cases(size: str, device: str = "cpu") -> list[Case]:
 def _model(params: dict):
     impl = params["impl"]
     retrieval = impl if impl in ("topk", "faiss") else "dense"
-    config = models.fot_config(params["size"], models.PREFILL_MEM_LAYERS[params["size"]],
-                               mem_retrieval=retrieval, mem_topk=params["topk"])
+    config = models.fot_config(
+        params["size"], models.PREFILL_MEM_LAYERS[params["size"]], mem_retrieval=retrieval, mem_topk=params["topk"]
+    )
     model = models.build_fot(config)
     if impl == "naive":
         from benchmarks import naive
@@ -80,7 +81,15 @@ def run(params: dict) -> dict:
         seconds, cpu_seconds, logits = timed_on(device, prefill, model, ids)
     assert torch.isfinite(logits).all()
     peak = peak_rss_mib()
-    return {"cpu_seconds": cpu_seconds, "seconds": seconds, "peak_rss_mib": peak,
-            "prefill_rss_mib": peak - rss_before, **gpu_peak_mib(device),
-            **({"tokens_per_cpu_s": params["length"] / cpu_seconds} if device == "cpu" else
-               {"tokens_per_s": params["length"] / seconds})}
+    return {
+        "cpu_seconds": cpu_seconds,
+        "seconds": seconds,
+        "peak_rss_mib": peak,
+        "prefill_rss_mib": peak - rss_before,
+        **gpu_peak_mib(device),
+        **(
+            {"tokens_per_cpu_s": params["length"] / cpu_seconds}
+            if device == "cpu"
+            else {"tokens_per_s": params["length"] / seconds}
+        ),
+    }

@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
-EXTRA = ("seconds", "prefill_rss_mib", "mem_bytes_per_token", "alloc_bytes_per_token", "child_cpu_seconds",
-         "logits_max_abs_diff", "state_mib_per_rank", "params_mib", "grads_mib", "optim_mib")
+EXTRA = (
+    "seconds",
+    "prefill_rss_mib",
+    "mem_bytes_per_token",
+    "alloc_bytes_per_token",
+    "child_cpu_seconds",
+    "logits_max_abs_diff",
+    "state_mib_per_rank",
+    "params_mib",
+    "grads_mib",
+    "optim_mib",
+)
 
 
 def _num(x: float) -> str:
@@ -16,8 +26,10 @@ def _num(x: float) -> str:
 
 def markdown(records: list[dict]) -> str:
     """One Markdown table row per case: median of the compared metric, spread, ratio, peak RSS, extras."""
-    lines = ["| benchmark | group | case | median | min..max | ratio | peak RSS MiB | n | also (medians) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | group | case | median | min..max | ratio | peak RSS MiB | n | also (medians) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for rec in records:
         med, metric = rec["median"], rec["metric"]
         value = f"{_num(med[metric])} {'CPU s' if metric == 'cpu_seconds' else 'wall s'}" if metric in med else "-"
@@ -27,8 +39,10 @@ def markdown(records: list[dict]) -> str:
         extra = ", ".join(f"{k} {_num(med[k])}" for k in EXTRA if k in med and k != metric)
         if rec.get("errors"):
             extra = (extra + "; " if extra else "") + "error: " + rec["errors"][0][:80]
-        lines.append(f"| {rec['benchmark']} | {rec['group']} | {rec['name']} | {value} | {spread} | {ratio} | {rss} "
-                     f"| {rec['n_ok']} | {extra} |")
+        lines.append(
+            f"| {rec['benchmark']} | {rec['group']} | {rec['name']} | {value} | {spread} | {ratio} | {rss} "
+            f"| {rec['n_ok']} | {extra} |"
+        )
     return "\n".join(lines)
 
 

@@ -14,8 +14,10 @@ import torch
 
 from benchmarks.runner import Case, timed
 
-SHAPES = {"full": dict(n_keys=65536, n_queries=1024, head_dim=128, ks=[10, 128], calls=2),
-          "tiny": dict(n_keys=2048, n_queries=64, head_dim=32, ks=[4], calls=2)}
+SHAPES = {
+    "full": dict(n_keys=65536, n_queries=1024, head_dim=128, ks=[10, 128], calls=2),
+    "tiny": dict(n_keys=2048, n_queries=64, head_dim=32, ks=[4], calls=2),
+}
 
 
 def cases(size: str) -> list[Case]:

@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama", "fsdp_memory")
-MODULES = {"prefill_longllama": "longllama_ref", "fsdp_memory": "sharded_memory"}  # benchmark name -> module under benchmarks/ (default: same name)
+MODULES = {
+    "prefill_longllama": "longllama_ref",
+    "fsdp_memory": "sharded_memory",
+}  # benchmark name -> module under benchmarks/ (default: same name)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -104,8 +107,11 @@ def thread_env(threads: int | None) -> dict:
 def run_in_subprocess(case: Case, threads: int | None = 1) -> dict:
     """Run `case` in a fresh Python with `threads` math threads; returns its metrics dict, or {"error": ...}."""
     cmd = [case.python or sys.executable, "-m", "benchmarks.child", case.benchmark, json.dumps(case.params)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           **thread_env(threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **thread_env(threads),
+    }
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=case.timeout_s, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -152,9 +158,17 @@ def run_cases(cases: list[Case], repeats: int, log=print, threads: int | None = 
 def summarise(case: Case, results: list[dict]) -> dict:
     """Medians of every numeric metric over the successful samples, plus the spread of the timed metric."""
     ok = [r for r in results if "error" not in r]
-    record = {"benchmark": case.benchmark, "group": case.group, "name": case.name, "params": case.params,
-              "metric": case.metric, "n_ok": len(ok), "errors": [r["error"] for r in results if "error" in r],
-              "samples": ok, "median": {}}
+    record = {
+        "benchmark": case.benchmark,
+        "group": case.group,
+        "name": case.name,
+        "params": case.params,
+        "metric": case.metric,
+        "n_ok": len(ok),
+        "errors": [r["error"] for r in results if "error" in r],
+        "samples": ok,
+        "median": {},
+    }
     keys = sorted({k for r in ok for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     for key in keys:
         values = [r[key] for r in ok if key in r]
@@ -180,8 +194,10 @@ def add_ratios(records: list[dict]) -> None:
 def format_table(records: list[dict]) -> str:
     """Plain-text table: one row per case, medians, spread and ratio to its group's first case."""
     metric = "wall s" if records and all(rec["metric"] == "seconds" for rec in records) else "CPU s"
-    header = f"{'benchmark':<11} {'group':<22} {'case':<22} {metric:>10} {'min..max':>17} {'ratio':>6} " \
-             f"{'peak RSS MiB':>12} {'n':>2}  notes"
+    header = (
+        f"{'benchmark':<11} {'group':<22} {'case':<22} {metric:>10} {'min..max':>17} {'ratio':>6} "
+        f"{'peak RSS MiB':>12} {'n':>2}  notes"
+    )
     rows = [header, "-" * len(header)]
     for rec in records:
         med = rec["median"]
@@ -192,8 +208,10 @@ def format_table(records: list[dict]) -> str:
         ratio = "-" if rec.get("ratio") is None else f"{rec['ratio']:.2f}x"
         rss = f"{med['peak_rss_mib']:.0f}" if "peak_rss_mib" in med else "-"
         notes = "; ".join(rec["errors"][:1]) or _notes(med, rec["metric"])
-        rows.append(f"{rec['benchmark']:<11} {rec['group']:<22} {rec['name']:<22} {shown:>10} {spread:>17} "
-                    f"{ratio:>6} {rss:>12} {rec['n_ok']:>2}  {notes}")
+        rows.append(
+            f"{rec['benchmark']:<11} {rec['group']:<22} {rec['name']:<22} {shown:>10} {spread:>17} "
+            f"{ratio:>6} {rss:>12} {rec['n_ok']:>2}  {notes}"
+        )
     return "\n".join(rows)
 
 
@@ -209,8 +227,14 @@ def machine_info() -> dict:
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "processor": platform.processor()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "processor": platform.processor(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

@@ -26,18 +26,40 @@ import torch
 from benchmarks.runner import Case
 
 SHAPES = {
-    "full": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                 vocab_size=32000, mem_layers=[4], batch=2, seq_len=128, warmup=1, steps=2),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                 vocab_size=512, mem_layers=[2], batch=2, seq_len=32, warmup=1, steps=1),
+    "full": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        vocab_size=32000,
+        mem_layers=[4],
+        batch=2,
+        seq_len=128,
+        warmup=1,
+        steps=2,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=512,
+        mem_layers=[2],
+        batch=2,
+        seq_len=32,
+        warmup=1,
+        steps=1,
+    ),
 }
 WORLD_SIZE = 2
 
 
 def cases(size: str) -> list[Case]:
     group = f"{WORLD_SIZE} ranks {size}"
-    return [Case("fsdp_memory", group, name, {"size": size, "strategy": name}, metric="seconds", max_repeats=1)
-            for name in ("ddp", "fsdp")]
+    return [
+        Case("fsdp_memory", group, name, {"size": size, "strategy": name}, metric="seconds", max_repeats=1)
+        for name in ("ddp", "fsdp")
+    ]
 
 
 def _free_port() -> int:
@@ -68,8 +90,17 @@ def _rank(rank: int, port: int, params: dict, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         shape = SHAPES[params["size"]]
-        fields = {k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                        "num_attention_heads", "vocab_size", "mem_layers")}
+        fields = {
+            k: shape[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "vocab_size",
+                "mem_layers",
+            )
+        }
         config = FoTConfig(**fields, max_position_embeddings=shape["seq_len"], last_context_length=shape["seq_len"])
         torch.manual_seed(0)
         model = FoTForCausalLM(config).train()

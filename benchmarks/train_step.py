@@ -23,8 +23,10 @@ from benchmarks.runner import Case, gpu_peak_mib, timed_on
 
 DEVICES = ("cpu", "cuda")
 SHAPES = {"full": dict(batch=4, seq_len=512, warmup=1, steps=2), "tiny": dict(batch=4, seq_len=64, warmup=1, steps=2)}
-GPU_SHAPES = {"full": dict(batch=8, seq_len=2048, warmup=3, steps=10),
-              "tiny": dict(batch=4, seq_len=128, warmup=2, steps=2)}
+GPU_SHAPES = {
+    "full": dict(batch=8, seq_len=2048, warmup=3, steps=10),
+    "tiny": dict(batch=4, seq_len=128, warmup=2, steps=2),
+}
 
 
 def cases(size: str, device: str = "cpu") -> list[Case]:
@@ -38,8 +40,12 @@ def cases(size: str, device: str = "cpu") -> list[Case]:
 
 def _setup(params: dict):
     size = params["size"]
-    config = models.fot_config(size, models.TRAIN_MEM_LAYERS[size], max_position_embeddings=params["seq_len"],
-                               last_context_length=params["seq_len"])
+    config = models.fot_config(
+        size,
+        models.TRAIN_MEM_LAYERS[size],
+        max_position_embeddings=params["seq_len"],
+        last_context_length=params["seq_len"],
+    )
     model = models.build_fot(config)
     crossbatch = None
     if params["impl"] == "llama":
@@ -48,8 +54,9 @@ def _setup(params: dict):
         from fotlab.model.crossbatch import CrossBatch
 
         backend = "flex" if params["impl"].endswith("-flex") else "sdpa"
-        crossbatch = CrossBatch(range=3 if params["impl"].startswith("crossbatch") else 0, packing=4, stepping=True,
-                                backend=backend)
+        crossbatch = CrossBatch(
+            range=3 if params["impl"].startswith("crossbatch") else 0, packing=4, stepping=True, backend=backend
+        )
     return model.to(params.get("device", "cpu")).train(), crossbatch
 
 
@@ -77,5 +84,9 @@ def run(params: dict) -> dict:
     cpu_seconds, seconds = statistics.median(t[1] for t in times), statistics.median(t[0] for t in times)
     if device == "cpu":
         return {"cpu_seconds": cpu_seconds, "seconds": seconds, "tokens_per_cpu_s": ids.numel() / cpu_seconds}
-    return {"cpu_seconds": cpu_seconds, "seconds": seconds, "tokens_per_s": ids.numel() / seconds,
-            **gpu_peak_mib(device)}
+    return {
+        "cpu_seconds": cpu_seconds,
+        "seconds": seconds,
+        "tokens_per_s": ids.numel() / seconds,
+        **gpu_peak_mib(device),
+    }

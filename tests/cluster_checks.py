@@ -15,8 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ../shared/schemas/kuberay beside the checkout (as CI lays it out); FOTLAB_KUBERAY_SCHEMAS overrides it for a
 # checkout that lives elsewhere (a git worktree).
 KUBERAY_SCHEMAS = Path(os.environ.get("FOTLAB_KUBERAY_SCHEMAS") or REPO.parent / "shared" / "schemas" / "kuberay")
-KUBERAY_SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json",
-                        "RayService": "rayservice_v1.json"}
+KUBERAY_SCHEMA_FILES = {
+    "RayCluster": "raycluster_v1.json",
+    "RayJob": "rayjob_v1.json",
+    "RayService": "rayservice_v1.json",
+}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 MAX_NAME = {"RayJob": 47, "RayService": 47, "RayCluster": 53}
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -50,8 +53,9 @@ def kuberay_controller_problems(resource: dict) -> list[str]:
             problems.append("ttlSecondsAfterFinished/suspend need shutdownAfterJobFinishes: true")
     cluster = spec.get("rayClusterSpec", spec) if kind == "RayJob" else spec
     for group in cluster.get("workerGroupSpecs") or []:
-        if group.get("numOfHosts", 1) > 1 and not (group.get("replicas") == group.get("minReplicas")
-                                                   == group.get("maxReplicas")):
+        if group.get("numOfHosts", 1) > 1 and not (
+            group.get("replicas") == group.get("minReplicas") == group.get("maxReplicas")
+        ):
             problems.append(f"multi-host group {group['groupName']}: replicas = minReplicas = maxReplicas")
     return problems
 
@@ -62,7 +66,8 @@ def manifest_problems(resource: dict) -> list[str]:
     if resource.get("apiVersion") == "ray.io/v1":
         errors = sorted(kuberay_validator(kind).iter_errors(resource), key=lambda e: list(e.path))
         return [f"{kind}: {'/'.join(map(str, e.path))}: {e.message}" for e in errors] + kuberay_controller_problems(
-            resource)
+            resource
+        )
     if kind in NO_SCHEMA_KINDS:
         return []
     import kubernetes_validate

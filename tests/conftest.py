@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models run fastest single-threaded, and on a busy 2-core box two OpenMP threads per process

@@ -60,7 +60,7 @@ def wait_for(check, what: str, timeout_s: float, proc: subprocess.Popen | None =
 
 
 def http_get(url: str, timeout_s: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - 127.0.0.1 only
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return response.read()
 
 
@@ -86,18 +86,25 @@ class Stack:
             cmd = ["runuser", "-u", user, "--", *cmd]
         full_env = {**os.environ, **STACK_ENV, **(env or {})}
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=self.root,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=self.root, start_new_session=True
+            )
         self.procs.append(proc)
         return proc, log
 
     # -- Ray -------------------------------------------------------------------------------------------------------
     def _node_ports(self) -> list[str]:
         base = random.randrange(30000, 39000, 200)  # own worker-port range, away from Ray's default 10002-19999
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--min-worker-port={base}", f"--max-worker-port={base + 199}"]
+        return [
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--min-worker-port={base}",
+            f"--max-worker-port={base + 199}",
+        ]
 
     def ray_head(self, env: dict[str, str], num_cpus: int = 1) -> RayHead:
         temp_dir = Path(f"/tmp/fotlab-stack-{os.getpid()}-{random.randrange(10**6)}")  # short: unix socket paths
@@ -106,10 +113,21 @@ class Stack:
         gcs_port, dashboard_port = free_port(), free_port()
         ports = self._node_ports()
         metrics_port = int(next(p for p in ports if p.startswith("--metrics-export-port")).split("=")[1])
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
-               f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-               *ports]
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--temp-dir={temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=true",
+            *ports,
+        ]
         proc, log = self.start("ray-head", cmd, env)
         url = f"http://127.0.0.1:{dashboard_port}"
         wait_for(lambda: http_get(f"{url}/api/gcs_healthz"), "the Ray head", 180, proc, log)
@@ -119,8 +137,16 @@ class Stack:
         """A second node on this host. With ``own_temp_dir`` (what a real second machine has) it does not share the
         head's session folder, whose runtime_resources/ the two nodes' runtime-env agents would both manage."""
         temp = [f"--temp-dir={head.temp_dir}-node"] if own_temp_dir else []
-        cmd = [str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
-               f"--num-cpus={num_cpus}", *temp, *self._node_ports()]
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            f"--address={head.gcs_address}",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            *temp,
+            *self._node_ports(),
+        ]
         proc, log = self.start("ray-node", cmd, env)
 
         def two_nodes() -> bool:
@@ -138,13 +164,20 @@ class Stack:
         data = self._pg_root / "pgdata"
         data.mkdir()
         shutil.chown(data, "postgres", "postgres")
-        init = subprocess.run(["runuser", "-u", "postgres", "--", pg_bin("initdb"), "-D", str(data), "--auth=trust",
-                               "-U", "postgres"], capture_output=True, text=True, check=False)
+        init = subprocess.run(
+            ["runuser", "-u", "postgres", "--", pg_bin("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if init.returncode:
             raise RuntimeError(f"initdb failed: {init.stderr[-1000:]}")
         port = free_port()
-        proc, log = self.start("postgres", [pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
-                                            "-c", "listen_addresses=127.0.0.1"], user="postgres")
+        proc, log = self.start(
+            "postgres",
+            [pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(data), "-c", "listen_addresses=127.0.0.1"],
+            user="postgres",
+        )
 
         def ready() -> bool:
             check = subprocess.run([pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
@@ -157,8 +190,20 @@ class Stack:
     def mlflow_server(self, backend_uri: str) -> str:
         port = free_port()
         artifacts = self.root / "mlflow-artifacts"
-        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-               artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            artifacts.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
         proc, log = self.start("mlflow", cmd)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_get(f"{url}/health"), "the MLflow server", 240, proc, log)
@@ -173,8 +218,12 @@ class Stack:
         text = text.replace("scrape_interval: 10s", "scrape_interval: 2s")
         config = self.root / "prometheus.yml"
         config.write_text(text)
-        cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={self.root / 'prometheus-data'}",
-               f"--web.listen-address=127.0.0.1:{port}"]
+        cmd = [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.root / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
         proc, log = self.start("prometheus", cmd)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_get(f"{url}/-/ready"), "Prometheus", 60, proc, log)

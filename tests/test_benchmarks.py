@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the `benchmarks` package
 
-from benchmarks import growth, models, naive, prefill, retrieval, runner, train_step  # noqa: E402
+from benchmarks import growth, models, naive, prefill, retrieval, runner, train_step
 
 
 @pytest.mark.parametrize("module", [retrieval, train_step])
@@ -59,15 +59,18 @@ def test_cuda_cases_time_wall_seconds_and_skip_cpu_only_benchmarks():
     assert all(case.params["device"] == "cuda" and case.metric == "seconds" for case in cases)
     assert "fotlab-faiss" not in {case.name for case in cases}  # FAISS is a CPU library here
     assert "fotlab-crossbatch-flex" in {case.name for case in cases if case.benchmark == "train_step"}
-    assert all(case.metric == "cpu_seconds" and "device" not in case.params
-               for case in runner.collect_cases(["prefill"], "tiny"))
+    assert all(
+        case.metric == "cpu_seconds" and "device" not in case.params
+        for case in runner.collect_cases(["prefill"], "tiny")
+    )
 
 
 def test_retrieval_implementations_agree():
     params = {"n_keys": 4096, "n_queries": 32, "head_dim": 32, "k": 8}
     queries, keys = retrieval.data(params)
-    found = {impl: retrieval.search(impl, queries, keys, 8) for impl in ("fotlab-topk", "faiss-flatip",
-                                                                         "torch-matmul-topk")}
+    found = {
+        impl: retrieval.search(impl, queries, keys, 8) for impl in ("fotlab-topk", "faiss-flatip", "torch-matmul-topk")
+    }
     reference = found["torch-matmul-topk"].sort(-1).values
     for impl, slots in found.items():
         assert torch.equal(slots.sort(-1).values, reference), impl
@@ -106,8 +109,7 @@ def test_llama_twin_has_the_same_weights():
     llama = models.llama_twin(model)
     ids = models.random_ids(1, 16, model.config.vocab_size)
     with torch.no_grad():  # within one window and no memory yet, FoT is LLaMA
-        torch.testing.assert_close(llama(ids).logits, model(ids, last_context_length=16).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(llama(ids).logits, model(ids, last_context_length=16).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow  # six child processes: 15-40 s on the busy 2-core box
@@ -129,17 +131,30 @@ def test_runner_table_medians_and_ratios(tmp_path):
 def test_markdown_report_rows():
     from benchmarks.report import markdown
 
-    recs = [{"benchmark": "b", "group": "g", "name": n, "metric": "cpu_seconds", "n_ok": 2, "errors": [],
-             "median": {"cpu_seconds": s, "peak_rss_mib": 100.0, "seconds": 2 * s}, "min": s, "max": s}
-            for n, s in [("x", 2.0), ("y", 3.0)]]
+    recs = [
+        {
+            "benchmark": "b",
+            "group": "g",
+            "name": n,
+            "metric": "cpu_seconds",
+            "n_ok": 2,
+            "errors": [],
+            "median": {"cpu_seconds": s, "peak_rss_mib": 100.0, "seconds": 2 * s},
+            "min": s,
+            "max": s,
+        }
+        for n, s in [("x", 2.0), ("y", 3.0)]
+    ]
     runner.add_ratios(recs)
     lines = markdown(recs).splitlines()
     assert len(lines) == 4 and "| 1.50x |" in lines[3] and "2 CPU s" in lines[2] and "seconds 6" in lines[3]
 
 
 def test_add_ratios_per_group():
-    recs = [{"benchmark": "b", "group": g, "metric": "cpu_seconds", "median": {"cpu_seconds": s}}
-            for g, s in [("x", 2.0), ("x", 3.0), ("y", 4.0), ("y", 1.0)]]
+    recs = [
+        {"benchmark": "b", "group": g, "metric": "cpu_seconds", "median": {"cpu_seconds": s}}
+        for g, s in [("x", 2.0), ("x", 3.0), ("y", 4.0), ("y", 1.0)]
+    ]
     runner.add_ratios(recs)
     assert [r["ratio"] for r in recs] == [1.0, 1.5, 1.0, 0.25]
 
@@ -180,8 +195,10 @@ def test_longllama_checkpoint_round_trip_and_fotlab_side(tmp_path):
 
 
 @pytest.mark.slow  # two child processes, one of them the reference's interpreter
-@pytest.mark.skipif(not (os.environ.get("FOTLAB_LONGLLAMA_CODE") and os.environ.get("FOTLAB_LONGLLAMA_PYTHON")),
-                    reason="set FOTLAB_LONGLLAMA_CODE and FOTLAB_LONGLLAMA_PYTHON to run against the LongLLaMA code")
+@pytest.mark.skipif(
+    not (os.environ.get("FOTLAB_LONGLLAMA_CODE") and os.environ.get("FOTLAB_LONGLLAMA_PYTHON")),
+    reason="set FOTLAB_LONGLLAMA_CODE and FOTLAB_LONGLLAMA_PYTHON to run against the LongLLaMA code",
+)
 def test_longllama_reference_computes_what_fotlab_computes(tmp_path):
     """With the public LongLLaMA code available: a tiny prefill_longllama run, both sides in child processes,
     gives the same next-token logits."""

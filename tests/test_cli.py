@@ -44,12 +44,21 @@ def _write(path: Path, data) -> Path:
 BAD_SPECS = {
     "unknown_key.yaml": ({"name": "x", "train": {"stesp": 3}}, "train.stesp", "unknown key"),
     "wrong_type.yaml": ({"name": "x", "train": {"batch_size": "eight"}}, "train.batch_size", "integer"),
-    "mem_layer.yaml": ({"name": "x", "model": {"preset": "tiny"}, "memory": {"layers": [4]}}, "memory.layers[0]",
-                       "4 layers"),
-    "crossbatch.yaml": ({"name": "x", "train": {"batch_size": 4, "crossbatch": {"range": 5}}},
-                        "train.crossbatch.range", "< train.batch_size"),
-    "missing_data.yaml": ({"name": "x", "data": {"sources": [{"kind": "local", "path": "no/such/dir"}]}},
-                          "data.sources[0].path", "does not exist"),
+    "mem_layer.yaml": (
+        {"name": "x", "model": {"preset": "tiny"}, "memory": {"layers": [4]}},
+        "memory.layers[0]",
+        "4 layers",
+    ),
+    "crossbatch.yaml": (
+        {"name": "x", "train": {"batch_size": 4, "crossbatch": {"range": 5}}},
+        "train.crossbatch.range",
+        "< train.batch_size",
+    ),
+    "missing_data.yaml": (
+        {"name": "x", "data": {"sources": [{"kind": "local", "path": "no/such/dir"}]}},
+        "data.sources[0].path",
+        "does not exist",
+    ),
 }
 
 
@@ -70,16 +79,30 @@ def test_validate_reports_one_line_per_bad_spec(tmp_path):
 def test_console_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
     """`fotlab` ends with os._exit after the command: output flushed, exit handlers run, exit code kept, and idle
     thread-pool workers (MLflow, `fotlab results`) do not keep it waiting."""
-    code = ("import atexit, sys, concurrent.futures; atexit.register(print, 'exit handler ran'); "
-            "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(int).result(); "  # an idle worker thread
-            "sys.argv = ['fotlab', 'validate', sys.argv[1]]; from fotlab.cli import entry; entry()")
-    good = subprocess.run([sys.executable, "-c", code, str(REPO / "experiments" / "quickstart.yaml")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    code = (
+        "import atexit, sys, concurrent.futures; atexit.register(print, 'exit handler ran'); "
+        "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(int).result(); "  # an idle worker thread
+        "sys.argv = ['fotlab', 'validate', sys.argv[1]]; from fotlab.cli import entry; entry()"
+    )
+    good = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "experiments" / "quickstart.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert good.returncode == 0, good.stderr
-    assert good.stdout.splitlines() == [f"{REPO / 'experiments' / 'quickstart.yaml'}: ok (quickstart)",
-                                        "exit handler ran"]
-    bad = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.yaml")], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
+    assert good.stdout.splitlines() == [
+        f"{REPO / 'experiments' / 'quickstart.yaml'}: ok (quickstart)",
+        "exit handler ran",
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 1 and "missing.yaml" in bad.stderr and bad.stdout == "exit handler ran\n"
 
 
@@ -95,8 +118,17 @@ def test_run_with_a_bad_spec_is_one_line_without_traceback(tmp_path):
 
 
 def test_validate_print_applies_set(capsys):
-    code = cli.main(["validate", str(REPO / "experiments" / "quickstart.yaml"), "--print",
-                     "--set", "train.steps=5", "--set", "memory.layers=[1, 3]"])
+    code = cli.main(
+        [
+            "validate",
+            str(REPO / "experiments" / "quickstart.yaml"),
+            "--print",
+            "--set",
+            "train.steps=5",
+            "--set",
+            "memory.layers=[1, 3]",
+        ]
+    )
     assert code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["steps"] == 5 and printed["memory"]["layers"] == [1, 3]
@@ -197,14 +229,20 @@ def _free_port() -> int:
 def test_ui_serves_the_store_on_localhost(populated_store, tmp_path):
     uri, _ = populated_store
     port = _free_port()
-    proc = subprocess.Popen([*fotlab_cmd(), "ui", "--uri", uri, "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*fotlab_cmd(), "ui", "--uri", uri, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, body = time.time() + 200, None
         while time.time() < deadline and body is None and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
-                                            "?max_results=10", timeout=5) as resp:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10", timeout=5
+                ) as resp:
                     body = json.loads(resp.read())
             except OSError:
                 time.sleep(1)

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_checks import (
-    NO_SCHEMA_KINDS, REPO, dashboard_exprs, manifest_problems, metric_names, parse_promql,
+    NO_SCHEMA_KINDS,
+    REPO,
+    dashboard_exprs,
+    manifest_problems,
+    metric_names,
+    parse_promql,
 )
 
 COMPOSE = REPO / "docker-compose.yml"
 ONE_SHOT_SERVICES = {"create-buckets"}  # runs once and exits: `service_completed_successfully`, no healthcheck
-SHIPPED_SPECS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "sweep" not in p.name
-                       and p.parent.name != "sweeps")
+SHIPPED_SPECS = sorted(
+    p for p in (REPO / "experiments").rglob("*.yaml") if "sweep" not in p.name and p.parent.name != "sweeps"
+)
 OVERLAY_DIRS = ["operators/base", "operators/overlays/gpu", "operators/overlays/tpu"]
 
 
@@ -30,15 +35,28 @@ def compose() -> dict:
 
 def test_compose_file_validates_against_the_compose_specification():
     checker = Path(sys.executable).with_name("check-jsonschema")
-    proc = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_compose_images_are_pinned_and_ports_bind_loopback():
     services = compose()["services"]
-    assert {"ray-head", "ray-worker", "ray-worker-gpu", "mlflow", "postgres", "storage", "create-buckets",
-            "prometheus", "grafana"} <= set(services)
+    assert {
+        "ray-head",
+        "ray-worker",
+        "ray-worker-gpu",
+        "mlflow",
+        "postgres",
+        "storage",
+        "create-buckets",
+        "prometheus",
+        "grafana",
+    } <= set(services)
     for name, service in services.items():
         image = service["image"]
         repo, _, tag = image.rpartition(":")
@@ -47,8 +65,14 @@ def test_compose_images_are_pinned_and_ports_bind_loopback():
             assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: port {port} not bound to loopback"
     assert services["mlflow"]["image"].endswith("-full")  # psycopg2 + boto3
     head_env = services["ray-head"]["environment"]
-    for key in ("RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST", "RAY_GRAFANA_IFRAME_HOST", "RAY_AUTH_MODE",
-                "MLFLOW_TRACKING_URI", "FOTLAB_STORAGE_PATH"):
+    for key in (
+        "RAY_GRAFANA_HOST",
+        "RAY_PROMETHEUS_HOST",
+        "RAY_GRAFANA_IFRAME_HOST",
+        "RAY_AUTH_MODE",
+        "MLFLOW_TRACKING_URI",
+        "FOTLAB_STORAGE_PATH",
+    ):
         assert key in head_env, key
     assert "--metrics-export-port=8080" in services["ray-head"]["command"]  # outside 10002-19999 (worker ports)
     assert "mlflow:5000" in services["mlflow"]["command"]  # --allowed-hosts names the compose host
@@ -89,8 +113,12 @@ def assert_valid(resources: list[dict], where: str) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "operators").rglob("*.yaml")
-                                        if p.name != "kustomization.yaml"))
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p.relative_to(REPO).as_posix() for p in (REPO / "operators").rglob("*.yaml") if p.name != "kustomization.yaml"
+    ),
+)
 def test_every_operator_manifest_validates(path):
     resources = load_manifests((REPO / path).read_text())
     assert resources
@@ -123,8 +151,9 @@ def test_kustomize_build_of_each_overlay_validates(overlay):
 
 
 def render(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fotlab.cli", "render-job", *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "render-job", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
 
 
 def natural_overlay(spec_path: Path) -> list[str]:
@@ -172,8 +201,16 @@ def test_render_job_cli_for_the_3b_recipe_on_gpu_validates():
 
 
 def test_render_job_tpu_maps_topology_onto_slices():
-    tpu = ["--set", "scaling.use_tpu=true", "--set", "scaling.topology=2x4",
-           "--set", "scaling.accelerator_type=TPU-V6E", "--set", "scaling.num_workers=4"]
+    tpu = [
+        "--set",
+        "scaling.use_tpu=true",
+        "--set",
+        "scaling.topology=2x4",
+        "--set",
+        "scaling.accelerator_type=TPU-V6E",
+        "--set",
+        "scaling.num_workers=4",
+    ]
     proc = render("experiments/quickstart.yaml", "--overlay", "tpu", *tpu)
     assert proc.returncode == 0, proc.stderr
     resources = load_manifests(proc.stdout)
@@ -181,19 +218,47 @@ def test_render_job_tpu_maps_topology_onto_slices():
     workers = resources[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (workers["numOfHosts"], workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (2, 2, 2, 2)
     selector = workers["template"]["spec"]["nodeSelector"]
-    assert selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
-                        "cloud.google.com/gke-tpu-topology": "2x4"}
+    assert selector == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+        "cloud.google.com/gke-tpu-topology": "2x4",
+    }
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["experiments/quickstart.yaml", "--overlay", "xpu"], "--overlay 'xpu': no such overlay"),
-    (["experiments/quickstart.yaml", "--overlay", "gpu", "--set", "scaling.use_tpu=true", "--set",
-      "scaling.topology=2x4"], "scaling.use_tpu=True cannot run on --overlay gpu"),
-    (["experiments/longllama_3b_finetune.yaml"], "scaling.use_gpu=True cannot run on --overlay cpu"),
-    (["experiments/quickstart.yaml", "--overlay", "tpu", "--set", "scaling.use_tpu=true", "--set",
-      "scaling.topology=2x4", "--set", "scaling.accelerator_type=TPU-V6E", "--set", "scaling.num_workers=3"],
-     "use a multiple of 2"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["experiments/quickstart.yaml", "--overlay", "xpu"], "--overlay 'xpu': no such overlay"),
+        (
+            [
+                "experiments/quickstart.yaml",
+                "--overlay",
+                "gpu",
+                "--set",
+                "scaling.use_tpu=true",
+                "--set",
+                "scaling.topology=2x4",
+            ],
+            "scaling.use_tpu=True cannot run on --overlay gpu",
+        ),
+        (["experiments/longllama_3b_finetune.yaml"], "scaling.use_gpu=True cannot run on --overlay cpu"),
+        (
+            [
+                "experiments/quickstart.yaml",
+                "--overlay",
+                "tpu",
+                "--set",
+                "scaling.use_tpu=true",
+                "--set",
+                "scaling.topology=2x4",
+                "--set",
+                "scaling.accelerator_type=TPU-V6E",
+                "--set",
+                "scaling.num_workers=3",
+            ],
+            "use a multiple of 2",
+        ),
+    ],
+)
 def test_render_job_bad_input_is_one_line(args, message):
     proc = render(*args)
     assert proc.returncode == 1 and proc.stdout == ""
@@ -210,13 +275,19 @@ def test_shipped_rayjob_sample_is_render_job_output():
 
 # -- dashboards ------------------------------------------------------------------------------------------------------
 def dashboards() -> dict[str, dict]:
-    return {p.relative_to(REPO / "dashboards").as_posix(): json.loads(p.read_text())
-            for p in sorted((REPO / "dashboards").rglob("*.json"))}
+    return {
+        p.relative_to(REPO / "dashboards").as_posix(): json.loads(p.read_text())
+        for p in sorted((REPO / "dashboards").rglob("*.json"))
+    }
 
 
 def test_dashboards_are_current_with_the_generator_and_installed_ray():
-    proc = subprocess.run([sys.executable, str(REPO / "dashboards" / "generate.py"), "--check"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "dashboards" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -224,8 +295,12 @@ def test_every_dashboard_query_parses_and_names_exported_metrics():
     from fotlab.orchestrate.live_metrics import all_metric_names
 
     boards = dashboards()
-    assert {"fotlab_training.json", "fotlab_sweeps.json", "ray/default_grafana_dashboard.json",
-            "ray/train_grafana_dashboard.json"} <= set(boards)
+    assert {
+        "fotlab_training.json",
+        "fotlab_sweeps.json",
+        "ray/default_grafana_dashboard.json",
+        "ray/train_grafana_dashboard.json",
+    } <= set(boards)
     ray_names: set[str] = set()  # what Ray's own generated dashboards query: Ray's declared exports
     for rel, board in boards.items():
         exprs = dashboard_exprs(board)

@@ -21,20 +21,32 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from cluster_checks import REPO, concrete_promql, dashboard_exprs, metric_names, parse_promql
 from live_stack import BIN, Stack, http_get, pg_bin
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 JOB_TIMEOUT_S = 600
 GPU_ONLY = {"ray_node_gpus_utilization", "ray_node_gram_used"}  # no data on a CPU-only cluster
-QUICK = ["--set", "train.steps=12", "--set", "train.log_every=2", "--set", "train.eval_every=6",
-         "--set", "train.eval_batches=1", "--set", "data.validation_docs=2", "--set", "eval.perplexity=[]"]
+QUICK = [
+    "--set",
+    "train.steps=12",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.eval_every=6",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "data.validation_docs=2",
+    "--set",
+    "eval.perplexity=[]",
+]
 
 
 def fotlab(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fotlab.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
 
 
 def wait_for_job(address: str, submission_id: str):
@@ -50,8 +62,9 @@ def wait_for_job(address: str, submission_id: str):
 
 
 def prometheus_range(prometheus: str, expr: str, start: float) -> list:
-    query = urllib.parse.urlencode({"query": concrete_promql(expr), "start": f"{start:.0f}",
-                                    "end": f"{time.time():.0f}", "step": "2"})
+    query = urllib.parse.urlencode(
+        {"query": concrete_promql(expr), "start": f"{start:.0f}", "end": f"{time.time():.0f}", "step": "2"}
+    )
     answer = json.loads(http_get(f"{prometheus}/api/v1/query_range?{query}"))
     assert answer["status"] == "success", answer
     return answer["data"]["result"]
@@ -70,8 +83,10 @@ def record_sweep_gauges(address: str, env: dict[str, str]) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job = client.submit_job(entrypoint=shlex.join([sys.executable, "-c", code]),
-                            runtime_env={"py_modules": [str(REPO / "platform" / "fotlab")]})
+    job = client.submit_job(
+        entrypoint=shlex.join([sys.executable, "-c", code]),
+        runtime_env={"py_modules": [str(REPO / "platform" / "fotlab")]},
+    )
     status, logs = wait_for_job(address, job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
 
@@ -88,8 +103,11 @@ def test_submit_to_a_two_node_stack_tracks_to_postgres_and_exports_live_metrics(
     stack = Stack(tmp_path)
     try:
         mlflow_url = stack.mlflow_server(stack.postgres())
-        cluster_env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_url,
-                       "RAY_metrics_report_interval_ms": "1000"}  # worker -> metrics agent every second
+        cluster_env = {
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "RAY_metrics_report_interval_ms": "1000",
+        }  # worker -> metrics agent every second
         head = stack.ray_head(cluster_env)
         stack.ray_node(head, cluster_env, own_temp_dir=False)  # the known failure: same host, same temp dir
         prometheus = stack.prometheus(head, REPO / "dashboards" / "prometheus" / "prometheus.yml")
@@ -101,8 +119,17 @@ def test_submit_to_a_two_node_stack_tracks_to_postgres_and_exports_live_metrics(
         (line,) = refused.stderr.strip().splitlines()
         assert "storage.path (or FOTLAB_STORAGE_PATH on the cluster)" in line and "tracking.uri (or" not in line
 
-        sent = fotlab("submit", spec, "--address", head.dashboard_url, "--json", *QUICK,
-                      "--set", f"storage.path={tmp_path / 'runs'}", env=client_env)
+        sent = fotlab(
+            "submit",
+            spec,
+            "--address",
+            head.dashboard_url,
+            "--json",
+            *QUICK,
+            "--set",
+            f"storage.path={tmp_path / 'runs'}",
+            env=client_env,
+        )
         assert sent.returncode == 0, sent.stderr
         submission = json.loads(sent.stdout.strip().splitlines()[-1])
         status, logs = wait_for_job(head.dashboard_url, submission["submission_id"])

@@ -60,10 +60,18 @@ def random_inputs(B, H, Hkv, T, Dh, seed=0):
     return q, k_rot, k_mem, v
 
 
-@pytest.mark.parametrize("cb", [
-    CrossBatch(0), CrossBatch(1), CrossBatch(3, 4, True), CrossBatch(3, 4, False), CrossBatch(6, 4, True),
-    CrossBatch(2, 2, True), CrossBatch(20, 2, False),
-])
+@pytest.mark.parametrize(
+    "cb",
+    [
+        CrossBatch(0),
+        CrossBatch(1),
+        CrossBatch(3, 4, True),
+        CrossBatch(3, 4, False),
+        CrossBatch(6, 4, True),
+        CrossBatch(2, 2, True),
+        CrossBatch(20, 2, False),
+    ],
+)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 def test_matches_brute_force(cb, heads):
     H, Hkv = heads
@@ -81,8 +89,9 @@ def test_matches_brute_force_with_padding(cb):
     key_valid[0, :4] = False  # left padding on the first entry: its first queries see no key at all
     out = crossbatch_attention(q, k_rot, k_mem, v, cb, key_valid)
     assert not out.isnan().any()
-    torch.testing.assert_close(out.double(), reference_attention(q, k_rot, k_mem, v, cb, key_valid),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k_rot, k_mem, v, cb, key_valid), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
@@ -98,8 +107,9 @@ def test_fully_masked_rows_are_zero_with_finite_gradients():
 def test_range_zero_is_plain_causal_attention():
     q, k_rot, k_mem, v = random_inputs(3, 4, 2, 7, 8)
     out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(0, packing=4, stepping=True))
-    expected = F.scaled_dot_product_attention(q, k_rot.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                              is_causal=True)
+    expected = F.scaled_dot_product_attention(
+        q, k_rot.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    )
     torch.testing.assert_close(out, expected)
     # k_mem plays no role when no extra context is visible
     other = crossbatch_attention(q, k_rot, torch.randn_like(k_mem), v, CrossBatch(0))
@@ -187,7 +197,9 @@ def _schedule(**fields) -> CrossBatchSpec:
 
 
 def test_schedule_switch():
-    cb = _schedule(range=1, packing=4, stepping=True, switch=[{"at_step": 100, "range": 63}, {"at_step": 10, "range": 7}])
+    cb = _schedule(
+        range=1, packing=4, stepping=True, switch=[{"at_step": 100, "range": 63}, {"at_step": 10, "range": 7}]
+    )
     ranges = [crossbatch_for_step(s, cb).range for s in (0, 9, 10, 99, 100, 5000)]
     assert ranges == [1, 1, 7, 7, 63, 63]
     assert crossbatch_for_step(5000, cb) == CrossBatch(63, 4, True)
@@ -211,8 +223,10 @@ def test_schedule_rules_are_the_specs():
     """switch vs sample_from and the bounds are checked once, by the spec, before anything runs."""
     from fotlab.spec import SpecError, parse_spec
 
-    both = {"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 0, "range": 3}],
-                                                                   "sample_from": [1, 2]}}}
+    both = {
+        "name": "x",
+        "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 0, "range": 3}], "sample_from": [1, 2]}},
+    }
     with pytest.raises(SpecError, match="train.crossbatch.sample_from"):
         parse_spec(both, check_paths=False)
     with pytest.raises(SpecError, match="sample_from"):
@@ -221,11 +235,14 @@ def test_schedule_rules_are_the_specs():
         crossbatch_for_step(-1, _schedule(range=1))
 
 
-@pytest.mark.parametrize("cb, heads, padded", [
-    (CrossBatch(3, 4, True, "flex"), (4, 2), False),
-    (CrossBatch(2, 1, False, "flex"), (2, 2), True),
-    (CrossBatch(6, 2, True, "flex"), (2, 1), True),
-])
+@pytest.mark.parametrize(
+    "cb, heads, padded",
+    [
+        (CrossBatch(3, 4, True, "flex"), (4, 2), False),
+        (CrossBatch(2, 1, False, "flex"), (2, 2), True),
+        (CrossBatch(6, 2, True, "flex"), (2, 1), True),
+    ],
+)
 def test_flex_backend_matches_sdpa_backend(cb, heads, padded):
     """The FlexAttention backend (eager on CPU; T = 128, one flex block per entry) computes the same function.
 
@@ -260,8 +277,9 @@ def test_flex_backend_block_mask_is_sparse():
 def test_flex_backend_falls_back_when_seq_len_is_not_a_block_multiple():
     q, k_rot, k_mem, v = random_inputs(4, 2, 2, 5, 8)
     out = crossbatch_attention(q, k_rot, k_mem, v, CrossBatch(2, 2, True, "flex"))
-    torch.testing.assert_close(out.double(), reference_attention(q, k_rot, k_mem, v, CrossBatch(2, 2, True)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k_rot, k_mem, v, CrossBatch(2, 2, True)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_backend_validation():
@@ -276,15 +294,15 @@ def test_backend_validation():
 @pytest.mark.parametrize("head_dim", [64, 100])  # 100: LongLLaMA-3B, padded to 104 for the fused SDPA kernels
 def test_cuda_backends_match_cpu_fp64(backend, head_dim):
     """Forward and gradients on CUDA (fp32) equal this module's CPU path in fp64, with GQA and padding."""
-    cb = CrossBatch(3, 4, True, backend)
     inputs = random_inputs(8, 4, 2, 128, head_dim, seed=4)
     key_valid = torch.rand(8, 128, generator=torch.Generator().manual_seed(2)) > 0.2
     key_valid[0, :5] = False
     results = []
     for device, dtype in (("cuda", torch.float32), ("cpu", torch.float64)):
         xs = [x.to(device, dtype).requires_grad_(True) for x in inputs]
-        out = crossbatch_attention(*xs, CrossBatch(3, 4, True, backend if device == "cuda" else "sdpa"),
-                                   key_valid.to(device))
+        out = crossbatch_attention(
+            *xs, CrossBatch(3, 4, True, backend if device == "cuda" else "sdpa"), key_valid.to(device)
+        )
         grads = torch.autograd.grad(out.square().sum(), xs)
         results.append([t.detach().cpu().double() for t in (out, *grads)])
     for got, want in zip(*results):

@@ -30,8 +30,16 @@ def docs():
 
 def make_packer(docs, batch_size, packing, seed):
     dataset, tokenizer = docs
-    return data.DocPacker(dataset, batch_size=batch_size, seq_len=SEQ_LEN, packing=packing, seed=seed,
-                          bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, with_doc_ids=True)
+    return data.DocPacker(
+        dataset,
+        batch_size=batch_size,
+        seq_len=SEQ_LEN,
+        packing=packing,
+        seed=seed,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        with_doc_ids=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +87,13 @@ def test_packer_rows_follow_doc_aware_packing(packed_batches):
     assert len(set(stream_docs)) == len(stream_docs)  # different streams, different documents
 
 
-@pytest.mark.parametrize("crossbatch, expected", [
-    (CrossBatch(3, PACKING, True), [(1, 0, 0), (3, 1, 1), (4, 2, 1), (4, 3, 0)]),
-    (CrossBatch(6, PACKING, True), [(1, 0, 0), (4, 1, 2), (7, 2, 4), (7, 3, 3)]),
-])
+@pytest.mark.parametrize(
+    "crossbatch, expected",
+    [
+        (CrossBatch(3, PACKING, True), [(1, 0, 0), (3, 1, 1), (4, 2, 1), (4, 3, 0)]),
+        (CrossBatch(6, PACKING, True), [(1, 0, 0), (4, 1, 2), (7, 2, 4), (7, 3, 3)]),
+    ],
+)
 def test_spec_mixture_table_on_real_batch(packed_batches, crossbatch, expected):
     counted = counted_mixture(packed_batches[0], crossbatch)
     # rows far enough from the batch start that the no-wrap-around clamp (allowed[b] <= b + 1) does not bite

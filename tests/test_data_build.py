@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fotlab.data import DocPacker, IGNORE_INDEX, build_datasets, byte_tokenizer
-
+from fotlab.data import IGNORE_INDEX, DocPacker, build_datasets, byte_tokenizer
 from fotlab.spec import DataSpec, SourceSpec
 
 
@@ -29,8 +28,11 @@ def write_corpus(root, prefix, lengths):
 def test_local_source_tokenized_filtered_and_split(tmp_path, tok):
     lengths = [10, 50, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100]
     path = write_corpus(tmp_path / "c", "a", lengths)
-    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt", min_doc_tokens=250)],
-                    validation_docs=2, cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        sources=[SourceSpec(kind="local", path=path, glob="*.txt", min_doc_tokens=250)],
+        validation_docs=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, val = build_datasets(spec, tok, seed=0)
     assert isinstance(train, datasets.Dataset) and train.column_names == ["input_ids"]
     n_tokens = [len(x) for x in train["input_ids"]] + [len(x) for x in val["input_ids"]]
@@ -46,8 +48,11 @@ def test_local_source_tokenized_filtered_and_split(tmp_path, tok):
 
 def test_max_docs_caps_documents(tmp_path, tok):
     path = write_corpus(tmp_path / "c", "a", [100] * 30)
-    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt", max_docs=10)], validation_docs=3,
-                    cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        sources=[SourceSpec(kind="local", path=path, glob="*.txt", max_docs=10)],
+        validation_docs=3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, val = build_datasets(spec, tok, seed=0)
     assert len(train) + len(val) == 10 and len(val) == 3
 
@@ -55,9 +60,14 @@ def test_max_docs_caps_documents(tmp_path, tok):
 def test_weighted_mixture_proportions(tmp_path, tok):
     a = write_corpus(tmp_path / "a", "a", [64] * 300)
     b = write_corpus(tmp_path / "b", "b", [64] * 300)
-    spec = DataSpec(sources=[SourceSpec(kind="local", path=a, glob="*.txt", weight=3.0),
-                             SourceSpec(kind="local", path=b, glob="*.txt", weight=1.0)],
-                    validation_docs=8, cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        sources=[
+            SourceSpec(kind="local", path=a, glob="*.txt", weight=3.0),
+            SourceSpec(kind="local", path=b, glob="*.txt", weight=1.0),
+        ],
+        validation_docs=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, val = build_datasets(spec, tok, seed=0)
     first = np.array([x[0] for x in train["input_ids"][:400]])
     share_a = (first == ord("a")).mean()
@@ -72,10 +82,15 @@ def test_weighted_mixture_proportions(tmp_path, tok):
 
 def test_synthetic_sources_mix_with_text_and_pack(tmp_path, tok):
     path = write_corpus(tmp_path / "c", "a", [300] * 20)
-    spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt"),
-                             SourceSpec(kind="dictionary_lookup", n_docs=20, doc_len=128),
-                             SourceSpec(kind="passkey", n_docs=10, doc_len=256)],
-                    validation_docs=3, cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        sources=[
+            SourceSpec(kind="local", path=path, glob="*.txt"),
+            SourceSpec(kind="dictionary_lookup", n_docs=20, doc_len=128),
+            SourceSpec(kind="passkey", n_docs=10, doc_len=256),
+        ],
+        validation_docs=3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, val = build_datasets(spec, tok, seed=0)
     assert train.column_names == ["input_ids", "loss_mask"] and len(val) == 3
     kinds = {"text": 0, "dict": 0, "passkey": 0}
@@ -99,8 +114,9 @@ def test_synthetic_sources_mix_with_text_and_pack(tmp_path, tok):
 def test_default_embedded_corpus_builds_without_writing_to_cwd(tmp_path, tok, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
-    spec = DataSpec(sources=[SourceSpec(kind="embedded", max_docs=40, min_doc_tokens=0)], validation_docs=4,
-                    cache_dir=str(cache))
+    spec = DataSpec(
+        sources=[SourceSpec(kind="embedded", max_docs=40, min_doc_tokens=0)], validation_docs=4, cache_dir=str(cache)
+    )
     train, val = build_datasets(spec, tok, seed=0)
     assert len(train) == 36 and len(val) == 4
     assert os.listdir(tmp_path) == ["cache"] and any(cache.rglob("*.arrow"))
@@ -111,8 +127,11 @@ def test_default_embedded_corpus_builds_without_writing_to_cwd(tmp_path, tok, mo
 def test_streaming_source_stays_lazy(tmp_path, tok):
     d = datasets.Dataset.from_dict({"text": [f"doc {i} " * (i + 1) for i in range(20)]})
     d.save_to_disk(tmp_path / "saved")
-    spec = DataSpec(sources=[SourceSpec(kind="hf", path=str(tmp_path / "saved"), streaming=True, min_doc_tokens=30)],
-                    validation_docs=2, cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        sources=[SourceSpec(kind="hf", path=str(tmp_path / "saved"), streaming=True, min_doc_tokens=30)],
+        validation_docs=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, val = build_datasets(spec, tok, seed=0)
     assert isinstance(train, datasets.IterableDataset)
     rows = [r["input_ids"] for r in train]
@@ -126,13 +145,24 @@ def test_num_proc_gives_the_same_tokens_and_reuses_the_cache(tmp_path, tok):
     path = write_corpus(tmp_path / "c", "a", [50 + i for i in range(160)])
     runs = {}
     for num_proc in (1, 2):
-        spec = DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt")], validation_docs=4,
-                        num_proc=num_proc, cache_dir=str(tmp_path / f"cache{num_proc}"))
+        spec = DataSpec(
+            sources=[SourceSpec(kind="local", path=path, glob="*.txt")],
+            validation_docs=4,
+            num_proc=num_proc,
+            cache_dir=str(tmp_path / f"cache{num_proc}"),
+        )
         runs[num_proc] = build_datasets(spec, tok, seed=0)
     assert runs[1][0]["input_ids"] == runs[2][0]["input_ids"] and runs[1][1]["input_ids"] == runs[2][1]["input_ids"]
     cache_files = sorted(p.name for p in (tmp_path / "cache1").rglob("*.arrow"))
-    again = build_datasets(DataSpec(sources=[SourceSpec(kind="local", path=path, glob="*.txt")], validation_docs=4,
-                                    cache_dir=str(tmp_path / "cache1")), tok, seed=0)
+    again = build_datasets(
+        DataSpec(
+            sources=[SourceSpec(kind="local", path=path, glob="*.txt")],
+            validation_docs=4,
+            cache_dir=str(tmp_path / "cache1"),
+        ),
+        tok,
+        seed=0,
+    )
     assert again[0]["input_ids"] == runs[1][0]["input_ids"]
     assert sorted(p.name for p in (tmp_path / "cache1").rglob("*.arrow")) == cache_files  # cached, not redone
 
@@ -151,8 +181,9 @@ def test_build_errors_name_the_source_and_what_is_wrong(tmp_path, tok):
     cache = str(tmp_path / "cache")
 
     def spec(validation_docs=0, **fields):
-        return DataSpec(sources=[fine, SourceSpec(path=path, **fields)],
-                        validation_docs=validation_docs, cache_dir=cache)
+        return DataSpec(
+            sources=[fine, SourceSpec(path=path, **fields)], validation_docs=validation_docs, cache_dir=cache
+        )
 
     message = _one_line_build_error(FileNotFoundError, spec(kind="local", glob="*.md"), tok)
     assert f"sources[1] (kind 'local', {path!r})" in message and "no files match '*.md'" in message

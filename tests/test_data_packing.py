@@ -31,7 +31,7 @@ def packer(docs, **kw):
 
 def stream_tokens(batches, group, k):
     """Concatenate the rows of one packing group over consecutive batches (the stream it carries)."""
-    return np.concatenate([b["input_ids"][group * k:(group + 1) * k].reshape(-1).numpy() for b in batches])
+    return np.concatenate([b["input_ids"][group * k : (group + 1) * k].reshape(-1).numpy() for b in batches])
 
 
 def test_rows_of_a_group_are_consecutive_chunks_of_one_stream():
@@ -131,8 +131,9 @@ def test_deterministic_in_seed():
     docs = make_docs(LENGTHS)
     a = [packer(docs, seed=5).next_batch()["input_ids"] for _ in range(2)]
     assert torch.equal(a[0], a[1])
-    assert not torch.equal(packer(docs, seed=5).next_batch()["input_ids"],
-                           packer(docs, seed=6).next_batch()["input_ids"])
+    assert not torch.equal(
+        packer(docs, seed=5).next_batch()["input_ids"], packer(docs, seed=6).next_batch()["input_ids"]
+    )
 
 
 def epoch_docs(p, epoch=0):
@@ -142,8 +143,7 @@ def epoch_docs(p, epoch=0):
 def test_ranks_read_disjoint_documents():
     docs = make_docs(LENGTHS * 3)
     world = 3
-    packers = [packer(docs, rank=r, world_size=world, with_doc_ids=True, batch_size=4, packing=2)
-               for r in range(world)]
+    packers = [packer(docs, rank=r, world_size=world, with_doc_ids=True, batch_size=4, packing=2) for r in range(world)]
     seen = []
     for p in packers:
         ids = set()

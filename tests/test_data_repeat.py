@@ -10,15 +10,15 @@ from fotlab.data.sources import load_raw_source
 from fotlab.data.synthetic import repeat_document
 from fotlab.errors import SpecError
 from fotlab.eval.documents import load_documents
-from fotlab.spec.eval import EvalSourceSpec
 from fotlab.spec import parse_spec
+from fotlab.spec.eval import EvalSourceSpec
 from fotlab.spec.models import DataSpec, SourceSpec
 
 TEXTS = ["".join(chr(65 + (i * 7 + j * 3) % 26) for j in range(300)) + f" text {i}" for i in range(5)]
 
 
 def _spans(doc: str, n: int) -> list[str]:
-    return [doc[i:i + n] for i in range(0, len(doc), n)]
+    return [doc[i : i + n] for i in range(0, len(doc), n)]
 
 
 def test_one_slice_repeated_through_the_document():
@@ -58,8 +58,9 @@ def test_training_source_on_local_files_splits_and_tokenizes(tmp_path):
         (tmp_path / f"f{i}.txt").write_text(t)
     (tmp_path / "skip.txt").write_text("é" * 400)  # not ASCII: never a base text
     src = SourceSpec(kind="repeat", path=str(tmp_path), n_docs=30, doc_len=128, span_len=32)
-    train, val = build_datasets(DataSpec(sources=[src], validation_docs=4, cache_dir=str(tmp_path / "cache")),
-                                byte_tokenizer(), seed=0)
+    train, val = build_datasets(
+        DataSpec(sources=[src], validation_docs=4, cache_dir=str(tmp_path / "cache")), byte_tokenizer(), seed=0
+    )
     assert len(train) == 26 and len(val) == 4
     ids = val[0]["input_ids"]
     assert len(ids) == 128 and ids[:32] == ids[32:64] == ids[96:]  # bytes: one token per character

@@ -10,7 +10,6 @@ import pytest
 from fotlab.data import embedded_files, load_embedded, load_raw_source
 from fotlab.spec import SourceSpec
 
-
 TEXTS = ["first document\nwith two lines\n", "second: ünïcode 🙂", "third " * 50]
 
 
@@ -45,8 +44,12 @@ def test_parquet_directory(tmp_path):
 
 
 def test_hf_save_to_disk_dir_and_streaming(tmp_path):
-    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": TEXTS, "n": [1, 2, 3]}),
-                              "validation": datasets.Dataset.from_dict({"body": ["v"], "n": [0]})})
+    d = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": TEXTS, "n": [1, 2, 3]}),
+            "validation": datasets.Dataset.from_dict({"body": ["v"], "n": [0]}),
+        }
+    )
     d.save_to_disk(tmp_path / "saved")
     ds = load_raw_source(SourceSpec(kind="hf", path=str(tmp_path / "saved"), text_field="body"))
     assert ds["text"] == TEXTS
@@ -69,8 +72,19 @@ def test_hf_local_folder_through_load_dataset(tmp_path):
 def test_missing_path_names_the_source(tmp_path, kind):
     missing = tmp_path / "does_not_exist"
     with pytest.raises(FileNotFoundError, match=f"kind '{kind}'.*does_not_exist"):
-        load_raw_source(SimpleNamespace(kind=kind, path=str(missing), name=None, glob="*.txt", text_field="text",
-                                        split="train", streaming=False, config=None), index=2)
+        load_raw_source(
+            SimpleNamespace(
+                kind=kind,
+                path=str(missing),
+                name=None,
+                glob="*.txt",
+                text_field="text",
+                split="train",
+                streaming=False,
+                config=None,
+            ),
+            index=2,
+        )
 
 
 def test_embedded_corpus_offline_sorted_and_long(tmp_path):

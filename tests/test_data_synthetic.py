@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from fotlab.data import byte_tokenizer, dictionary_lookup_doc, passkey_dataset, passkey_prompt, passkey_prompt_for_tokens
+from fotlab.data import (
+    byte_tokenizer,
+    dictionary_lookup_doc,
+    passkey_dataset,
+    passkey_prompt,
+    passkey_prompt_for_tokens,
+)
 from fotlab.data.synthetic import DICT_VOCAB, KEY_MARK, QUERY_MARK, VALUE_MARK
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -12,8 +18,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 def test_dictionary_lookup_records_queries_and_loss_mask():
     ids, mask = dictionary_lookup_doc(np.random.default_rng(0), doc_len=512, key_len=4, value_len=4)
     assert len(ids) == len(mask) == 510  # 51 records of 10 tokens
-    records = [ids[i:i + 10] for i in range(0, len(ids), 10)]
-    masks = [mask[i:i + 10] for i in range(0, len(ids), 10)]
+    records = [ids[i : i + 10] for i in range(0, len(ids), 10)]
+    masks = [mask[i : i + 10] for i in range(0, len(ids), 10)]
     defs, queries = records[:25], records[25:]
     assert all(r[0] == KEY_MARK and r[5] == VALUE_MARK for r in defs)
     assert all(r[0] == QUERY_MARK and r[5] == VALUE_MARK for r in queries) and len(queries) == 26

@@ -6,10 +6,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from fotlab.data import build_tokenizer, byte_tokenizer
 from fotlab.spec import DataSpec, SourceSpec, TokenizerSpec
 
-SAMPLES = ["héllo wörld", "tabs\tand\nnewlines\r\n", "日本語 🙂 emoji", "\x00 nul and ctrl \x7f", "  leading spaces",
-           "def f(x):\n    return x ** 2  # ünïcode"]
-CORPUS = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x):\n        self.x = x\n",
-          "import os\nprint(os.path.join('a', 'b'))\n"] * 40
+SAMPLES = [
+    "héllo wörld",
+    "tabs\tand\nnewlines\r\n",
+    "日本語 🙂 emoji",
+    "\x00 nul and ctrl \x7f",
+    "  leading spaces",
+    "def f(x):\n    return x ** 2  # ünïcode",
+]
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x):\n        self.x = x\n",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+] * 40
 
 
 def test_byte_tokenizer_is_lossless_and_ids_are_bytes():
@@ -59,8 +68,9 @@ def test_bpe_trains_on_data_spec_sources(tmp_path):
     (tmp_path / "docs").mkdir()
     for i, text in enumerate(CORPUS[:3]):
         (tmp_path / "docs" / f"{i}.txt").write_text(text * 20)
-    data = DataSpec(sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
-                    cache_dir=str(tmp_path / "cache"))
+    data = DataSpec(
+        sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")], cache_dir=str(tmp_path / "cache")
+    )
     tok = build_tokenizer(TokenizerSpec(kind="bpe", vocab_size=280), data_spec=data)
     assert len(tok(CORPUS[1])["input_ids"]) < 0.6 * len(CORPUS[1].encode())
 
@@ -83,8 +93,10 @@ def test_pretrained_missing_dir_names_the_path(tmp_path):
 def test_bpe_from_data_spec_is_cached_by_sources(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text(CORPUS[0] * 30)
-    data = DataSpec(sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
-                    cache_dir=str(tmp_path / "cache" / "datasets"))
+    data = DataSpec(
+        sources=[SourceSpec(kind="local", path=str(tmp_path / "docs"), glob="*.txt")],
+        cache_dir=str(tmp_path / "cache" / "datasets"),
+    )
     spec = TokenizerSpec(kind="bpe", vocab_size=270)
     first = build_tokenizer(spec, data_spec=data)
     saved = list((tmp_path / "cache" / "datasets" / "fotlab_tokenizers").glob("bpe-*/tokenizer.json"))

@@ -22,8 +22,8 @@ from fotlab.data import byte_tokenizer
 from fotlab.eval.dictionary import dictionary_lookup_accuracy
 from fotlab.eval.few_shot import few_shot_accuracy
 from fotlab.eval.passkey import passkey_retrieval
-from fotlab.spec.eval import DictionaryEvalSpec, FewShotEvalSpec, PasskeyEvalSpec
 from fotlab.model import FoTMemory, preset_config
+from fotlab.spec.eval import DictionaryEvalSpec, FewShotEvalSpec, PasskeyEvalSpec
 
 MIN_MATCH, MAX_MATCH = 3, 24  # suffix lengths (tokens) the copy rule tries, longest first
 CONFIDENCE = 10.0  # logit of the predicted token (all others 0)
@@ -46,19 +46,33 @@ class CopyLM(torch.nn.Module):
 
     def __init__(self, tok, W=64, lcl=32, reach=None, memory_until=None, copy_local=True, answer_steps=None):
         super().__init__()
-        self.config = preset_config("debug", vocab_size=len(tok), max_position_embeddings=W, last_context_length=lcl,
-                                    mem_dtype="float32")
+        self.config = preset_config(
+            "debug", vocab_size=len(tok), max_position_embeddings=W, last_context_length=lcl, mem_dtype="float32"
+        )
         self.unknown = tok.pad_token_id  # never part of an answer
-        self.reach, self.memory_until, self.copy_local, self.answer_steps = reach, memory_until, copy_local, \
-            answer_steps
+        self.reach, self.memory_until, self.copy_local, self.answer_steps = (
+            reach,
+            memory_until,
+            copy_local,
+            answer_steps,
+        )
         self.device_anchor = torch.nn.Parameter(torch.zeros(1))  # evaluations read the device off a parameter
         self.n_memory_calls = 0
 
     def new_memory(self) -> FoTMemory:
         return FoTMemory.empty(self.config.mem_dtype)
 
-    def forward(self, input_ids, attention_mask=None, memory=None, cache=None, last_context_length=None,
-                use_cache=None, logits_to_keep=0, **_):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        memory=None,
+        cache=None,
+        last_context_length=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **_,
+    ):
         B, L = input_ids.shape
         valid = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask[:, -L:].bool()
         memory = cache.memory if cache is not None else (memory if memory is not None else self.new_memory())
@@ -75,7 +89,7 @@ class CopyLM(torch.nn.Module):
         for b in range(B):
             mem_tokens = self._memory_tokens(memory, b)
             for i, t in enumerate(range(L - n_keep, L)):  # (predictions inside the windows are never used)
-                local = past_local[b].tolist() + input_ids[b, n_mem:t + 1][valid[b, n_mem:t + 1]].tolist()
+                local = past_local[b].tolist() + input_ids[b, n_mem : t + 1][valid[b, n_mem : t + 1]].tolist()
                 logits[b, i, self._predict(mem_tokens, local, t - n_mem, step)] = CONFIDENCE
         new_cache = CopyCache(memory, torch.cat([past_local, input_ids[:, n_mem:]], 1), step) if use_cache else None
         return SimpleNamespace(logits=logits, memory=memory, cache=new_cache)
@@ -98,7 +112,7 @@ class CopyLM(torch.nn.Module):
         for n in range(min(MAX_MATCH, len(history) - 1), MIN_MATCH - 1, -1):
             suffix = history[-n:]
             for start in range(n_sources - 1 - n, first - 1, -1):  # most recent first; history[start + n] copied
-                if history[start:start + n] == suffix:
+                if history[start : start + n] == suffix:
                     return history[start + n]
         return self.unknown
 
@@ -115,8 +129,9 @@ def test_passkey_hits_are_counted_exactly(tok, tmp_path):
     model = CopyLM(tok)
     cfg = PasskeyEvalSpec(lengths=[300, 600], depths=[0.0, 0.5, 1.0], n_trials=2)
     r = passkey_retrieval(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert r.metrics == {f"eval/passkey_acc/len_{L}{d}": 1.0 for L in (300, 600)
-                         for d in ("", "/depth_0", "/depth_50", "/depth_100")}
+    assert r.metrics == {
+        f"eval/passkey_acc/len_{L}{d}": 1.0 for L in (300, 600) for d in ("", "/depth_0", "/depth_50", "/depth_100")
+    }
     assert model.n_memory_calls == 12  # every prompt went through memory
     assert [row["accuracy"] for row in r.rows] == [1.0] * 6
 
@@ -147,8 +162,12 @@ def test_dictionary_hits_are_counted_exactly(tok, tmp_path):
     model = CopyLM(tok, copy_local=False)
     cfg = DictionaryEvalSpec(memory_sizes=[40, 200], n_samples=2, n_queries=3, chunk_len=32)
     r = dictionary_lookup_accuracy(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert r.metrics == {"eval/dict_lookup_acc/mem_40": 1.0, "eval/dict_lookup_token_acc/mem_40": 1.0,
-                         "eval/dict_lookup_acc/mem_200": 1.0, "eval/dict_lookup_token_acc/mem_200": 1.0}
+    assert r.metrics == {
+        "eval/dict_lookup_acc/mem_40": 1.0,
+        "eval/dict_lookup_token_acc/mem_40": 1.0,
+        "eval/dict_lookup_acc/mem_200": 1.0,
+        "eval/dict_lookup_token_acc/mem_200": 1.0,
+    }
     assert [row["values"] for row in r.rows] == [2 * 3, 2 * 3]
 
 
@@ -172,8 +191,9 @@ def _few_shot_source(tmp_path, query_phrases):
         return {"text": [t for t, _ in items], "label": [lab for _, lab in items]}
 
     demos = [(f"q{i} about {'num' if i % 2 else 'hum'}?", "NUM" if i % 2 else "HUM") for i in range(30)]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(demos)),
-                               "test": datasets.Dataset.from_dict(rows(query_phrases))})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows(demos)), "test": datasets.Dataset.from_dict(rows(query_phrases))}
+    )
     dd.save_to_disk(str(tmp_path / "icl"))
     return {"kind": "hf", "path": str(tmp_path / "icl"), "split": "train"}
 
@@ -183,21 +203,41 @@ def test_few_shot_hits_and_partial_accuracy(tok, tmp_path):
     copies from memory only, so hits come from demonstrations the evaluation streamed there: 0.25 when
     demonstrations fit the context, 0.0 when none fits (48 tokens: every option scores the same, the first label
     HUM wins)."""
-    queries = [("q100 about num?", "NUM"), ("q101 about loc?", "LOC"), ("q102 about loc?", "LOC"),
-               ("q103 about loc?", "LOC")]
-    cfg = FewShotEvalSpec(name="trec", source=_few_shot_source(tmp_path, queries), query_split="test",
-                          context_lengths=[48, 400], n_samplings=2, n_queries=4)
+    queries = [
+        ("q100 about num?", "NUM"),
+        ("q101 about loc?", "LOC"),
+        ("q102 about loc?", "LOC"),
+        ("q103 about loc?", "LOC"),
+    ]
+    cfg = FewShotEvalSpec(
+        name="trec",
+        source=_few_shot_source(tmp_path, queries),
+        query_split="test",
+        context_lengths=[48, 400],
+        n_samplings=2,
+        n_queries=4,
+    )
     model = CopyLM(tok, copy_local=False)
     r = few_shot_accuracy(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert r.metrics == {"eval/trec_acc/ctx_48": 0.0, "eval/trec_acc_std/ctx_48": 0.0,
-                         "eval/trec_acc/ctx_400": 0.25, "eval/trec_acc_std/ctx_400": 0.0}
+    assert r.metrics == {
+        "eval/trec_acc/ctx_48": 0.0,
+        "eval/trec_acc_std/ctx_48": 0.0,
+        "eval/trec_acc/ctx_400": 0.25,
+        "eval/trec_acc_std/ctx_400": 0.0,
+    }
     assert model.n_memory_calls > 0  # the demonstrations went through memory
 
 
 def test_few_shot_all_right_when_every_label_is_demonstrated(tok, tmp_path):
     queries = [("q200 about num?", "NUM"), ("q201 about hum?", "HUM"), ("q202 about num?", "NUM")]
-    cfg = FewShotEvalSpec(name="icl", source=_few_shot_source(tmp_path, queries), query_split="test",
-                          context_lengths=[400], n_samplings=2, n_queries=3)
+    cfg = FewShotEvalSpec(
+        name="icl",
+        source=_few_shot_source(tmp_path, queries),
+        query_split="test",
+        context_lengths=[400],
+        n_samplings=2,
+        n_queries=3,
+    )
     """Both labels demonstrated in memory: 1.0; the same model blind to memory ties every option, so the first
     label (HUM) wins: 1 of 3."""
     r = few_shot_accuracy(CopyLM(tok, copy_local=False), tok, cfg, output_dir=tmp_path, seed=5)

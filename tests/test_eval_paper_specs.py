@@ -36,8 +36,16 @@ def test_paper_spec_loads_and_has_evaluations(path):
 
 def test_every_claim_has_a_spec():
     names = {p.stem for p in PAPER.glob("*.yaml")}
-    assert {"lm_fot", "lm_baseline", "retrieval_fot", "retrieval_baseline", "dictionary_lookup",
-            "dictionary_lookup_baseline", "passkey", "passkey_finetune"} <= names
+    assert {
+        "lm_fot",
+        "lm_baseline",
+        "retrieval_fot",
+        "retrieval_baseline",
+        "dictionary_lookup",
+        "dictionary_lookup_baseline",
+        "passkey",
+        "passkey_finetune",
+    } <= names
 
 
 @pytest.mark.slow
@@ -48,9 +56,15 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    overrides = ["train.steps=2", "train.log_every=1", "data.sources.0.n_docs=40", "data.validation_docs=2",
-                 "eval.dictionary_lookup.memory_sizes=[16,64]", "eval.dictionary_lookup.n_samples=1",
-                 f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    overrides = [
+        "train.steps=2",
+        "train.log_every=1",
+        "data.sources.0.n_docs=40",
+        "data.validation_docs=2",
+        "eval.dictionary_lookup.memory_sizes=[16,64]",
+        "eval.dictionary_lookup.n_samples=1",
+        f"tracking.artifact_root={tmp_path / 'artifacts'}",
+    ]
     summary = reproduce(str(PAPER / "dictionary_lookup.yaml"), overrides, output_dir=tmp_path / "run", threads=1)
     assert set(summary["metrics"]) >= {"eval/dict_lookup_acc/mem_16", "eval/dict_lookup_acc/mem_64"}
     run = MlflowClient(uri).get_run(summary["run_id"])
@@ -72,16 +86,30 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    overrides = ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.sources.0.n_docs=60",
-                 "data.validation_docs=4", "data.cache_dir=" + str(tmp_path / "cache"),
-                 "eval.perplexity.0.source.max_docs=1", "eval.perplexity.0.source.doc_len=1024",
-                 "eval.perplexity.0.memory_sizes=[0,256]", "eval.perplexity.1.source.max_docs=2",
-                 "eval.perplexity.1.source.doc_len=512", "eval.perplexity.1.memory_sizes=[0,256]",
-                 "eval.distraction.n_contexts=[1,2]", "eval.distraction.n_samples=2",
-                 f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    overrides = [
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "data.sources.0.n_docs=60",
+        "data.validation_docs=4",
+        "data.cache_dir=" + str(tmp_path / "cache"),
+        "eval.perplexity.0.source.max_docs=1",
+        "eval.perplexity.0.source.doc_len=1024",
+        "eval.perplexity.0.memory_sizes=[0,256]",
+        "eval.perplexity.1.source.max_docs=2",
+        "eval.perplexity.1.source.doc_len=512",
+        "eval.perplexity.1.memory_sizes=[0,256]",
+        "eval.distraction.n_contexts=[1,2]",
+        "eval.distraction.n_samples=2",
+        f"tracking.artifact_root={tmp_path / 'artifacts'}",
+    ]
     summary = reproduce(str(PAPER / "retrieval_fot.yaml"), overrides, output_dir=tmp_path / "run", threads=1)
-    expected = {"eval/ppl_repeats_single_doc/mem_0", "eval/ppl_repeats_single_doc/mem_256",
-                "eval/ppl_repeats_multi_doc/mem_256", "eval/distraction_ratio/d_2"}
+    expected = {
+        "eval/ppl_repeats_single_doc/mem_0",
+        "eval/ppl_repeats_single_doc/mem_256",
+        "eval/ppl_repeats_multi_doc/mem_256",
+        "eval/distraction_ratio/d_2",
+    }
     assert expected <= set(summary["metrics"])
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and expected <= set(run.data.metrics)
@@ -89,10 +117,19 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     # stage 2 (claim d): passkey_finetune starts from the model stage 1 registered (models:/.../latest)
     (version,) = MlflowClient(uri).search_model_versions("name='paper_retrieval_fot'")
     assert version.run_id == summary["run_id"]
-    stage2 = ["train.steps=2", "train.log_every=1", "train.eval_every=0", "data.sources.0.n_docs=40",
-              "data.sources.1.n_docs=40", "data.validation_docs=4", "data.cache_dir=" + str(tmp_path / "cache"),
-              "eval.passkey.lengths=[320]", "eval.passkey.depths=[0.5]", "eval.passkey.n_trials=1",
-              f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    stage2 = [
+        "train.steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "data.sources.0.n_docs=40",
+        "data.sources.1.n_docs=40",
+        "data.validation_docs=4",
+        "data.cache_dir=" + str(tmp_path / "cache"),
+        "eval.passkey.lengths=[320]",
+        "eval.passkey.depths=[0.5]",
+        "eval.passkey.n_trials=1",
+        f"tracking.artifact_root={tmp_path / 'artifacts'}",
+    ]
     finetuned = reproduce(str(PAPER / "passkey_finetune.yaml"), stage2, output_dir=tmp_path / "run2", threads=1)
     run2 = MlflowClient(uri).get_run(finetuned["run_id"])
     assert run2.info.status == "FINISHED" and "eval/passkey_acc/len_320" in run2.data.metrics
@@ -114,10 +151,26 @@ def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "fotlab.orchestrate.reproduce", str(PAPER / "retrieval_fot.yaml"), "--threads", "1",
-           "--set", "train.steps=100000", "--set", "train.log_every=1", "--set", "data.sources.0.n_docs=60",
-           "--set", "data.validation_docs=4", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-           "--set", f"tracking.artifact_root={tmp_path / 'artifacts'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fotlab.orchestrate.reproduce",
+        str(PAPER / "retrieval_fot.yaml"),
+        "--threads",
+        "1",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "data.sources.0.n_docs=60",
+        "--set",
+        "data.validation_docs=4",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"tracking.artifact_root={tmp_path / 'artifacts'}",
+    ]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # training has started once a step is logged
         if line.startswith("step "):
@@ -126,7 +179,9 @@ def test_reproduce_killed_by_sigterm_closes_its_run_as_killed(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.stderr.read()
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("paper_retrieval_fot").experiment_id)
+    (run,) = MlflowClient(uri).search_runs(
+        MlflowClient(uri).get_experiment_by_name("paper_retrieval_fot").experiment_id
+    )
     assert run.info.status == "KILLED" and run.data.tags["fotlab.error"].startswith("Terminated")
 
 
@@ -138,5 +193,8 @@ def test_reproduce_with_a_missing_stage1_model_says_so_in_one_line(tmp_path, mon
     code = main([str(PAPER / "passkey_finetune.yaml"), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err  # (MLflow's own INFO lines about creating the store come first)
-    assert err.strip().splitlines()[-1].startswith(
-        "reproduce: model.init_from: models:/paper_retrieval_fot/latest: cannot download")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("reproduce: model.init_from: models:/paper_retrieval_fot/latest: cannot download")
+    )

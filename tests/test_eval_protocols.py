@@ -15,9 +15,14 @@ from fotlab.eval.distraction import distraction_ratio
 from fotlab.eval.few_shot import few_shot_accuracy, score_options
 from fotlab.eval.passkey import greedy_answer, passkey_prompt, passkey_retrieval
 from fotlab.eval.perplexity import perplexity_vs_memory, score_stream
-from fotlab.spec.eval import (DictionaryEvalSpec, DistractionEvalSpec, FewShotEvalSpec, PasskeyEvalSpec,
-                              PerplexityEvalSpec)
 from fotlab.model import FoTForCausalLM, preset_config
+from fotlab.spec.eval import (
+    DictionaryEvalSpec,
+    DistractionEvalSpec,
+    FewShotEvalSpec,
+    PasskeyEvalSpec,
+    PerplexityEvalSpec,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,8 +35,14 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    cfg = preset_config("debug", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, mem_dtype="float32")
+    cfg = preset_config(
+        "debug",
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        mem_dtype="float32",
+    )
     return FoTForCausalLM(cfg).eval()
 
 
@@ -55,11 +66,11 @@ def test_ppl_with_empty_memory_equals_plain_ppl(model):
     long_ids = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(3))
     nll, n = 0.0, 0
     for s in range(0, 150, 50):
-        chunk = long_ids[s:s + 51]  # the chunk + the next token as the last label
+        chunk = long_ids[s : s + 51]  # the chunk + the next token as the last label
         with torch.no_grad():
             logits = model(chunk[None, :50], last_context_length=50).logits[0]
         targets = chunk[1:]
-        nll += float(torch.nn.functional.cross_entropy(logits[:len(targets)], targets, reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum"))
         n += len(targets)
     assert math.isclose(score_stream(model, long_ids, 50, 0).perplexity, math.exp(nll / n), rel_tol=1e-5)
 
@@ -91,8 +102,13 @@ def test_perplexity_vs_memory_metrics_and_plot(model, tok, docs, tmp_path):
     tokens = {row["tokens"] for row in r.rows if row["mode"] == "single_doc"}
     assert len(tokens) == 1  # one token set for every memory size
     # full_memory scores only chunks with >= 96 tokens of history
-    full = perplexity_vs_memory(model, tok, cfg.model_copy(update={"token_set": "full_memory", "modes": ["multi_doc"]}), docs,
-                                output_dir=tmp_path)
+    full = perplexity_vs_memory(
+        model,
+        tok,
+        cfg.model_copy(update={"token_set": "full_memory", "modes": ["multi_doc"]}),
+        docs,
+        output_dir=tmp_path,
+    )
     n_full = {row["tokens"] for row in full.rows if row["mode"] == "multi_doc"}
     assert len(n_full) == 1 and n_full.pop() < max(row["tokens"] for row in r.rows if row["mode"] == "multi_doc")
 
@@ -100,15 +116,18 @@ def test_perplexity_vs_memory_metrics_and_plot(model, tok, docs, tmp_path):
 # ----- passkey --------------------------------------------------------------------------------------------------
 def test_passkey_prompt_is_the_papers_format(tok):
     ids, answer, p = passkey_prompt(tok, 400, 31337, 0.5)
-    task = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-            "I will quiz you about the important information there.")
+    task = (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there."
+    )
     lines = p.prompt.split("\n")
     assert lines[0] == task
     assert lines[2] == "The pass key is 31337. Remember it. 31337 is the pass key."
     assert lines[4] == "What is the pass key? The pass key is"
     filler = " ".join([PASSKEY_FILLER] * 20)
-    assert PASSKEY_FILLER == ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-                              "There and back again.")
+    assert PASSKEY_FILLER == (
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    )
     assert filler.startswith(lines[1]) and filler.startswith(lines[3])
     assert abs(len(lines[1]) - len(lines[3])) <= 1  # depth 0.5: half the filler characters before the key
     assert p.answer == " 31337" and tok.decode(answer) == " 31337"
@@ -118,9 +137,10 @@ def test_passkey_prompt_is_the_papers_format(tok):
 def test_greedy_answer_equals_generate(model, tok):
     ids, answer, _ = passkey_prompt(tok, 300, 4242, 0.25)
     got = greedy_answer(model, ids, 5, last_context_length=32)
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, last_context_length=32,
-                         pad_token_id=tok.pad_token_id)
-    assert got == ref[0, len(ids):].tolist()
+    ref = model.generate(
+        torch.tensor([ids]), max_new_tokens=5, do_sample=False, last_context_length=32, pad_token_id=tok.pad_token_id
+    )
+    assert got == ref[0, len(ids) :].tolist()
 
 
 def test_greedy_answer_decodes_in_the_local_context(model, tok):
@@ -135,18 +155,24 @@ def test_greedy_answer_decodes_in_the_local_context(model, tok):
         for step in range(6):
             logits = model(torch.tensor([ref]), last_context_length=lcl + step, use_cache=False).logits
             ref.append(int(logits[0, -1].argmax()))
-    assert got == ref[len(ids):]
-    flushed = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, last_context_length=W,
-                             pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert got == ref[len(ids) :]
+    flushed = model.generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, last_context_length=W, pad_token_id=tok.pad_token_id
+    )[0, len(ids) :].tolist()
     assert flushed != got  # what decoding with a flush after the first token gives instead (this random model)
 
 
 def test_passkey_retrieval_metrics_and_heatmap(model, tok, tmp_path):
     cfg = PasskeyEvalSpec(lengths=[256, 512], depths=[0.0, 1.0], n_trials=2)
     r = passkey_retrieval(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert set(r.metrics) == {"eval/passkey_acc/len_256", "eval/passkey_acc/len_512",
-                              "eval/passkey_acc/len_256/depth_0", "eval/passkey_acc/len_256/depth_100",
-                              "eval/passkey_acc/len_512/depth_0", "eval/passkey_acc/len_512/depth_100"}
+    assert set(r.metrics) == {
+        "eval/passkey_acc/len_256",
+        "eval/passkey_acc/len_512",
+        "eval/passkey_acc/len_256/depth_0",
+        "eval/passkey_acc/len_256/depth_100",
+        "eval/passkey_acc/len_512/depth_0",
+        "eval/passkey_acc/len_512/depth_100",
+    }
     assert all(v in (0.0, 0.5, 1.0) for v in r.metrics.values())
     assert _is_png(r.figure_path) and len(r.rows) == 4
 
@@ -196,8 +222,12 @@ def test_distraction_ratio_sees_the_relevant_context(tok, docs, tmp_path):
 def test_dictionary_lookup_metrics_and_plot(model, tok, tmp_path):
     cfg = DictionaryEvalSpec(memory_sizes=[40, 120], n_samples=2, n_queries=3, chunk_len=32)
     r = dictionary_lookup_accuracy(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert set(r.metrics) == {"eval/dict_lookup_acc/mem_40", "eval/dict_lookup_token_acc/mem_40",
-                              "eval/dict_lookup_acc/mem_120", "eval/dict_lookup_token_acc/mem_120"}
+    assert set(r.metrics) == {
+        "eval/dict_lookup_acc/mem_40",
+        "eval/dict_lookup_token_acc/mem_40",
+        "eval/dict_lookup_acc/mem_120",
+        "eval/dict_lookup_token_acc/mem_120",
+    }
     assert all(0.0 <= v <= 1.0 for v in r.metrics.values())
     assert [row["values"] for row in r.rows] == [2 * 3, 2 * 3]  # 32-token chunk holds 3 queries of 10 tokens
     assert _is_png(r.figure_path)
@@ -221,11 +251,16 @@ def test_few_shot_accuracy_metrics_and_plot(model, tok, tmp_path):
     with path.open("w") as f:
         for i in range(40):
             f.write(json.dumps({"text": f"q{i} about {labels[i % 3].lower()}?", "label": labels[i % 3]}) + "\n")
-    cfg = FewShotEvalSpec(name="trec", source={"kind": "jsonl", "path": str(path)}, context_lengths=[48, 200],
-                          n_samplings=2, n_queries=4)
+    cfg = FewShotEvalSpec(
+        name="trec", source={"kind": "jsonl", "path": str(path)}, context_lengths=[48, 200], n_samplings=2, n_queries=4
+    )
     r = few_shot_accuracy(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert set(r.metrics) == {"eval/trec_acc/ctx_48", "eval/trec_acc_std/ctx_48", "eval/trec_acc/ctx_200",
-                              "eval/trec_acc_std/ctx_200"}
+    assert set(r.metrics) == {
+        "eval/trec_acc/ctx_48",
+        "eval/trec_acc_std/ctx_48",
+        "eval/trec_acc/ctx_200",
+        "eval/trec_acc_std/ctx_200",
+    }
     assert all(0.0 <= r.metrics[f"eval/trec_acc/ctx_{n}"] <= 1.0 for n in (48, 200))
     assert _is_png(r.figure_path)
 
@@ -235,13 +270,21 @@ def test_few_shot_reads_hf_dataset_with_class_labels(model, tok, tmp_path):
 
     from fotlab.eval.few_shot import load_examples
 
-    features = datasets.Features({"question": datasets.Value("string"),
-                                  "coarse": datasets.ClassLabel(names=["ABBR", "DESC", "NUM"])})
-    ds = datasets.Dataset.from_dict({"question": [f"q {i}?" for i in range(12)], "coarse": [i % 3 for i in range(12)]},
-                                    features=features)
+    features = datasets.Features(
+        {"question": datasets.Value("string"), "coarse": datasets.ClassLabel(names=["ABBR", "DESC", "NUM"])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"question": [f"q {i}?" for i in range(12)], "coarse": [i % 3 for i in range(12)]}, features=features
+    )
     ds.save_to_disk(str(tmp_path / "trec"))
-    cfg = FewShotEvalSpec(name="trec", source={"kind": "hf", "path": str(tmp_path / "trec"), "text_field": "question"},
-                          label_field="coarse", context_lengths=[48], n_samplings=1, n_queries=3)
+    cfg = FewShotEvalSpec(
+        name="trec",
+        source={"kind": "hf", "path": str(tmp_path / "trec"), "text_field": "question"},
+        label_field="coarse",
+        context_lengths=[48],
+        n_samplings=1,
+        n_queries=3,
+    )
     assert load_examples(cfg)[:3] == [("q 0?", "ABBR"), ("q 1?", "DESC"), ("q 2?", "NUM")]
     r = few_shot_accuracy(model, tok, cfg, output_dir=tmp_path, seed=1)
     assert 0.0 <= r.metrics["eval/trec_acc/ctx_48"] <= 1.0 and r.info["n_labels"] == 3

@@ -12,8 +12,8 @@ import yaml
 from fotlab.data import byte_tokenizer
 from fotlab.eval.report import generate_report, group_metrics
 from fotlab.eval.runner import log_eval_result, result_file_stem, run_evaluations
-from fotlab.spec.eval import EvalSpec
 from fotlab.model import FoTForCausalLM, preset_config
+from fotlab.spec.eval import EvalSpec
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,15 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    return FoTForCausalLM(preset_config("debug", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    return FoTForCausalLM(
+        preset_config(
+            "debug",
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
 
 
 @pytest.fixture()
@@ -43,14 +50,29 @@ def _eval_spec(corpus) -> dict:
     root, icl = corpus
     local = {"kind": "local", "path": str(root), "glob": "*.txt", "max_docs": 4}
     return {
-        "perplexity": [{"name": "ppl", "source": local, "memory_sizes": [0, 64], "modes": ["multi_doc"],
-                        "chunk_len": 32, "max_stream_tokens": 256},
-                       {"name": "valppl", "source": {"kind": "validation"}, "memory_sizes": [0, 32], "chunk_len": 32}],
+        "perplexity": [
+            {
+                "name": "ppl",
+                "source": local,
+                "memory_sizes": [0, 64],
+                "modes": ["multi_doc"],
+                "chunk_len": 32,
+                "max_stream_tokens": 256,
+            },
+            {"name": "valppl", "source": {"kind": "validation"}, "memory_sizes": [0, 32], "chunk_len": 32},
+        ],
         "passkey": {"lengths": [256], "depths": [0.5], "n_trials": 1},
         "distraction": {"source": local, "n_contexts": [1, 2], "n_samples": 1, "chunk_len": 32},
         "dictionary_lookup": {"memory_sizes": [40], "n_samples": 1, "n_queries": 2, "chunk_len": 32},
-        "few_shot": [{"name": "icl", "source": {"kind": "jsonl", "path": str(icl)}, "context_lengths": [60],
-                      "n_samplings": 1, "n_queries": 2}],
+        "few_shot": [
+            {
+                "name": "icl",
+                "source": {"kind": "jsonl", "path": str(icl)},
+                "context_lengths": [60],
+                "n_samplings": 1,
+                "n_queries": 2,
+            }
+        ],
         "progress": False,
     }
 
@@ -60,12 +82,22 @@ def test_run_evaluations_all_sections(model, tok, corpus, tmp_path):
     spec = EvalSpec.model_validate(_eval_spec(corpus))
     seen, documents = [], []
     val_docs = [{"input_ids": list(range(100, 180))}, {"input_ids": list(range(50, 120))}]
-    results = run_evaluations(spec, model, tok, output_dir=tmp_path / "out", seed=0, validation_docs=val_docs,
-                              on_result=lambda r: seen.append(r.name), on_documents=documents.append)
+    results = run_evaluations(
+        spec,
+        model,
+        tok,
+        output_dir=tmp_path / "out",
+        seed=0,
+        validation_docs=val_docs,
+        on_result=lambda r: seen.append(r.name),
+        on_documents=documents.append,
+    )
     assert list(results) == spec.selected() == seen
     # lineage: each distinct document set once (ppl and distraction read the same 4 local documents)
-    assert [(d.name, d.n_docs, d.context) for d in documents] == [("eval-local", 4, "evaluation"),
-                                                                   ("eval-validation", 2, "evaluation")]
+    assert [(d.name, d.n_docs, d.context) for d in documents] == [
+        ("eval-local", 4, "evaluation"),
+        ("eval-validation", 2, "evaluation"),
+    ]
     assert documents[1].n_tokens == 80 + 70 and documents[0].digest != documents[1].digest
     assert "eval/valppl_single_doc/mem_32" in results["perplexity:valppl:single_doc"].metrics
     for name, r in results.items():
@@ -89,10 +121,18 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = tracking.setup_experiment(uri, "evaltest", artifact_root=str(tmp_path / "artifacts"))
     run = tracking.start_run(uri, exp, run_name="r1")
-    spec = EvalSpec.model_validate({**_eval_spec(corpus), "perplexity": _eval_spec(corpus)["perplexity"][:1],
-                                    "few_shot": [], "distraction": None, "dictionary_lookup": None})
-    results = run_evaluations(spec, model, tok, output_dir=tmp_path / "out",
-                              on_result=lambda r: log_eval_result(r, run))
+    spec = EvalSpec.model_validate(
+        {
+            **_eval_spec(corpus),
+            "perplexity": _eval_spec(corpus)["perplexity"][:1],
+            "few_shot": [],
+            "distraction": None,
+            "dictionary_lookup": None,
+        }
+    )
+    results = run_evaluations(
+        spec, model, tok, output_dir=tmp_path / "out", on_result=lambda r: log_eval_result(r, run)
+    )
     run.finish()
     logged = MlflowClient(uri).get_run(run.run_id).data.metrics
     expected = {k: v for r in results.values() for k, v in r.metrics.items()}
@@ -105,24 +145,29 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     from fotlab import cli
 
     (tmp_path / "notes.md").write_text("## Status\nhand-written notes\n")
-    assert cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--out", "cli.md",
-                     "--notes", "notes.md"]) == 0
+    assert (
+        cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--out", "cli.md", "--notes", "notes.md"])
+        == 0
+    )
     assert "hand-written notes" in (tmp_path / "cli.md").read_text()
     assert cli.main(["results", "--tracking-uri", uri, "--notes", "missing.md"]) == 1
     # a named run is found even when it is not among the newest --max-runs, and a wrong one is an error
-    assert cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--max-runs", "0",
-                     "--out", "old.md"]) == 0 and "r1" in (tmp_path / "old.md").read_text()
+    assert (
+        cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--max-runs", "0", "--out", "old.md"]) == 0
+        and "r1" in (tmp_path / "old.md").read_text()
+    )
     assert cli.main(["results", "--tracking-uri", uri, "--run", "ffffffff", "--out", "none.md"]) == 1
     assert not (tmp_path / "none.md").exists()
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]
-    assert (out.parent / link[link.index("(") + 1:-1]).is_file()
+    assert (out.parent / link[link.index("(") + 1 : -1]).is_file()
 
 
 def test_group_metrics_sorts_numerically():
-    groups = group_metrics({"eval/ppl_x/mem_1024": 2.0, "eval/ppl_x/mem_64": 3.0, "train/loss": 1.0,
-                            "eval/passkey_acc/len_256": 1.0})
+    groups = group_metrics(
+        {"eval/ppl_x/mem_1024": 2.0, "eval/ppl_x/mem_64": 3.0, "train/loss": 1.0, "eval/passkey_acc/len_256": 1.0}
+    )
     assert groups["ppl_x"] == [("mem_64", 3.0), ("mem_1024", 2.0)]
     assert "loss" not in str(groups)
 
@@ -139,11 +184,23 @@ def test_eval_command_from_dir_and_run(model, tok, corpus, tmp_path):
     tok.save_pretrained(model_dir)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root, _ = corpus
-    spec = {"name": "evalcli", "model": {"preset": "debug"}, "data": {"tokenizer": {"kind": "byte"}},
-            "tracking": {"uri": uri, "artifact_root": str(tmp_path / "artifacts")},
-            "eval": {"perplexity": [{"source": {"kind": "local", "path": str(root), "glob": "*.txt", "max_docs": 2},
-                                     "memory_sizes": [0, 32], "chunk_len": 32, "max_stream_tokens": 128}],
-                     "progress": False}}
+    spec = {
+        "name": "evalcli",
+        "model": {"preset": "debug"},
+        "data": {"tokenizer": {"kind": "byte"}},
+        "tracking": {"uri": uri, "artifact_root": str(tmp_path / "artifacts")},
+        "eval": {
+            "perplexity": [
+                {
+                    "source": {"kind": "local", "path": str(root), "glob": "*.txt", "max_docs": 2},
+                    "memory_sizes": [0, 32],
+                    "chunk_len": 32,
+                    "max_stream_tokens": 128,
+                }
+            ],
+            "progress": False,
+        },
+    }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     args = argparse.Namespace(spec=str(spec_path), overrides=[], model=str(model_dir), json=True)

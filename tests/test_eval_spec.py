@@ -27,8 +27,15 @@ def _models(cls: type[BaseModel], seen=None):
 
 def test_every_field_is_described_and_extra_is_forbidden():
     models = _models(EvalSpec)
-    assert {m.__name__ for m in models} >= {"EvalSpec", "PerplexityEvalSpec", "PasskeyEvalSpec", "EvalSourceSpec",
-                                            "DistractionEvalSpec", "DictionaryEvalSpec", "FewShotEvalSpec"}
+    assert {m.__name__ for m in models} >= {
+        "EvalSpec",
+        "PerplexityEvalSpec",
+        "PasskeyEvalSpec",
+        "EvalSourceSpec",
+        "DistractionEvalSpec",
+        "DictionaryEvalSpec",
+        "FewShotEvalSpec",
+    }
     for m in models:
         assert m.model_config.get("extra") == "forbid", m.__name__
         for name, f in m.model_fields.items():
@@ -36,8 +43,9 @@ def test_every_field_is_described_and_extra_is_forbidden():
 
 
 def test_parse_and_reject():
-    spec = EvalSpec.model_validate({"perplexity": [{"memory_sizes": [1024, 0, 256, 256]}],
-                                    "passkey": {"lengths": [2048]}, "distraction": {}})
+    spec = EvalSpec.model_validate(
+        {"perplexity": [{"memory_sizes": [1024, 0, 256, 256]}], "passkey": {"lengths": [2048]}, "distraction": {}}
+    )
     assert spec.perplexity[0].memory_sizes == [0, 256, 1024]
     assert spec.selected() == ["perplexity:ppl:single_doc", "passkey", "distraction"]
     two = EvalSpec.model_validate({"perplexity": [{"modes": ["single_doc"]}, {"modes": ["multi_doc"]}]})

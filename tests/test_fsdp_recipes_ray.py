@@ -8,12 +8,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_orchestrate import client_for, interrupt_after_first_checkpoint
 
 from fotlab import tracking
 from fotlab.orchestrate import RunInterruptedError, run_experiment
 from fotlab.spec import load_spec
-
-from test_orchestrate import client_for, interrupt_after_first_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -22,8 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def documented_overrides(recipe: str) -> list[str]:
     """The `--set` overrides of the toy-size command in the recipe's header comment (what users copy)."""
-    lines = [line[1:].strip() for line in (REPO / "experiments" / recipe).read_text().splitlines()
-             if line.startswith("#   --set")]
+    lines = [
+        line[1:].strip()
+        for line in (REPO / "experiments" / recipe).read_text().splitlines()
+        if line.startswith("#   --set")
+    ]
     words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
     return [w for w in words if w != "--set"]
 
@@ -31,8 +33,10 @@ def documented_overrides(recipe: str) -> list[str]:
 def _toy_spec(recipe: str, tmp_path: Path, uri: str, steps: int):
     overrides = documented_overrides(recipe)
     assert len(overrides) > 20 and "scaling.num_workers=2" in overrides
-    return load_spec(REPO / "experiments" / recipe, [
-        *overrides, f"train.steps={steps}", f"storage.path={tmp_path / 'runs'}", f"tracking.uri={uri}"])
+    return load_spec(
+        REPO / "experiments" / recipe,
+        [*overrides, f"train.steps={steps}", f"storage.path={tmp_path / 'runs'}", f"tracking.uri={uri}"],
+    )
 
 
 def _sharded_checkpoints(run_dir: Path) -> list[str]:

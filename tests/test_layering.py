@@ -105,14 +105,17 @@ def test_no_library_module_is_a_cli_module():
     assert cli_modules == []  # handlers live in orchestrate.commands; model loading in eval.loading
 
 
-@pytest.mark.parametrize("bad_edge, rule", [
-    (("fotlab.eval.runner", "fotlab.orchestrate.pipeline"), "eval may import only"),
-    (("fotlab.spec.models", "fotlab.eval.results"), "spec may import only"),
-    (("fotlab.train.loop", "fotlab.eval.runner"), "train may import only"),
-    (("fotlab.orchestrate.worker", "fotlab.cli"), "only cli*.py import a CLI module"),
-    (("fotlab.model.layers", "fotlab.tracking"), "model may import only"),
-    (("fotlab.jax.train", "fotlab.orchestrate.trainer"), "below orchestrate"),
-])
+@pytest.mark.parametrize(
+    "bad_edge, rule",
+    [
+        (("fotlab.eval.runner", "fotlab.orchestrate.pipeline"), "eval may import only"),
+        (("fotlab.spec.models", "fotlab.eval.results"), "spec may import only"),
+        (("fotlab.train.loop", "fotlab.eval.runner"), "train may import only"),
+        (("fotlab.orchestrate.worker", "fotlab.cli"), "only cli*.py import a CLI module"),
+        (("fotlab.model.layers", "fotlab.tracking"), "model may import only"),
+        (("fotlab.jax.train", "fotlab.orchestrate.trainer"), "below orchestrate"),
+    ],
+)
 def test_the_check_catches_an_arrow_back_up(bad_edge, rule):
     importer, imported = bad_edge
     graph = {importer: {imported}}
@@ -126,5 +129,6 @@ def test_relative_and_function_level_imports_are_seen(tmp_path, monkeypatch):
     source = pkg / "x.py"
     source.write_text("def f():\n    from fotlab.orchestrate import pipeline\n\nfrom ..train import loop\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "fotlab")
-    assert {"fotlab.orchestrate", "fotlab.orchestrate.pipeline", "fotlab.train", "fotlab.train.loop"} <= \
-        fotlab_imports(source)
+    assert {"fotlab.orchestrate", "fotlab.orchestrate.pipeline", "fotlab.train", "fotlab.train.loop"} <= fotlab_imports(
+        source
+    )

@@ -23,12 +23,13 @@ def brute_force(q, k, v, local_mask, mem_k, mem_v, mem_valid, scale=None, keep=N
     scores = (q @ keys.transpose(-1, -2)).float() * scale  # (B, H, T, S+M)
     scores = scores.masked_fill(~torch.cat([local_mask.expand(B, H, T, -1), mem_mask], -1), MASKED_SCORE)
     if keep is not None:  # unselected memory slots leave the softmax entirely
-        scores[..., k.shape[2]:] = scores[..., k.shape[2]:].masked_fill(~keep, -math.inf)
+        scores[..., k.shape[2] :] = scores[..., k.shape[2] :].masked_fill(~keep, -math.inf)
     return torch.softmax(scores, -1).to(q.dtype) @ values
 
 
-def make_inputs(B=2, H=4, n_kv=2, T=6, S=9, M=11, head_dim=8, dtype=torch.float32, mem_dtype=torch.float32,
-                seed=0, mask_heads=1):
+def make_inputs(
+    B=2, H=4, n_kv=2, T=6, S=9, M=11, head_dim=8, dtype=torch.float32, mem_dtype=torch.float32, seed=0, mask_heads=1
+):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, head_dim, generator=g, dtype=dtype)
     k = torch.randn(B, n_kv, S, head_dim, generator=g, dtype=dtype)
@@ -70,8 +71,9 @@ def test_no_memory_is_plain_causal_attention():
     torch.testing.assert_close(out, memory_attention(q, k, v, local_mask, None, None, None))
     mem_valid[:] = False  # all memory masked: same as no memory only up to exp(-1e6) = 0 terms
     torch.testing.assert_close(out, memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid))
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                            attn_mask=local_mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=local_mask
+    )
     torch.testing.assert_close(out, sdpa, atol=1e-6, rtol=1e-6)
 
 
@@ -81,7 +83,8 @@ def test_mem_valid_none_means_all_valid():
     for retrieval in ("dense", "topk"):
         torch.testing.assert_close(
             memory_attention(q, k, v, local_mask, mem_k, mem_v, None, retrieval=retrieval, topk=4),
-            memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval=retrieval, topk=4))
+            memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval=retrieval, topk=4),
+        )
 
 
 def test_bf16_memory_is_cast_to_query_dtype():
@@ -103,8 +106,9 @@ def test_bf16_activations_match_reference():
 
 def test_custom_scale():
     inputs = make_inputs()
-    torch.testing.assert_close(memory_attention(*inputs, scale=0.05), brute_force(*inputs, scale=0.05),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        memory_attention(*inputs, scale=0.05), brute_force(*inputs, scale=0.05), atol=1e-6, rtol=1e-6
+    )
 
 
 def topk_keep(q, mem_k, mem_valid, topk):
@@ -154,8 +158,9 @@ def test_faiss_equals_torch_topk(n_kv):
     mem_valid[0, :57] = False  # row 0: only 3 valid slots < k = 5 (missing hits stay masked)
     for topk in (1, 5):
         torch_out = memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval="topk", topk=topk)
-        faiss_out = memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval="faiss", topk=topk,
-                                     grouping=(1, 3))
+        faiss_out = memory_attention(
+            q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval="faiss", topk=topk, grouping=(1, 3)
+        )
         torch.testing.assert_close(faiss_out, torch_out, atol=1e-6, rtol=1e-6)
 
 
@@ -171,7 +176,8 @@ def test_gradients_match_brute_force():
 
 def test_topk_gradients_float64():
     q, k, v, local_mask, mem_k, mem_v, mem_valid = make_inputs(
-        B=1, H=2, n_kv=1, T=3, S=4, M=8, head_dim=4, dtype=torch.float64, mem_dtype=torch.float64)
+        B=1, H=2, n_kv=1, T=3, S=4, M=8, head_dim=4, dtype=torch.float64, mem_dtype=torch.float64
+    )
     args = [q.requires_grad_(), k.requires_grad_(), v, local_mask, mem_k.requires_grad_(), mem_v.requires_grad_()]
 
     def fn(q, k, v, mk, mv):
@@ -280,8 +286,12 @@ def test_lower_right_sdpa_equals_chunked_path(n_kv):
     want = memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid)
     got = fused.sdpa_lower_right(q, k, v, mem_k, mem_v, 1 / math.sqrt(q.shape[-1]))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(fused.sdpa_lower_right(q, k, v, None, None, 0.3),
-                               memory_attention(q, k, v, local_mask, None, None, None, scale=0.3), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        fused.sdpa_lower_right(q, k, v, None, None, 0.3),
+        memory_attention(q, k, v, local_mask, None, None, None, scale=0.3),
+        atol=1e-6,
+        rtol=1e-6,
+    )
     assert not fused.can_fuse_cuda(q, local_mask, mem_valid, "dense")  # CPU: the CPU paths apply
 
 
@@ -310,8 +320,9 @@ def test_cuda_fused_path_matches_cpu_fp64(dtype, n_kv):
     padded[6][1, 5:9] = False
     assert not fused.can_fuse_cuda(padded[0], padded[3], padded[6], "dense")
     ref_rest[5] = padded[6].cpu()
-    torch.testing.assert_close(memory_attention(*padded).cpu().double(),
-                               brute_force(inputs[0].cpu().double(), *ref_rest), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        memory_attention(*padded).cpu().double(), brute_force(inputs[0].cpu().double(), *ref_rest), atol=tol, rtol=tol
+    )
 
 
 # ----- the model's memory-mass option (MemoryMassProbe), used by the distraction ratio r_d --------------------------
@@ -346,12 +357,18 @@ def test_model_memory_mass_matches_brute_force_and_keeps_outputs(overrides):
     rep = q.shape[1] // k_all.shape[1]
     keys = torch.cat([k_all, mem_k.to(k_all.dtype)], 2).repeat_interleave(rep, 1).double()  # (B, H, S+M, Dh)
     scores = q.double() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S+M)
-    visible = torch.cat([ctx.local_mask.expand(-1, q.shape[1], -1, -1),
-                         mem_valid[:, None, None, :].expand(-1, q.shape[1], q.shape[2], -1)], -1)
+    visible = torch.cat(
+        [
+            ctx.local_mask.expand(-1, q.shape[1], -1, -1),
+            mem_valid[:, None, None, :].expand(-1, q.shape[1], q.shape[2], -1),
+        ],
+        -1,
+    )
     weights = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)
     S = k_all.shape[2]
-    expected = torch.stack([weights[..., :S].sum(-1)] + [weights[..., S:][..., segments == j].sum(-1)
-                                                         for j in range(3)], -1)
+    expected = torch.stack(
+        [weights[..., :S].sum(-1)] + [weights[..., S:][..., segments == j].sum(-1) for j in range(3)], -1
+    )
     mass = probe.mass[layer_idx]
     assert mass.shape == (1, q.shape[1], 10, 4)
     torch.testing.assert_close(mass.double(), expected, atol=1e-5, rtol=1e-4)

@@ -50,7 +50,7 @@ def reference_completion(model_dir: Path, prompt: str, n_new: int) -> str:
     assert ids.shape[1] > 2 * model.config.max_position_embeddings  # longer than the window: memory is used
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.fixture
@@ -96,13 +96,19 @@ def test_logged_model_generates_like_the_model_and_loads_without_pickles(store, 
     def refuse(*args, **kwargs):
         raise AssertionError("unpickling while loading a fotlab MLflow Model")
 
-    for module, attr in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "load"), (cloudpickle, "loads"),
-                         (torch, "load")):
+    for module, attr in (
+        (pickle, "load"),
+        (pickle, "loads"),
+        (cloudpickle, "load"),
+        (cloudpickle, "loads"),
+        (torch, "load"),
+    ):
         monkeypatch.setattr(module, attr, refuse)
     for ref in (f"models:/{model_id}", "models:/fot-tiny/latest", f"runs:/{run.run_id}/model"):
         loaded = mlflow.pyfunc.load_model(ref)
-        got = loaded.predict(pd.DataFrame({"prompt": [LONG_PROMPT, LONG_PROMPT[:-40]]}),
-                             params={"max_new_tokens": N_NEW})
+        got = loaded.predict(
+            pd.DataFrame({"prompt": [LONG_PROMPT, LONG_PROMPT[:-40]]}), params={"max_new_tokens": N_NEW}
+        )
         expected = [reference_completion(model_dir, p, N_NEW) for p in (LONG_PROMPT, LONG_PROMPT[:-40])]
         assert list(got[names.COMPLETION_COLUMN]) == expected, ref
     monkeypatch.undo()
@@ -118,8 +124,9 @@ def test_logged_model_generates_like_the_model_and_loads_without_pickles(store, 
 def test_model_references_resolve_to_the_model_directory(store, model_dir, tmp_path):
     run, model_id, _ = log_and_register(store, model_dir, name="stage1")
     expected = (model_dir / "model.safetensors").read_bytes()
-    for i, ref in enumerate((f"runs:/{run.run_id}", "models:/stage1/latest", "models:/stage1/1",
-                             f"models:/{model_id}")):
+    for i, ref in enumerate(
+        (f"runs:/{run.run_id}", "models:/stage1/latest", "models:/stage1/1", f"models:/{model_id}")
+    ):
         local = tracking.download_model(ref, store, tmp_path / f"d{i}")
         assert (local / "model.safetensors").read_bytes() == expected, ref
         FoTForCausalLM.from_pretrained(str(local))  # what init_from and `fotlab eval --model` do with it
@@ -161,8 +168,9 @@ def free_port() -> int:
 def wait_http(url: str, deadline_s: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}: {Path(proc.args[-1]).name} " + \
-            Path(proc.log).read_text()[-3000:]
+        assert proc.poll() is None, (
+            f"server exited with {proc.returncode}: {Path(proc.args[-1]).name} " + Path(proc.log).read_text()[-3000:]
+        )
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
@@ -194,9 +202,24 @@ def test_on_a_tracking_server_and_served_by_mlflow_models_serve(model_dir, tmp_p
     # MLflow's serving command execs `uvicorn` from PATH: the environment's bin folder, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    server = start_server([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                           "--artifacts-destination", str(tmp_path / "artifacts")], env, tmp_path / "server.log")
+    server = start_server(
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        env,
+        tmp_path / "server.log",
+    )
     serve = None
     try:
         uri = f"http://127.0.0.1:{port}"
@@ -204,18 +227,32 @@ def test_on_a_tracking_server_and_served_by_mlflow_models_serve(model_dir, tmp_p
         run, model_id, version = log_and_register(uri, model_dir, name="served")
         check_logged_model(uri, run, model_id, version, "served")
         serve_port = free_port()
-        serve = start_server([mlflow_bin, "models", "serve", "-m", "models:/served/latest", "--env-manager", "local",
-                              "--host", "127.0.0.1", "--port", str(serve_port)],
-                             {**env, "MLFLOW_TRACKING_URI": uri}, tmp_path / "serve.log")
+        serve = start_server(
+            [
+                mlflow_bin,
+                "models",
+                "serve",
+                "-m",
+                "models:/served/latest",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(serve_port),
+            ],
+            {**env, "MLFLOW_TRACKING_URI": uri},
+            tmp_path / "serve.log",
+        )
         wait_http(f"http://127.0.0.1:{serve_port}/ping", 180, serve)
         body = json.dumps({"dataframe_records": [{"prompt": LONG_PROMPT}], "params": {"max_new_tokens": N_NEW}})
         body = body.encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{serve_port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{serve_port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
-        assert answer["predictions"] == [{names.COMPLETION_COLUMN: reference_completion(model_dir, LONG_PROMPT,
-                                                                                          N_NEW)}]
+        assert answer["predictions"] == [{names.COMPLETION_COLUMN: reference_completion(model_dir, LONG_PROMPT, N_NEW)}]
     finally:
         for proc in (serve, server):
             if proc is not None:

@@ -11,8 +11,15 @@ def debug_model(seed=0, **overrides):
 
 
 def greedy(model, ids, n_new, **kwargs):
-    out = model.generate(ids, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
-                         output_scores=True, pad_token_id=0, **kwargs)
+    out = model.generate(
+        ids,
+        max_new_tokens=n_new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        pad_token_id=0,
+        **kwargs,
+    )
     return out.sequences, torch.stack(out.scores, dim=1)  # (B, P + N), (B, N, V)
 
 
@@ -45,8 +52,9 @@ def brute_force_flush_run(model, prompt, n_new):
                 flushed = ids[:, local_start:-1]
                 memory = model(flushed, memory=memory, last_context_length=0).memory
                 local_start, n_flushes = ids.shape[1] - 1, n_flushes + 1
-            logits = model(ids[:, local_start:], memory=memory, use_cache=False,
-                           last_context_length=10**6).logits[:, -1]
+            logits = model(ids[:, local_start:], memory=memory, use_cache=False, last_context_length=10**6).logits[
+                :, -1
+            ]
             all_logits.append(logits)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids, torch.stack(all_logits, 1), n_flushes, memory
@@ -85,19 +93,26 @@ def test_left_padded_generation_equals_rows_alone():
     ids = torch.zeros(2, L, dtype=torch.long)
     mask = torch.zeros(2, L, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, L - row.shape[1]:], mask[b, L - row.shape[1]:] = row, 1
+        ids[b, L - row.shape[1] :], mask[b, L - row.shape[1] :] = row, 1
     batch, _ = greedy(model, ids, 15, attention_mask=mask)
     for b, row in enumerate(rows):
         alone, _ = greedy(model, row, 15)
-        assert torch.equal(batch[b, L:], alone[0, row.shape[1]:])
+        assert torch.equal(batch[b, L:], alone[0, row.shape[1] :])
 
 
 def test_sampling_runs_with_memory_prompt():
     model = debug_model(seed=4)
     prompt = torch.randint(1, 512, (2, 100))  # > W: prefix goes to memory
     torch.manual_seed(0)
-    out = model.generate(prompt, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=True,
+        top_k=20,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     seqs, logits = out.sequences, torch.stack(out.logits, 1)  # (2, 108), (2, 8, V) before the top-k filter
     assert seqs.shape == (2, 108) and torch.equal(seqs[:, :100], prompt)
     with torch.no_grad():

@@ -17,8 +17,9 @@ def logits(model, ids, **kwargs):
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = FoTForCausalLM(preset_config("debug", num_key_value_heads=2, mem_positionals=False,
-                                         mem_attention_grouping=(2, 16))).eval()
+    model = FoTForCausalLM(
+        preset_config("debug", num_key_value_heads=2, mem_positionals=False, mem_attention_grouping=(2, 16))
+    ).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "fot"
@@ -37,16 +38,34 @@ def write_longllama_dir(path, model: FoTForCausalLM, sharded: bool):
     """A LongLLaMA-style checkpoint dir: its config fields and torch.save'd state dict(s) with LLaMA key names."""
     cfg = model.config
     config = {
-        "architectures": ["LongLlamaForCausalLM"], "model_type": "longllama",
+        "architectures": ["LongLlamaForCausalLM"],
+        "model_type": "longllama",
         "auto_map": {"AutoConfig": "configuration_longllama.LongLlamaConfig"},
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "hidden_act": "silu", "initializer_range": 0.02, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
-        "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32", "rope_scaling": None,
-        "rope_theta": cfg.rope_theta, "mem_layers": cfg.mem_layers, "mem_dtype": "bfloat16",
-        "mem_positionals": True, "mem_attention_grouping": [4, 128], "last_context_length": cfg.last_context_length,
-        "torch_attention": False, "gradient_checkpoint_every_ith": 1, "transformers_version": "4.33.2",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "mem_layers": cfg.mem_layers,
+        "mem_dtype": "bfloat16",
+        "mem_positionals": True,
+        "mem_attention_grouping": [4, 128],
+        "last_context_length": cfg.last_context_length,
+        "torch_attention": False,
+        "gradient_checkpoint_every_ith": 1,
+        "transformers_version": "4.33.2",
     }
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
@@ -56,8 +75,10 @@ def write_longllama_dir(path, model: FoTForCausalLM, sharded: bool):
         torch.save(state, path / "pytorch_model.bin")
         return
     names = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for shard, keys in shards.items():
         torch.save({k: state[k] for k in keys}, path / shard)
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
@@ -83,9 +104,18 @@ def test_load_longllama_dir(tmp_path):
 
 def test_load_hf_llama_dir_with_mem_layers(tmp_path):
     torch.manual_seed(2)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         rope_parameters={"rope_type": "default", "rope_theta": 2000.0})).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
+        )
+    ).eval()
     llama.save_pretrained(tmp_path)
     model = FoTForCausalLM.from_pretrained(tmp_path, mem_layers=[1, 2], last_context_length=16)
     assert isinstance(model.config, FoTConfig)
@@ -113,13 +143,16 @@ def one_line_error(error_type, fn, *args, **kwargs) -> str:
     return message
 
 
-@pytest.mark.parametrize("fields, words", [
-    (dict(hidden_act="gelu"), ["hidden_act", "'gelu'"]),
-    (dict(mem_dtype="int8"), ["mem_dtype", "'int8'"]),
-    (dict(mem_retrieval="knn"), ["mem_retrieval", "'knn'"]),
-    (dict(num_attention_heads=4, num_key_value_heads=3), ["num_attention_heads 4", "kv heads 3"]),
-    (dict(num_hidden_layers=2, mem_layers=[1, 2]), ["mem_layers [2]", "2 layers"]),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(hidden_act="gelu"), ["hidden_act", "'gelu'"]),
+        (dict(mem_dtype="int8"), ["mem_dtype", "'int8'"]),
+        (dict(mem_retrieval="knn"), ["mem_retrieval", "'knn'"]),
+        (dict(num_attention_heads=4, num_key_value_heads=3), ["num_attention_heads 4", "kv heads 3"]),
+        (dict(num_hidden_layers=2, mem_layers=[1, 2]), ["mem_layers [2]", "2 layers"]),
+    ],
+)
 def test_fot_config_errors_name_the_field(fields, words):
     message = one_line_error(ValueError, FoTConfig, **fields)
     assert all(w in message for w in words), message
@@ -131,8 +164,17 @@ def test_unknown_preset_is_named():
 
 
 def _llama_dir(path, **config):
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=32, **config)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            **config,
+        )
+    ).save_pretrained(path)
     return path
 
 

@@ -8,14 +8,22 @@ from fotlab.model import FoTForCausalLM, preset_config
 
 
 def build_pair(n_kv_heads=4, mem_layers=(1,), **overrides):
-    config = preset_config("debug", num_key_value_heads=n_kv_heads, mem_layers=list(mem_layers), rope_theta=500.0,
-                           **overrides)
+    config = preset_config(
+        "debug", num_key_value_heads=n_kv_heads, mem_layers=list(mem_layers), rope_theta=500.0, **overrides
+    )
     llama_config = LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=False, attn_implementation="eager")
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     llama = LlamaForCausalLM(llama_config).eval()
     fot = FoTForCausalLM(config).eval()
@@ -54,8 +62,8 @@ def test_left_padded_batch_equals_rows_alone():
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, L - row.shape[1]:] = row
-        mask[b, L - row.shape[1]:] = 1
+        ids[b, L - row.shape[1] :] = row
+        mask[b, L - row.shape[1] :] = 1
     with torch.no_grad():
         batch = fot(ids, attention_mask=mask).logits
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -63,8 +71,8 @@ def test_left_padded_batch_equals_rows_alone():
         for b, row in enumerate(rows):
             alone = fot(row).logits[0]
             n = row.shape[1]
-            assert (batch[b, L - n:] - alone).abs().max().item() <= 1e-5
-            assert (batch[b, L - n:] - ref_batch[b, L - n:]).abs().max().item() <= 1e-5
+            assert (batch[b, L - n :] - alone).abs().max().item() <= 1e-5
+            assert (batch[b, L - n :] - ref_batch[b, L - n :]).abs().max().item() <= 1e-5
     assert torch.isfinite(batch).all()
 
 
@@ -78,7 +86,8 @@ def test_logits_to_keep_and_loss():
         ours_loss, ref_loss = fot(short, labels=short).loss, llama(short, labels=short).loss
     assert last.logits.shape == (2, 5, fot.config.vocab_size)
     assert torch.allclose(last.logits, full.logits[:, -5:], atol=1e-6)
-    manual = torch.nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, fot.config.vocab_size),
-                                               ids[:, 1:].reshape(-1))
+    manual = torch.nn.functional.cross_entropy(
+        full.logits[:, :-1].reshape(-1, fot.config.vocab_size), ids[:, 1:].reshape(-1)
+    )
     assert torch.allclose(full.loss, manual, atol=1e-6)
     assert abs(ours_loss.item() - ref_loss.item()) <= 1e-5

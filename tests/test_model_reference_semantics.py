@@ -27,7 +27,7 @@ def _rotate(x, pos, theta):
     inv = 1.0 / theta ** (torch.arange(0, dh, 2).float() / dh)
     ang = pos.float()[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    return x * cos + torch.cat([-x[:, dh // 2:], x[:, :dh // 2]], -1) * sin
+    return x * cos + torch.cat([-x[:, dh // 2 :], x[:, : dh // 2]], -1) * sin
 
 
 def _attend(q, k, v, visible, mem_k, mem_v):
@@ -71,8 +71,11 @@ def brute_force_logits(model, ids, valid, last_context_length, first_real_at_zer
                 heads.append(_attend(qh, kh, v[:, hh], visible, mk, mv))
             x = x + torch.stack(heads, 1).reshape(T, H * Dh) @ sd[p + "self_attn.o_proj.weight"].T
             h = _rms(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) \
+            x = (
+                x
+                + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T))
                 @ sd[p + "mlp.down_proj.weight"].T
+            )
             if li in memory:
                 new_kv[li] = (k[seg_valid].transpose(0, 1), v[seg_valid].transpose(0, 1))  # (H, T_valid, Dh)
         if e <= mem_len:
@@ -84,13 +87,21 @@ def brute_force_logits(model, ids, valid, last_context_length, first_real_at_zer
 
 def _model():
     torch.manual_seed(0)
-    config = preset_config("debug", vocab_size=64, max_position_embeddings=8, last_context_length=4,
-                           mem_layers=[0, 1], mem_dtype="float32", rope_theta=100.0)
+    config = preset_config(
+        "debug",
+        vocab_size=64,
+        max_position_embeddings=8,
+        last_context_length=4,
+        mem_layers=[0, 1],
+        mem_dtype="float32",
+        rope_theta=100.0,
+    )
     model = FoTForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the default init, so positions visibly move the logits
         for name, param in model.named_parameters():
-            param.copy_(1.0 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight")
-                        else 0.25 * torch.randn_like(param))
+            param.copy_(
+                1.0 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.25 * torch.randn_like(param)
+            )
     return model
 
 

@@ -23,8 +23,9 @@ def grads_of(model, ids, checkpointing: bool):
 
 def test_gradient_checkpointing_keeps_memory_gradients_exact():
     torch.manual_seed(0)
-    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=16,
-                                         mem_dtype="float32"))
+    model = FoTForCausalLM(
+        preset_config("debug", max_position_embeddings=16, last_context_length=16, mem_dtype="float32")
+    )
     ids = torch.randint(0, 512, (2, 48))  # 2 windows into memory + 16 local tokens
     loss_plain, plain = grads_of(model, ids, checkpointing=False)
     loss_ckpt, ckpt = grads_of(model, ids, checkpointing=True)
@@ -75,8 +76,10 @@ def test_crossbatch_range_zero_is_plain_causal():
 
 
 def test_import_does_not_pull_ray_or_mlflow():
-    code = ("import sys, fotlab.model; bad = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}); "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, fotlab.model; bad = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -107,8 +110,9 @@ def test_bfloat16_model_forward_and_generate():
 
 def test_checkpoint_every_ith_layer_same_gradients():
     torch.manual_seed(6)
-    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=16,
-                                         gradient_checkpoint_every_ith=2))
+    model = FoTForCausalLM(
+        preset_config("debug", max_position_embeddings=16, last_context_length=16, gradient_checkpoint_every_ith=2)
+    )
     ids = torch.randint(0, 512, (1, 40))
     _, plain = grads_of(model, ids, checkpointing=False)
     _, ckpt = grads_of(model, ids, checkpointing=True)

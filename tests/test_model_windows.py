@@ -23,7 +23,7 @@ def rotate(x, pos, theta):
     inv = 1.0 / theta ** (torch.arange(0, dh, 2).float() / dh)
     ang = pos.float()[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    half = torch.cat([-x[:, dh // 2:], x[:, :dh // 2]], -1)
+    half = torch.cat([-x[:, dh // 2 :], x[:, : dh // 2]], -1)
     return x * cos + half * sin
 
 
@@ -42,8 +42,9 @@ def topk_keep(s_mem, mem_k, mem_v, topk, stats=None, tie_margin=1e-5):
         boundary = [m for m in range(len(row)) if abs(row[m] - row[kth]) <= tie_margin]
         if len({bool(keep[t, m]) for m in boundary}) > 1:
             for m in boundary:
-                assert torch.equal(mem_k[m], mem_k[kth]) and torch.equal(mem_v[m], mem_v[kth]), \
+                assert torch.equal(mem_k[m], mem_k[kth]) and torch.equal(mem_v[m], mem_v[kth]), (
                     f"ambiguous top-{topk} at query {t}: slots {kth} and {m} score {row[kth]:.6f}, {row[m]:.6f}"
+                )
             if stats is not None:
                 stats["ties"] = stats.get("ties", 0) + 1
     return keep
@@ -112,9 +113,16 @@ def reference_logits(model, ids, last_context_length, mem_dtype=torch.bfloat16, 
 @pytest.mark.parametrize("mem_positionals,n_kv_heads,mem_layers", [(True, 4, [1]), (False, 2, [0, 1])])
 def test_five_windows_equal_brute_force(mem_positionals, n_kv_heads, mem_layers):
     torch.manual_seed(0)
-    model = FoTForCausalLM(preset_config("debug", mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads,
-                                         mem_layers=mem_layers, max_position_embeddings=8,
-                                         last_context_length=6)).eval()
+    model = FoTForCausalLM(
+        preset_config(
+            "debug",
+            mem_positionals=mem_positionals,
+            num_key_value_heads=n_kv_heads,
+            mem_layers=mem_layers,
+            max_position_embeddings=8,
+            last_context_length=6,
+        )
+    ).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 5 * 8 + 6 + 3))  # 5 full windows + 3-token window + local
     with torch.no_grad():
         out = model(ids)
@@ -175,15 +183,21 @@ def test_padding_is_carried_into_memory():
     assert a.memory[layer].valid[0].tolist() == [False] * 5 + [True] * 37
 
 
-@pytest.mark.parametrize("overrides", [dict(mem_retrieval="topk", mem_topk=1000), dict(mem_retrieval="faiss",
-                                                                                     mem_topk=1000),
-                                       dict(mem_attention_grouping=(1, 4))])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(mem_retrieval="topk", mem_topk=1000),
+        dict(mem_retrieval="faiss", mem_topk=1000),
+        dict(mem_attention_grouping=(1, 4)),
+    ],
+)
 def test_retrieval_and_grouping_variants_equal_dense(overrides):
     """Top-k retrieval with k >= M and (heads, queries) grouping are the dense computation (FOT_SPEC §1.3, §1.4)."""
     torch.manual_seed(5)
     dense = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8)).eval()
-    variant = FoTForCausalLM(preset_config("debug", max_position_embeddings=16, last_context_length=8,
-                                           **overrides)).eval()
+    variant = FoTForCausalLM(
+        preset_config("debug", max_position_embeddings=16, last_context_length=8, **overrides)
+    ).eval()
     variant.load_state_dict(dense.state_dict())
     ids = torch.randint(0, 512, (2, 60))
     with torch.no_grad():
@@ -196,12 +210,16 @@ def retrieval_calls(monkeypatch) -> dict:
     import fotlab.model.memory_attention as ma
 
     calls = {"topk": 0, "faiss": 0}
-    for name, key in (("_topk_dense_scan", "topk"), ("_faiss_scan", "faiss")):
-        def spy(*args, _real=getattr(ma, name), _key=key, **kwargs):
-            calls[_key] += 1
-            return _real(*args, **kwargs)
 
-        monkeypatch.setattr(ma, name, spy)
+    def counting(real, key):
+        def spy(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        return spy
+
+    for name, key in (("_topk_dense_scan", "topk"), ("_faiss_scan", "faiss")):
+        monkeypatch.setattr(ma, name, counting(getattr(ma, name), key))
     return calls
 
 
@@ -209,8 +227,16 @@ def topk_model(seed, retrieval, topk, **overrides):
     """A debug model with W = 8, last_context_length 6 and top-k retrieval; q and k weights scaled up 8x so that
     attention scores spread over a few units (at init they are ~0.02 apart: near-ties everywhere, top-k ~ dense)."""
     torch.manual_seed(seed)
-    model = FoTForCausalLM(preset_config("debug", max_position_embeddings=8, last_context_length=6,
-                                         mem_retrieval=retrieval, mem_topk=topk, **overrides)).eval()
+    model = FoTForCausalLM(
+        preset_config(
+            "debug",
+            max_position_embeddings=8,
+            last_context_length=6,
+            mem_retrieval=retrieval,
+            mem_topk=topk,
+            **overrides,
+        )
+    ).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8)
@@ -227,8 +253,9 @@ def test_topk_below_memory_size_equals_brute_force(monkeypatch, retrieval, mem_p
     """k = 3 of up to 43 memory slots (FOT_SPEC §1.3): every query and head attends to its 3 best memory keys, as the
     brute-force selection says, through the torch scan or FAISS; the result is not dense attention."""
     calls = retrieval_calls(monkeypatch)
-    model = topk_model(0, retrieval, 3, mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads,
-                       mem_layers=mem_layers)
+    model = topk_model(
+        0, retrieval, 3, mem_positionals=mem_positionals, num_key_value_heads=n_kv_heads, mem_layers=mem_layers
+    )
     ids = torch.randint(0, model.config.vocab_size, (2, 5 * 8 + 6 + 3))  # 5 full windows + 3-token window + local
     with torch.no_grad():
         out = model(ids)
@@ -253,11 +280,12 @@ def test_topk_below_memory_size_in_generation_equals_brute_force(monkeypatch, re
     with torch.no_grad():
         model(prompt)
     n_prefill, calls[retrieval] = calls[retrieval], 0
-    out = model.generate(prompt, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
-                         output_scores=True, pad_token_id=0)
+    out = model.generate(
+        prompt, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0
+    )
     assert calls[retrieval] >= n_prefill + n_new - 1 and calls[OTHER[retrieval]] == 0  # every decoding step
     scores, ids = torch.stack(out.scores, 1), out.sequences  # (B, N, V), (B, P + N)
-    assert torch.equal(ids[:, prompt.shape[1]:], scores.argmax(-1))
+    assert torch.equal(ids[:, prompt.shape[1] :], scores.argmax(-1))
     local_start, n_flushes, max_dense_gap = 2 * W, 0, 0.0
     for step in range(n_new):
         L = prompt.shape[1] + step

@@ -21,7 +21,12 @@ from fotlab import tracking
 from fotlab.errors import FotlabError
 from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
 from fotlab.orchestrate.jobs import (
-    JOB_ENTRY_MODULE, JOB_SPEC_ENV, SubmitError, build_job, check_address, missing_destinations,
+    JOB_ENTRY_MODULE,
+    JOB_SPEC_ENV,
+    SubmitError,
+    build_job,
+    check_address,
+    missing_destinations,
 )
 from fotlab.spec import load_spec, parse_spec
 
@@ -29,15 +34,24 @@ from fotlab.spec import load_spec, parse_spec
 def tiny_spec_dict(corpus: Path, tmp_path: Path, uri: str, *, num_workers: int = 0, **train) -> dict:
     """A debug-preset run on the tiny corpus: a few steps, a checkpoint every 2 steps, everything under tmp."""
     train_section = {
-        "steps": 4, "batch_size": 4, "context_length": 32, "log_every": 1, "checkpoint_every": 2,
-        "eval_batches": 1, "crossbatch": {"range": 1, "packing": 2}, "optimizer": {"lr": 3e-3},
+        "steps": 4,
+        "batch_size": 4,
+        "context_length": 32,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "eval_batches": 1,
+        "crossbatch": {"range": 1, "packing": 2},
+        "optimizer": {"lr": 3e-3},
     }
     train_section.update(train)
     return {
         "name": "orch-test",
         "model": {"preset": "debug"},
-        "data": {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2,
-                 "cache_dir": str(tmp_path / "datasets-cache")},
+        "data": {
+            "sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}],
+            "validation_docs": 2,
+            "cache_dir": str(tmp_path / "datasets-cache"),
+        },
         "train": train_section,
         "scaling": {"num_workers": num_workers},
         "storage": {"path": str(tmp_path / "runs")},
@@ -62,7 +76,8 @@ def assert_tracked_run(uri: str, outcome, n_steps: int) -> None:
     assert run.data.params["model.preset"] == "debug"
     assert run.data.tags["fotlab.ray_run_name"] == outcome.run_name
     assert [m.step for m in client.get_metric_history(outcome.run_id, tracking.TRAIN_LOSS)] == list(
-        range(1, n_steps + 1))
+        range(1, n_steps + 1)
+    )
     assert tracking.VAL_LOSS in run.data.metrics
     assert "spec.yaml" in {a.path for a in client.list_artifacts(outcome.run_id)}
     (output,) = run.outputs.model_outputs  # the model: an MLflow Model logged by the run at its last step
@@ -131,8 +146,9 @@ def stop_after_first_checkpoint(monkeypatch, storage: Path, signum: int) -> list
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stop_signal_checkpoints_and_resume_continues_the_same_run(tiny_corpus, tmp_path, mlflow_uri, signum,
-                                                                   monkeypatch):
+def test_stop_signal_checkpoints_and_resume_continues_the_same_run(
+    tiny_corpus, tmp_path, mlflow_uri, signum, monkeypatch
+):
     n_steps = 40
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps))
     sent_at = stop_after_first_checkpoint(monkeypatch, tmp_path / "runs", signum)
@@ -172,7 +188,11 @@ def test_cli_run_json_ends_with_one_json_object(tiny_corpus, tmp_path, mlflow_ur
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--set", "train.log_every=2", "--json"],
-        capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -187,8 +207,13 @@ def test_cli_run_json_ends_with_one_json_object(tiny_corpus, tmp_path, mlflow_ur
 def test_cli_run_bad_override_is_one_line(tmp_path):
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "x"}))
-    proc = subprocess.run([sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--set", "train.steps=-3"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--set", "train.steps=-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "train.steps" in proc.stderr
 
@@ -211,12 +236,15 @@ def test_submit_job_ships_the_resolved_spec(tiny_corpus, tmp_path):
 
 def test_submit_refuses_a_run_that_would_write_into_the_job_folder(tiny_corpus, tmp_path):
     spec = load_spec_with_overrides(tiny_corpus, tmp_path, ["tracking.uri=null", "storage.path=null"])
-    assert missing_destinations(spec, {}) == ["tracking.uri (or MLFLOW_TRACKING_URI on the cluster)",
-                                              "storage.path (or FOTLAB_STORAGE_PATH on the cluster)"]
+    assert missing_destinations(spec, {}) == [
+        "tracking.uri (or MLFLOW_TRACKING_URI on the cluster)",
+        "storage.path (or FOTLAB_STORAGE_PATH on the cluster)",
+    ]
     cluster = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "FOTLAB_STORAGE_PATH": "s3://fotlab/runs"}
     assert missing_destinations(spec, cluster) == []
     assert missing_destinations(spec, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == [
-        "storage.path (or FOTLAB_STORAGE_PATH on the cluster)"]
+        "storage.path (or FOTLAB_STORAGE_PATH on the cluster)"
+    ]
     explicit = load_spec_with_overrides(tiny_corpus, tmp_path, [])  # tracking.uri and storage.path set
     assert missing_destinations(explicit, {}) == []
 
@@ -232,7 +260,10 @@ def test_cli_submit_bad_address_is_one_line(tmp_path):
     spec_file.write_text(yaml.safe_dump({"name": "x"}))
     proc = subprocess.run(
         [sys.executable, "-m", "fotlab.cli", "submit", str(spec_file), "--address", "localhost:8265"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1 and "http://HEAD:8265" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -268,13 +299,26 @@ def test_trainer_configs_come_from_the_spec(tmp_path):
     from fotlab.orchestrate.runner import trainer_for
     from fotlab.orchestrate.trainer import WorkerConfig
 
-    spec = parse_spec({
-        "name": "cfg", "train": {"keep_checkpoints": 3}, "failure": {"max_failures": 2},
-        "scaling": {"num_workers": 4, "use_gpu": True, "accelerator_type": "H100",
-                    "resources_per_worker": {"CPU": 2, "GPU": 1}},
-    }, check_paths=False)
-    record = RunRecord(run=tracking.TrackedRun("sqlite:///unused.db", "run-1", "0"), run_name="cfg-1",
-                       ray_run_name="cfg-20260101-000000-abcdef", storage_path=str(tmp_path / "runs"))
+    spec = parse_spec(
+        {
+            "name": "cfg",
+            "train": {"keep_checkpoints": 3},
+            "failure": {"max_failures": 2},
+            "scaling": {
+                "num_workers": 4,
+                "use_gpu": True,
+                "accelerator_type": "H100",
+                "resources_per_worker": {"CPU": 2, "GPU": 1},
+            },
+        },
+        check_paths=False,
+    )
+    record = RunRecord(
+        run=tracking.TrackedRun("sqlite:///unused.db", "run-1", "0"),
+        run_name="cfg-1",
+        ray_run_name="cfg-20260101-000000-abcdef",
+        storage_path=str(tmp_path / "runs"),
+    )
     trainer = trainer_for(spec, record, ChannelHandle.create(use_ray=False), report_every=7)
     scaling, run_config = trainer.scaling_config, trainer.run_config
     assert (scaling.num_workers, scaling.use_gpu, scaling.accelerator_type) == (4, True, "H100")
@@ -295,13 +339,24 @@ def test_trainer_configs_come_from_the_spec(tmp_path):
 @pytest.mark.timeout(300)
 def test_cli_run_json_reports_a_failed_run_too(tiny_corpus, tmp_path, mlflow_uri):
     # An absurd learning rate without clipping: the loss turns NaN at step 2 and the loop stops.
-    data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=4, grad_clip=None, optimizer={"lr": 1e12},
-                          schedule={"name": "constant", "warmup_steps": 0})
+    data = tiny_spec_dict(
+        tiny_corpus,
+        tmp_path,
+        mlflow_uri,
+        steps=4,
+        grad_clip=None,
+        optimizer={"lr": 1e12},
+        schedule={"name": "constant", "warmup_steps": 0},
+    )
     spec_file = tmp_path / "tiny.yaml"
     spec_file.write_text(yaml.safe_dump(data))
     proc = subprocess.run(
         [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--json"],
-        capture_output=True, text=True, timeout=280, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -318,7 +373,11 @@ def test_cli_run_unreachable_ray_address_fails_fast_in_one_line(tiny_corpus, tmp
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1)))
     proc = subprocess.run(
         [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--address", f"127.0.0.1:{port}", "--json"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -330,9 +389,14 @@ def test_cli_run_unreachable_ray_address_fails_fast_in_one_line(tiny_corpus, tmp
 def test_closing_summary_shows_perplexity_with_and_without_memory():
     from fotlab.orchestrate.commands import memory_effect_lines
 
-    metrics = {"val/loss": 2.0, "eval/ppl_single_doc/mem_1024": 8.0, "eval/ppl_single_doc/mem_0": 10.0,
-               "eval/ppl_single_doc/mem_256": 9.0, "eval/ppl_multi_doc/mem_0": 5.0,
-               "eval/passkey_acc/len_256": 1.0}
+    metrics = {
+        "val/loss": 2.0,
+        "eval/ppl_single_doc/mem_1024": 8.0,
+        "eval/ppl_single_doc/mem_0": 10.0,
+        "eval/ppl_single_doc/mem_256": 9.0,
+        "eval/ppl_multi_doc/mem_0": 5.0,
+        "eval/passkey_acc/len_256": 1.0,
+    }
     assert memory_effect_lines(metrics) == [
         "ppl_multi_doc  no memory 5.000",
         "ppl_single_doc  no memory 10.000 | memory 256: 9.000 (-10.0%) | memory 1024: 8.000 (-20.0%)",

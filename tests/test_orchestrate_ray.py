@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_orchestrate import assert_tracked_run, client_for, tiny_spec_dict
 
 from fotlab import tracking
 from fotlab.orchestrate import RunInterruptedError, run_experiment, submit_experiment
 from fotlab.spec import parse_spec
-
-from test_orchestrate import assert_tracked_run, client_for, tiny_spec_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,8 +45,10 @@ def test_second_stage_run_starts_from_the_model_the_first_registered(ray_session
     first = run_experiment(parse_spec(stage1), progress=False, report_every=2)
     (version,) = client_for(mlflow_uri).search_model_versions("name='tiny_stage1'")
     assert version.run_id == first.run_id  # registered by rank 0 after logging the model
-    stage2 = {**tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=2),
-              "model": {"init_from": "models:/tiny_stage1/latest"}}
+    stage2 = {
+        **tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=2),
+        "model": {"init_from": "models:/tiny_stage1/latest"},
+    }
     second = run_experiment(parse_spec(stage2), progress=False, report_every=2)
     assert second.status == "FINISHED" and second.final_step == 2
     (started_from,) = (tmp_path / "runs" / second.run_name / "output" / "init_from").rglob("config.json")
@@ -109,9 +110,7 @@ def interrupt_once_fitting() -> threading.Thread:
 
 
 @pytest.mark.timeout(600)
-def test_ray_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(
-    ray_session, tiny_corpus, tmp_path, mlflow_uri
-):
+def test_ray_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_session, tiny_corpus, tmp_path, mlflow_uri):
     n_steps = 20
     spec = parse_spec(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, num_workers=1, steps=n_steps))
     interrupt_once_fitting()

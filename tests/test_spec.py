@@ -9,9 +9,22 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from fotlab.spec import (ExperimentSpec, SpecError, apply_overrides, flatten_spec, is_sweep_file, json_schema,
-                         load_spec, model_overrides, parse_spec, project_root, resolve_artifact_root,
-                         resolve_storage_path, resolve_tracking_uri, spec_to_yaml)
+from fotlab.spec import (
+    ExperimentSpec,
+    SpecError,
+    apply_overrides,
+    flatten_spec,
+    is_sweep_file,
+    json_schema,
+    load_spec,
+    model_overrides,
+    parse_spec,
+    project_root,
+    resolve_artifact_root,
+    resolve_storage_path,
+    resolve_tracking_uri,
+    spec_to_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = {"search_space", "base"}  # sweep specs (fotlab.spec.sweep) are checked by test_sweep_spec
@@ -86,54 +99,101 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) or () for m in _models_in(arg)]
 
 
-@pytest.mark.parametrize("data, field, words", [
-    ({"name": "x", "trian": {}}, "trian", "did you mean 'train'"),
-    ({"name": "x", "train": {"crossbatch": {"rnage": 2}}}, "train.crossbatch.rnage", "unknown key"),
-    ({"name": "x", "train": {"steps": "many"}}, "train.steps", "valid integer"),
-    ({"name": "x", "train": {"optimizer": {"lr": -1}}}, "train.optimizer.lr", "greater than 0"),
-    ({"name": "x", "memory": {"retrieval": "knn"}}, "memory.retrieval", "'dense'"),
-    ({"name": "x", "model": {"preset": "tiny"}, "memory": {"layers": [1, 4]}}, "memory.layers[1]", "4 layers"),
-    ({"name": "x", "train": {"batch_size": 4, "crossbatch": {"range": 4, "packing": 4}}},
-     "train.crossbatch.range", "< train.batch_size"),
-    ({"name": "x", "train": {"batch_size": 6, "crossbatch": {"packing": 4}}}, "train.batch_size", "multiple"),
-    ({"name": "x", "train": {"context_length": 65}}, "train.context_length", "window"),
-    ({"name": "x", "model": {"preset": "huge"}}, "model.preset", "unknown preset"),
-    ({"name": "x", "memory": {"retrieval": "topk"}}, "memory.topk", "required"),
-    ({"name": "x", "data": {"sources": [{"kind": "embedded"}, {"kind": "local", "path": "/no/such/dir"}]}},
-     "data.sources[1].path", "does not exist"),
-    ({"name": "x", "data": {"sources": [{"kind": "jsonl"}]}}, "data.sources[0].path", "required"),
-    ({"name": "x", "data": {"tokenizer": {"kind": "pretrained"}}}, "data.tokenizer.path", "required"),
-    ({"name": "x", "model": {"init_from": "./no-such-model"}}, "model.init_from", "does not exist"),
-    ({"name": "x", "tracking": {"register_model": "m", "log_model": False}}, "tracking.register_model",
-     "log_model is false"),
-    ({"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 5, "range": 8}]}}},
-     "train.crossbatch.switch[0].range", "< train.batch_size"),
-    ({"name": "x", "model": {"preset": "debug", "init_from": "org/some-checkpoint"}}, "model.preset",
-     "drop preset"),
-    ({"name": "x", "model": {"hidden_size": 100, "num_attention_heads": 3}}, "model.num_attention_heads",
-     "not divisible by 3 heads"),
-    ({"name": "x", "model": {"num_key_value_heads": 3}}, "model.num_key_value_heads", "not divisible by 3 kv"),
-    ({"name": "x", "memory": {"topk": 8}}, "memory.topk", "'dense'"),
-    ({"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 5, "range": 2}],
-                                                              "sample_from": [1, 3]}}},
-     "train.crossbatch.sample_from", "either switch or sample_from"),
-    ({"name": "x", "train": {"batch_size": 8, "crossbatch": {"sample_from": [1, 8]}}},
-     "train.crossbatch.sample_from[1]", "0..7"),
-    ({"name": "x", "train": {"steps": 10, "crossbatch": {"switch": [{"at_step": 10, "range": 1}]}}},
-     "train.crossbatch.switch[0].at_step", "past the last step (10)"),
-    ({"name": "x", "train": {"context_length": 64, "crossbatch": {"backend": "flex"}}},
-     "train.crossbatch.backend", "context_length % 128 == 0 (got 64)"),
-    ({"name": "x", "scaling": {"use_gpu": True, "use_tpu": True}}, "scaling.use_tpu", "pick one"),
-    ({"name": "x", "scaling": {"topology": "4x4"}}, "scaling.topology", "use_tpu: true"),
-    ({"name": "x", "eval": {"perplexity": [{"source": {"kind": "local", "path": "/no/such/eval-dir"}}]}},
-     "eval.perplexity[0].source.path", "'/no/such/eval-dir' does not exist"),
-    ({"name": "x", "eval": {"distraction": {"source": {"kind": "hf"}}}}, "eval.distraction.source.name",
-     "required for kind 'hf'"),
-    ({"name": "x", "eval": {"few_shot": [{"source": {"kind": "hf", "path": "./no-such-trec"}}]}},
-     "eval.few_shot[0].source.path", "'./no-such-trec' does not exist"),
-    ({"name": "bad name!"}, "name", "pattern"),
-    ({"seed": 1}, "name", "missing"),
-])
+@pytest.mark.parametrize(
+    "data, field, words",
+    [
+        ({"name": "x", "trian": {}}, "trian", "did you mean 'train'"),
+        ({"name": "x", "train": {"crossbatch": {"rnage": 2}}}, "train.crossbatch.rnage", "unknown key"),
+        ({"name": "x", "train": {"steps": "many"}}, "train.steps", "valid integer"),
+        ({"name": "x", "train": {"optimizer": {"lr": -1}}}, "train.optimizer.lr", "greater than 0"),
+        ({"name": "x", "memory": {"retrieval": "knn"}}, "memory.retrieval", "'dense'"),
+        ({"name": "x", "model": {"preset": "tiny"}, "memory": {"layers": [1, 4]}}, "memory.layers[1]", "4 layers"),
+        (
+            {"name": "x", "train": {"batch_size": 4, "crossbatch": {"range": 4, "packing": 4}}},
+            "train.crossbatch.range",
+            "< train.batch_size",
+        ),
+        ({"name": "x", "train": {"batch_size": 6, "crossbatch": {"packing": 4}}}, "train.batch_size", "multiple"),
+        ({"name": "x", "train": {"context_length": 65}}, "train.context_length", "window"),
+        ({"name": "x", "model": {"preset": "huge"}}, "model.preset", "unknown preset"),
+        ({"name": "x", "memory": {"retrieval": "topk"}}, "memory.topk", "required"),
+        (
+            {"name": "x", "data": {"sources": [{"kind": "embedded"}, {"kind": "local", "path": "/no/such/dir"}]}},
+            "data.sources[1].path",
+            "does not exist",
+        ),
+        ({"name": "x", "data": {"sources": [{"kind": "jsonl"}]}}, "data.sources[0].path", "required"),
+        ({"name": "x", "data": {"tokenizer": {"kind": "pretrained"}}}, "data.tokenizer.path", "required"),
+        ({"name": "x", "model": {"init_from": "./no-such-model"}}, "model.init_from", "does not exist"),
+        (
+            {"name": "x", "tracking": {"register_model": "m", "log_model": False}},
+            "tracking.register_model",
+            "log_model is false",
+        ),
+        (
+            {"name": "x", "train": {"batch_size": 8, "crossbatch": {"switch": [{"at_step": 5, "range": 8}]}}},
+            "train.crossbatch.switch[0].range",
+            "< train.batch_size",
+        ),
+        (
+            {"name": "x", "model": {"preset": "debug", "init_from": "org/some-checkpoint"}},
+            "model.preset",
+            "drop preset",
+        ),
+        (
+            {"name": "x", "model": {"hidden_size": 100, "num_attention_heads": 3}},
+            "model.num_attention_heads",
+            "not divisible by 3 heads",
+        ),
+        ({"name": "x", "model": {"num_key_value_heads": 3}}, "model.num_key_value_heads", "not divisible by 3 kv"),
+        ({"name": "x", "memory": {"topk": 8}}, "memory.topk", "'dense'"),
+        (
+            {
+                "name": "x",
+                "train": {
+                    "batch_size": 8,
+                    "crossbatch": {"switch": [{"at_step": 5, "range": 2}], "sample_from": [1, 3]},
+                },
+            },
+            "train.crossbatch.sample_from",
+            "either switch or sample_from",
+        ),
+        (
+            {"name": "x", "train": {"batch_size": 8, "crossbatch": {"sample_from": [1, 8]}}},
+            "train.crossbatch.sample_from[1]",
+            "0..7",
+        ),
+        (
+            {"name": "x", "train": {"steps": 10, "crossbatch": {"switch": [{"at_step": 10, "range": 1}]}}},
+            "train.crossbatch.switch[0].at_step",
+            "past the last step (10)",
+        ),
+        (
+            {"name": "x", "train": {"context_length": 64, "crossbatch": {"backend": "flex"}}},
+            "train.crossbatch.backend",
+            "context_length % 128 == 0 (got 64)",
+        ),
+        ({"name": "x", "scaling": {"use_gpu": True, "use_tpu": True}}, "scaling.use_tpu", "pick one"),
+        ({"name": "x", "scaling": {"topology": "4x4"}}, "scaling.topology", "use_tpu: true"),
+        (
+            {"name": "x", "eval": {"perplexity": [{"source": {"kind": "local", "path": "/no/such/eval-dir"}}]}},
+            "eval.perplexity[0].source.path",
+            "'/no/such/eval-dir' does not exist",
+        ),
+        (
+            {"name": "x", "eval": {"distraction": {"source": {"kind": "hf"}}}},
+            "eval.distraction.source.name",
+            "required for kind 'hf'",
+        ),
+        (
+            {"name": "x", "eval": {"few_shot": [{"source": {"kind": "hf", "path": "./no-such-trec"}}]}},
+            "eval.few_shot[0].source.path",
+            "'./no-such-trec' does not exist",
+        ),
+        ({"name": "bad name!"}, "name", "pattern"),
+        ({"seed": 1}, "name", "missing"),
+    ],
+)
 def test_bad_specs_give_one_line_naming_the_field(tmp_path, data, field, words):
     message = _error(tmp_path, data)
     assert f": {field}: " in message, message
@@ -168,10 +228,21 @@ def test_set_overrides_coerce_types(tmp_path):
     data_dir = tmp_path / "docs"
     data_dir.mkdir()
     path = _write(tmp_path, {"name": "x", "model": {"preset": "tiny"}})
-    spec = load_spec(path, ["train.steps=7", "train.optimizer.lr=3e-4", "train.crossbatch.stepping=true",
-                            "memory.layers=[1, 3]", "model.rope_theta=1e6", "tracking.uri=null",
-                            "data.sources.0.kind=local", f"data.sources.0.path={data_dir}",
-                            "data.sources.1.kind=embedded", "data.sources.1.weight=0.5"])
+    spec = load_spec(
+        path,
+        [
+            "train.steps=7",
+            "train.optimizer.lr=3e-4",
+            "train.crossbatch.stepping=true",
+            "memory.layers=[1, 3]",
+            "model.rope_theta=1e6",
+            "tracking.uri=null",
+            "data.sources.0.kind=local",
+            f"data.sources.0.path={data_dir}",
+            "data.sources.1.kind=embedded",
+            "data.sources.1.weight=0.5",
+        ],
+    )
     assert spec.train.steps == 7 and spec.train.optimizer.lr == pytest.approx(3e-4)
     assert spec.train.crossbatch.stepping is True and spec.memory.layers == [1, 3]
     assert spec.model.rope_theta == 1e6 and spec.tracking.uri is None
@@ -201,14 +272,26 @@ def test_check_paths_off_accepts_missing_local_data(tmp_path):
 
 
 def test_remote_init_from_is_not_checked_but_local_config_is(tmp_path):
-    remote = {"name": "x", "model": {"init_from": "org/some-llama"}, "memory": {"layers": [40]},
-              "data": {"tokenizer": {"kind": "pretrained", "path": "org/some-llama"}}}
+    remote = {
+        "name": "x",
+        "model": {"init_from": "org/some-llama"},
+        "memory": {"layers": [40]},
+        "data": {"tokenizer": {"kind": "pretrained", "path": "org/some-llama"}},
+    }
     assert load_spec(_write(tmp_path, remote)).memory.layers == [40]  # shape unknown: not guessed
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6,
-                                                  "max_position_embeddings": 128, "hidden_size": 64,
-                                                  "num_attention_heads": 4}))
+    (ckpt / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 6,
+                "max_position_embeddings": 128,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+            }
+        )
+    )
     local = {**remote, "model": {"init_from": str(ckpt)}}
     assert "6 layers" in _error(tmp_path, local)
     local["memory"] = {"layers": [5]}
@@ -220,13 +303,18 @@ def test_byte_tokenizer_feeds_only_byte_level_checkpoints(tmp_path):
     from fotlab.data import byte_tokenizer
     from fotlab.spec.checks import BYTE_VOCAB_SIZE
 
-    assert BYTE_VOCAB_SIZE == len(byte_tokenizer())
+    assert len(byte_tokenizer()) == BYTE_VOCAB_SIZE
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     config = {"model_type": "fot", "num_hidden_layers": 4, "max_position_embeddings": 64, "vocab_size": 259}
     (ckpt / "config.json").write_text(json.dumps(config))
-    data = {"name": "x", "model": {"init_from": str(ckpt)}, "memory": {"layers": [2]},
-            "train": {"context_length": 64}, "data": {"tokenizer": {"kind": "byte"}}}
+    data = {
+        "name": "x",
+        "model": {"init_from": str(ckpt)},
+        "memory": {"layers": [2]},
+        "train": {"context_length": 64},
+        "data": {"tokenizer": {"kind": "byte"}},
+    }
     assert load_spec(_write(tmp_path, data)).model.init_from == str(ckpt)  # a fotlab byte-level model: fine
     (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 32000}))
     assert "data.tokenizer.kind: 'byte' cannot feed checkpoint" in _error(tmp_path, data)
@@ -278,8 +366,9 @@ def test_default_locations(tmp_path, monkeypatch):
     assert project_root() == lonely.resolve()
 
 
-SWEEPS = sorted(p for p in (REPO / "experiments").rglob("*.yaml")
-                if SWEEP_KEYS & set(yaml.safe_load(p.read_text()) or {}))
+SWEEPS = sorted(
+    p for p in (REPO / "experiments").rglob("*.yaml") if SWEEP_KEYS & set(yaml.safe_load(p.read_text()) or {})
+)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
@@ -293,9 +382,15 @@ def test_sweep_spec_shipped_sweeps_validate(path):
 
 def _sweep_file(tmp_path: Path, **changes) -> Path:
     _write(tmp_path, {"name": "base", "train": {"batch_size": 4, "crossbatch": {"packing": 4}}}, "base.yaml")
-    data = {"name": "sw", "base": "base.yaml", "set": ["train.steps=9"],
-            "search_space": {"train.optimizer.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-                             "train.crossbatch.range": {"type": "choice", "values": [0, 3]}}}
+    data = {
+        "name": "sw",
+        "base": "base.yaml",
+        "set": ["train.steps=9"],
+        "search_space": {
+            "train.optimizer.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "train.crossbatch.range": {"type": "choice", "values": [0, 3]},
+        },
+    }
     data.update(changes)
     return _write(tmp_path, data, "sweep.yaml")
 
@@ -311,17 +406,26 @@ def test_sweep_spec_trials_are_base_plus_set_plus_params(tmp_path):
     assert trial.train.optimizer.lr == 3e-3 and trial.train.crossbatch.range == 3
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"search_space": {"train.crossbatch.range": {"type": "choice", "values": [0, 4]}}},
-     "search_space.train.crossbatch.range: value 4 fails: train.crossbatch.range: 4 must be < train.batch_size"),
-    ({"search_space": {"train.lr": {"type": "uniform", "low": 0, "high": 1}}}, "search_space.train.lr: value 0.0 "
-     "fails: train.lr: unknown key"),
-    ({"search_space": {"seed": {"type": "int", "low": 3}}}, "search_space.seed: low and high: required"),
-    ({"search_space": {"seed": {"type": "int", "low": 1, "high": 2, "stepp": 1}}}, "search_space.seed.stepp: "
-     "unknown key"),
-    ({"base": "missing.yaml"}, "base: "),
-    ({"mode": "lowest"}, "mode: Input should be 'min' or 'max'"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (
+            {"search_space": {"train.crossbatch.range": {"type": "choice", "values": [0, 4]}}},
+            "search_space.train.crossbatch.range: value 4 fails: train.crossbatch.range: 4 must be < train.batch_size",
+        ),
+        (
+            {"search_space": {"train.lr": {"type": "uniform", "low": 0, "high": 1}}},
+            "search_space.train.lr: value 0.0 fails: train.lr: unknown key",
+        ),
+        ({"search_space": {"seed": {"type": "int", "low": 3}}}, "search_space.seed: low and high: required"),
+        (
+            {"search_space": {"seed": {"type": "int", "low": 1, "high": 2, "stepp": 1}}},
+            "search_space.seed.stepp: unknown key",
+        ),
+        ({"base": "missing.yaml"}, "base: "),
+        ({"mode": "lowest"}, "mode: Input should be 'min' or 'max'"),
+    ],
+)
 def test_sweep_spec_errors_name_the_field(tmp_path, changes, words):
     from fotlab.spec import load_sweep
 
@@ -333,7 +437,10 @@ def test_sweep_spec_errors_name_the_field(tmp_path, changes, words):
 
 
 def test_check_paths_off_also_skips_init_from(tmp_path):
-    data = {"name": "x", "model": {"init_from": "/cluster/models/llama"},
-            "data": {"tokenizer": {"kind": "pretrained", "path": "/cluster/models/llama"}}}
+    data = {
+        "name": "x",
+        "model": {"init_from": "/cluster/models/llama"},
+        "data": {"tokenizer": {"kind": "pretrained", "path": "/cluster/models/llama"}},
+    }
     assert "model.init_from" in _error(tmp_path, data)
     assert load_spec(_write(tmp_path, data), check_paths=False).model.init_from == "/cluster/models/llama"

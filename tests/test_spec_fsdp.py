@@ -18,14 +18,23 @@ def _validate(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("overrides, field, words", [
-    (["scaling.strategy=ddp", "scaling.fsdp.reshard_after_forward=false"], "scaling.fsdp",
-     "only applies with scaling.strategy: fsdp"),
-    (["scaling.use_gpu=false", "scaling.fsdp.cpu_offload=true"], "scaling.fsdp.cpu_offload",
-     "only applies with scaling.use_gpu: true"),
-    (["scaling.num_workers=0"], "scaling.strategy", "fsdp needs Ray Train workers"),
-    (["scaling.fsdp.reshard=true"], "scaling.fsdp.reshard", ""),
-])
+@pytest.mark.parametrize(
+    "overrides, field, words",
+    [
+        (
+            ["scaling.strategy=ddp", "scaling.fsdp.reshard_after_forward=false"],
+            "scaling.fsdp",
+            "only applies with scaling.strategy: fsdp",
+        ),
+        (
+            ["scaling.use_gpu=false", "scaling.fsdp.cpu_offload=true"],
+            "scaling.fsdp.cpu_offload",
+            "only applies with scaling.use_gpu: true",
+        ),
+        (["scaling.num_workers=0"], "scaling.strategy", "fsdp needs Ray Train workers"),
+        (["scaling.fsdp.reshard=true"], "scaling.fsdp.reshard", ""),
+    ],
+)
 def test_invalid_fsdp_settings_name_the_field(overrides, field, words):
     result = _validate(*overrides)
     assert result.returncode != 0

@@ -22,8 +22,16 @@ def write_sweep(tmp_path: Path, corpus: Path, **changes) -> Path:
         "name": "sweep-base",
         "model": {"preset": "debug"},
         "data": {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2},
-        "train": {"steps": 8, "batch_size": 4, "context_length": 32, "log_every": 2, "eval_every": 2,
-                  "checkpoint_every": 4, "eval_batches": 1, "crossbatch": {"range": 1, "packing": 2}},
+        "train": {
+            "steps": 8,
+            "batch_size": 4,
+            "context_length": 32,
+            "log_every": 2,
+            "eval_every": 2,
+            "checkpoint_every": 4,
+            "eval_batches": 1,
+            "crossbatch": {"range": 1, "packing": 2},
+        },
         "scaling": {"num_workers": 1},
         "storage": {"path": str(tmp_path / "runs")},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False},
@@ -46,19 +54,30 @@ def write_sweep(tmp_path: Path, corpus: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"search_space": {"train.optimizer.lr": {"type": "loguniform", "low": 0, "high": 1}}},
-     ["search_space", "train.optimizer.lr", "low"]),
-    ({"search_space": {"memory.layers": {"type": "grid", "values": [[0], [1]]}}},
-     ["search_space.memory.layers", "grid"]),
-    ({"search_space": {"memory.layers": {"type": "choice", "values": [[0], "nope"]}}},
-     ["search_space.memory.layers", "nope"]),
-    ({"search_space": {"train.no_such_field": {"type": "choice", "values": [1]}}},
-     ["search_space.train.no_such_field"]),
-    ({"search_space": {"train.steps": {"type": "int", "low": 0, "high": 4}}}, ["search_space.train.steps"]),
-    ({"scheduler": {"name": "hyperband"}}, ["scheduler.name"]),
-    ({"max_concurrent_trials": 0}, ["max_concurrent_trials"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (
+            {"search_space": {"train.optimizer.lr": {"type": "loguniform", "low": 0, "high": 1}}},
+            ["search_space", "train.optimizer.lr", "low"],
+        ),
+        (
+            {"search_space": {"memory.layers": {"type": "grid", "values": [[0], [1]]}}},
+            ["search_space.memory.layers", "grid"],
+        ),
+        (
+            {"search_space": {"memory.layers": {"type": "choice", "values": [[0], "nope"]}}},
+            ["search_space.memory.layers", "nope"],
+        ),
+        (
+            {"search_space": {"train.no_such_field": {"type": "choice", "values": [1]}}},
+            ["search_space.train.no_such_field"],
+        ),
+        ({"search_space": {"train.steps": {"type": "int", "low": 0, "high": 4}}}, ["search_space.train.steps"]),
+        ({"scheduler": {"name": "hyperband"}}, ["scheduler.name"]),
+        ({"max_concurrent_trials": 0}, ["max_concurrent_trials"]),
+    ],
+)
 def test_sweep_spec_errors_name_the_field(tmp_path, tiny_corpus, changes, words):
     with pytest.raises(SpecError) as caught:
         load_sweep(write_sweep(tmp_path, tiny_corpus, **changes))
@@ -71,12 +90,19 @@ def test_sweep_spec_errors_name_the_field(tmp_path, tiny_corpus, changes, words)
 def test_param_space_maps_each_type_to_tune_and_back(tmp_path, tiny_corpus):
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    sweep = load_sweep(write_sweep(tmp_path, tiny_corpus, search_space={
-        "memory.layers": {"type": "choice", "values": [[0], [0, 1]]},
-        "train.crossbatch.range": {"type": "grid", "values": [0, 1]},
-        "train.optimizer.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3},
-        "train.grad_accum": {"type": "int", "low": 1, "high": 2},
-    }, search="random"))
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path,
+            tiny_corpus,
+            search_space={
+                "memory.layers": {"type": "choice", "values": [[0], [0, 1]]},
+                "train.crossbatch.range": {"type": "grid", "values": [0, 1]},
+                "train.optimizer.lr": {"type": "uniform", "low": 1e-3, "high": 2e-3},
+                "train.grad_accum": {"type": "int", "low": 1, "high": 2},
+            },
+            search="random",
+        )
+    )
     space, decode = sweep_space.param_space(sweep)
     assert isinstance(space["memory.layers"], Categorical)
     assert space["memory.layers"].categories == ["[0]", "[0, 1]"]  # Optuna takes scalars only: labels
@@ -84,8 +110,12 @@ def test_param_space_maps_each_type_to_tune_and_back(tmp_path, tiny_corpus):
     assert isinstance(space["train.optimizer.lr"], Float)
     integer = space["train.grad_accum"]
     assert isinstance(integer, Integer) and (integer.lower, integer.upper) == (1, 3)  # upper bound inclusive
-    config = {"memory.layers": "[0, 1]", "train.crossbatch.range": 1, "train.optimizer.lr": 1.5e-3,
-              "train.grad_accum": 2}
+    config = {
+        "memory.layers": "[0, 1]",
+        "train.crossbatch.range": 1,
+        "train.optimizer.lr": 1.5e-3,
+        "train.grad_accum": 2,
+    }
     params = sweep_space.decode_params(config, sweep.search_space, decode)
     assert params["memory.layers"] == [0, 1]
     spec = trial_spec(sweep, params)
@@ -96,8 +126,10 @@ def test_param_space_maps_each_type_to_tune_and_back(tmp_path, tiny_corpus):
 def test_grid_search_runs_every_combination_once_unless_told(tmp_path, tiny_corpus):
     from fotlab.orchestrate.sweep import n_trials
 
-    grid = {"memory.layers": {"type": "choice", "values": [[0], [1], [0, 1]]},
-            "train.crossbatch.range": {"type": "grid", "values": [0, 1]}}
+    grid = {
+        "memory.layers": {"type": "choice", "values": [[0], [1], [0, 1]]},
+        "train.crossbatch.range": {"type": "grid", "values": [0, 1]},
+    }
     sweep = load_sweep(write_sweep(tmp_path, tiny_corpus, search_space=grid, search="grid", num_samples=None))
     space, _ = sweep_space.param_space(sweep)
     assert space["memory.layers"] == {"grid_search": ["[0]", "[1]", "[0, 1]"]}
@@ -158,8 +190,9 @@ def test_early_stopping_is_refused_for_nested_trainers(tmp_path, tiny_corpus):
 
 
 def test_asha_counts_grace_in_reports_of_the_metric(tmp_path, tiny_corpus):
-    sweep = load_sweep(write_sweep(tmp_path, tiny_corpus, scheduler={"name": "asha", "grace_period": 2,
-                                                                     "reduction_factor": 2}))
+    sweep = load_sweep(
+        write_sweep(tmp_path, tiny_corpus, scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2})
+    )
     base = trial_spec(sweep, {})
     scheduler = sweep_space.scheduler(sweep, base, max_steps=base.train.steps)
     assert scheduler._time_attr == "step" and scheduler.metric == "val/loss"
@@ -175,12 +208,36 @@ def test_leaderboard_and_best_spec_export(tmp_path, tiny_corpus):
 
     sweep = load_sweep(write_sweep(tmp_path, tiny_corpus))
     rows = [
-        {"trial_id": "a", "run_id": "r1", "status": "STOPPED EARLY", "step": 2, "train.optimizer.lr": 1e-4,
-         "memory.layers": [0], "train.context_length": 16, "val/loss": 2.0},
-        {"trial_id": "b", "run_id": "r2", "status": "COMPLETED", "step": 8, "train.optimizer.lr": 3e-3,
-         "memory.layers": [0, 1], "train.context_length": 32, "val/loss": 2.5},
-        {"trial_id": "c", "run_id": "r3", "status": "ERROR", "step": 0, "train.optimizer.lr": 1e-3,
-         "memory.layers": [1], "train.context_length": 16, "val/loss": None},
+        {
+            "trial_id": "a",
+            "run_id": "r1",
+            "status": "STOPPED EARLY",
+            "step": 2,
+            "train.optimizer.lr": 1e-4,
+            "memory.layers": [0],
+            "train.context_length": 16,
+            "val/loss": 2.0,
+        },
+        {
+            "trial_id": "b",
+            "run_id": "r2",
+            "status": "COMPLETED",
+            "step": 8,
+            "train.optimizer.lr": 3e-3,
+            "memory.layers": [0, 1],
+            "train.context_length": 32,
+            "val/loss": 2.5,
+        },
+        {
+            "trial_id": "c",
+            "run_id": "r3",
+            "status": "ERROR",
+            "step": 0,
+            "train.optimizer.lr": 1e-3,
+            "memory.layers": [1],
+            "train.context_length": 16,
+            "val/loss": None,
+        },
     ]
     best = sweep_report.best_row(rows, "val/loss")
     assert best["trial_id"] == "b"  # completed trials beat one that was stopped early
@@ -219,9 +276,19 @@ def test_a_sweep_trials_trainer_carries_the_scaling_storage_and_failure_of_its_s
     from fotlab.orchestrate.trainer import WorkerConfig
     from fotlab.orchestrate.worker import train_worker
 
-    path = write_sweep(tmp_path, tiny_corpus, set=[
-        "scaling.num_workers=4", "scaling.use_tpu=true", "scaling.topology=2x2", "scaling.accelerator_type=TPU-V6E",
-        "scaling.resources_per_worker={TPU: 1}", "storage.filesystem=local", "failure.max_failures=3"])
+    path = write_sweep(
+        tmp_path,
+        tiny_corpus,
+        set=[
+            "scaling.num_workers=4",
+            "scaling.use_tpu=true",
+            "scaling.topology=2x2",
+            "scaling.accelerator_type=TPU-V6E",
+            "scaling.resources_per_worker={TPU: 1}",
+            "storage.filesystem=local",
+            "failure.max_failures=3",
+        ],
+    )
     sweep = load_sweep(path)
     resources = sweep_space.trial_resources(trial_spec(sweep, {}, check_paths=False))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -233,8 +300,12 @@ def test_a_sweep_trials_trainer_carries_the_scaling_storage_and_failure_of_its_s
     single = trainer_for(spec, record, None, report_every=10)
     for trainer in (trial, single):
         scaling, run_config = trainer.scaling_config, trainer.run_config
-        assert (scaling.num_workers, scaling.use_tpu, scaling.topology, scaling.accelerator_type) == \
-            (4, True, "2x2", "TPU-V6E")
+        assert (scaling.num_workers, scaling.use_tpu, scaling.topology, scaling.accelerator_type) == (
+            4,
+            True,
+            "2x2",
+            "TPU-V6E",
+        )
         assert scaling.resources_per_worker == {"TPU": 1.0}
         assert isinstance(run_config.storage_filesystem, LocalFileSystem)
         assert run_config.failure_config.max_failures == 3

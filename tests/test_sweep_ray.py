@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sweep import write_sweep
 
 from fotlab import tracking
 from fotlab.orchestrate.sweep import SweepInterruptedError, run_sweep
 from fotlab.orchestrate.sweep_trial import TAG_RESUMED_FROM, TAG_STOPPED_EARLY, TAG_SWEEP_ROLE, TAG_TRIAL_ID
 from fotlab.spec import load_spec, load_sweep
-
-from test_sweep import write_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -38,8 +37,9 @@ def tiny_sweep(tmp_path: Path, corpus: Path, steps: int = 8, **changes):
     """Base: debug preset, `steps` steps, val/loss every 2 steps, checkpoints every 4; `changes` go into the sweep."""
     path = write_sweep(tmp_path, corpus, **changes)
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
-    base["train"].update(schedule={"name": "constant", "warmup_steps": 0}, crossbatch={"range": 0, "packing": 1},
-                         steps=steps)
+    base["train"].update(
+        schedule={"name": "constant", "warmup_steps": 0}, crossbatch={"range": 0, "packing": 1}, steps=steps
+    )
     base["data"]["cache_dir"] = str(tmp_path / "datasets-cache")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     return load_sweep(path), path
@@ -62,10 +62,18 @@ def assert_no_placement_group_left() -> None:
 @pytest.mark.timeout(480)
 def test_sweep_with_early_stopping_is_one_parent_with_a_child_per_trial(ray_session, tiny_corpus, tmp_path):
     # lr 1e-2 learns in 2 steps, lr 1e-6 does not: ASHA (rung at step 2) must stop at least one 1e-6 trial.
-    sweep, path = tiny_sweep(tmp_path, tiny_corpus, search="random", num_samples=1, max_concurrent_trials=2,
-                             search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2, 1e-6, 1e-6]},
-                                           "memory.layers": {"type": "choice", "values": [[0], [1], [0, 1]]}},
-                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    sweep, path = tiny_sweep(
+        tmp_path,
+        tiny_corpus,
+        search="random",
+        num_samples=1,
+        max_concurrent_trials=2,
+        search_space={
+            "train.optimizer.lr": {"type": "grid", "values": [1e-2, 1e-6, 1e-6]},
+            "memory.layers": {"type": "choice", "values": [[0], [1], [0, 1]]},
+        },
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
     outcome = run_sweep(sweep, progress=False, sweep_path=str(path))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = client_for(uri)
@@ -97,8 +105,7 @@ def test_sweep_with_early_stopping_is_one_parent_with_a_child_per_trial(ray_sess
     stopped = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "true"]
     completed = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "false"]
     assert stopped and all(float(c.data.params["sweep/train.optimizer.lr"]) == 1e-6 for c in stopped)
-    assert all(max(m.step for m in client.get_metric_history(c.info.run_id, tracking.TRAIN_LOSS)) < 8
-               for c in stopped)
+    assert all(max(m.step for m in client.get_metric_history(c.info.run_id, tracking.TRAIN_LOSS)) < 8 for c in stopped)
     assert any(float(c.data.params["sweep/train.optimizer.lr"]) == 1e-2 for c in completed)
 
     # The best trial (lr 1e-2) is exported as a spec `fotlab run` accepts; `runs list --sweep` sees 1 + 3 runs.
@@ -114,8 +121,11 @@ def interrupt_after_first_trial(uri: str, outputs: Path) -> threading.Thread:
 
     def finished_children() -> int:
         try:
-            return len(tracking.search_runs(uri, filter_string="attributes.status = 'FINISHED' and "
-                                                                f"tags.`{TAG_SWEEP_ROLE}` = 'trial'"))
+            return len(
+                tracking.search_runs(
+                    uri, filter_string=f"attributes.status = 'FINISHED' and tags.`{TAG_SWEEP_ROLE}` = 'trial'"
+                )
+            )
         except Exception:  # noqa: BLE001 - the store may not exist yet
             return 0
 
@@ -136,10 +146,16 @@ def interrupt_after_first_trial(uri: str, outputs: Path) -> threading.Thread:
 @pytest.mark.timeout(600)
 def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tiny_corpus, tmp_path):
     n_steps = 40  # long enough for the interrupt to land mid-trial
-    sweep, path = tiny_sweep(tmp_path, tiny_corpus, steps=n_steps, search="grid", max_concurrent_trials=1,
-                             num_samples=None,
-                             search_space={"train.optimizer.lr": {"type": "grid", "values": [3e-3, 1e-2, 5e-3]}},
-                             scheduler={"name": "none"})
+    sweep, path = tiny_sweep(
+        tmp_path,
+        tiny_corpus,
+        steps=n_steps,
+        search="grid",
+        max_concurrent_trials=1,
+        num_samples=None,
+        search_space={"train.optimizer.lr": {"type": "grid", "values": [3e-3, 1e-2, 5e-3]}},
+        scheduler={"name": "none"},
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     interrupt_after_first_trial(uri, tmp_path / "runs" / "sweeps")
     with pytest.raises(SweepInterruptedError) as caught:
@@ -172,9 +188,15 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_session, tiny_c
 
 @pytest.mark.timeout(480)
 def test_multi_worker_trial_runs_a_nested_trainer_without_early_stopping(ray_session, tiny_corpus, tmp_path):
-    sweep, path = tiny_sweep(tmp_path, tiny_corpus, steps=4, search="grid", num_samples=None,
-                             search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
-                             scheduler={"name": "none"})
+    sweep, path = tiny_sweep(
+        tmp_path,
+        tiny_corpus,
+        steps=4,
+        search="grid",
+        num_samples=None,
+        search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
+        scheduler={"name": "none"},
+    )
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     # DDP over 2 workers (half a CPU each: the shared session has 2): a nested Train V2 TorchTrainer per trial
     base["scaling"] = {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}
@@ -197,13 +219,18 @@ def test_a_sweep_trial_and_fotlab_run_leave_the_same_mlflow_run_layout(ray_sessi
     a registered model version."""
     from fotlab.orchestrate import run_experiment
 
-    sweep, path = tiny_sweep(tmp_path, tiny_corpus, steps=4, search="grid", num_samples=None,
-                             search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
-                             scheduler={"name": "none"})
+    sweep, path = tiny_sweep(
+        tmp_path,
+        tiny_corpus,
+        steps=4,
+        search="grid",
+        num_samples=None,
+        search_space={"train.optimizer.lr": {"type": "grid", "values": [1e-2]}},
+        scheduler={"name": "none"},
+    )
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["tracking"].update(log_model=True, register_model="layout_model")
-    base["eval"] = {"perplexity": [{"name": "ppl", "memory_sizes": [0, 32], "chunk_len": 16,
-                                    "max_stream_tokens": 64}]}
+    base["eval"] = {"perplexity": [{"name": "ppl", "memory_sizes": [0, 32], "chunk_len": 16, "max_stream_tokens": 64}]}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     outcome = run_sweep(load_sweep(path), progress=False, sweep_path=str(path))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -215,8 +242,16 @@ def test_a_sweep_trial_and_fotlab_run_leave_the_same_mlflow_run_layout(ray_sessi
     client = client_for(uri)
     assert trial.info.status == run.info.status == "FINISHED"
     assert {k for k in trial.data.params if not k.startswith("sweep/")} == set(run.data.params)
-    own = {tracking.TAG_PARENT_RUN, TAG_SWEEP_ROLE, TAG_TRIAL_ID, TAG_STOPPED_EARLY, tracking.TAG_SWEEP,
-           "fotlab.ray_run_name", "fotlab.storage_path", "fotlab.resumable"}
+    own = {
+        tracking.TAG_PARENT_RUN,
+        TAG_SWEEP_ROLE,
+        TAG_TRIAL_ID,
+        TAG_STOPPED_EARLY,
+        tracking.TAG_SWEEP,
+        "fotlab.ray_run_name",
+        "fotlab.storage_path",
+        "fotlab.resumable",
+    }
     fotlab_tags = [{k for k in r.data.tags if k.startswith("fotlab.") and k not in own} for r in (trial, run)]
     assert fotlab_tags[0] == fotlab_tags[1] and tracking.TAG_REGISTERED_VERSION in fotlab_tags[0]
     assert (trial.data.tags[tracking.TAG_KIND], run.data.tags[tracking.TAG_KIND]) == ("trial", "run")

@@ -24,9 +24,14 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def spec():
-    return parse_spec({"name": "track-test", "description": "a note", "tags": {"team": "fot"},
-                       "train": {"steps": 3, "crossbatch": {"range": 3, "packing": 4, "stepping": True},
-                                 "batch_size": 4}})
+    return parse_spec(
+        {
+            "name": "track-test",
+            "description": "a note",
+            "tags": {"team": "fot"},
+            "train": {"steps": 3, "crossbatch": {"range": 3, "packing": 4, "stepping": True}, "batch_size": 4},
+        }
+    )
 
 
 def test_experiment_created_with_explicit_artifact_location(store):
@@ -112,8 +117,9 @@ def test_failed_run_keeps_error_and_resume_continues_same_run(store, spec):
 def test_child_runs_and_search(store, spec):
     exp_id = tracking.setup_experiment(store, "sweepy")
     parent = tracking.start_run(store, exp_id, run_name="sweep-parent", tags={tracking.TAG_SWEEP: "lr-sweep"})
-    child = tracking.start_run(store, exp_id, run_name="trial-0", parent_run_id=parent.run_id,
-                               tags={tracking.TAG_SWEEP: "lr-sweep"})
+    child = tracking.start_run(
+        store, exp_id, run_name="trial-0", parent_run_id=parent.run_id, tags={tracking.TAG_SWEEP: "lr-sweep"}
+    )
     other = tracking.start_run(store, exp_id, run_name="lonely")
     for r in (child, parent, other):
         r.finish()
@@ -133,8 +139,9 @@ def test_system_metrics_are_logged(store):
     """Waits for the first system/ metric itself (a busy machine delays MLflow's sampling thread), up to 180 s."""
     import time
 
-    run = tracking.start_run(store, tracking.setup_experiment(store, "sysmetrics"), system_metrics=True,
-                             system_metrics_interval_s=0.2)
+    run = tracking.start_run(
+        store, tracking.setup_experiment(store, "sysmetrics"), system_metrics=True, system_metrics_interval_s=0.2
+    )
 
     def system_metrics() -> list[str]:
         return [k for k in MlflowClient(store).get_run(run.run_id).data.metrics if k.startswith("system/")]

@@ -44,8 +44,14 @@ def _save(root, step, seed=0, rank_state=None, keep=0):
     net, opt, sched = _trained(seed)
     rank_state = rank_state if rank_state is not None else {"packer": {"pos": torch.tensor([step])}}
     path = save_checkpoint(
-        root, step, model=net, optimizer=opt, scheduler=sched,
-        trainer_state={"metrics": {"train/loss": 1.5}}, rank_state=rank_state, keep=keep,
+        root,
+        step,
+        model=net,
+        optimizer=opt,
+        scheduler=sched,
+        trainer_state={"metrics": {"train/loss": 1.5}},
+        rank_state=rank_state,
+        keep=keep,
     )
     return path, net, opt, sched
 
@@ -54,7 +60,11 @@ def test_roundtrip_restores_model_optimizer_scheduler(tmp_path):
     path, net, opt, sched = _save(tmp_path, 7, seed=1)
     assert path.name == "step-00000007"
     assert sorted(p.name for p in path.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rank-00000.pt", "scheduler.pt", "trainer_state.json"
+        "model.safetensors",
+        "optimizer.pt",
+        "rank-00000.pt",
+        "scheduler.pt",
+        "trainer_state.json",
     ]
     fresh, fresh_opt, fresh_sched = _trained(seed=2)
     state, rank_state = load_checkpoint(path, model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)

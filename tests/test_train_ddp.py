@@ -31,19 +31,28 @@ def _worker(rank, world_size, port, spec_dict, out_dir, resume):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         logs = []
-        runtime = Runtime(output_dir=Path(out_dir), rank=rank, world_size=world_size,
-                          resume_from=Path(out_dir) / "checkpoints" if resume else None,
-                          wrap_model=lambda m: DistributedDataParallel(m))
+        runtime = Runtime(
+            output_dir=Path(out_dir),
+            rank=rank,
+            world_size=world_size,
+            resume_from=Path(out_dir) / "checkpoints" if resume else None,
+            wrap_model=lambda m: DistributedDataParallel(m),
+        )
         result = train(parse_spec(spec_dict), runtime, TrainHooks(on_log=lambda s, m: logs.append([s, m])))
         Path(out_dir, f"rank{rank}-{int(resume)}.json").write_text(
-            json.dumps({"logs": logs, "final_step": result.final_step}))
+            json.dumps({"logs": logs, "final_step": result.final_step})
+        )
     finally:
         dist.destroy_process_group()
 
 
 def _run(world_size, spec_dict, out_dir, resume=False):
-    mp.start_processes(_worker, args=(world_size, _free_port(), spec_dict, str(out_dir), resume),
-                       nprocs=world_size, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(world_size, _free_port(), spec_dict, str(out_dir), resume),
+        nprocs=world_size,
+        start_method="spawn",
+    )
     return [json.loads((out_dir / f"rank{r}-{int(resume)}.json").read_text()) for r in range(world_size)]
 
 
@@ -52,13 +61,28 @@ def test_ddp_two_ranks_train_checkpoint_resume(tmp_path):
     corpus.mkdir()
     for i in range(12):
         (corpus / f"d{i}.txt").write_text(f"document {i} says hello to the world. " * (3 + i % 4))
-    spec = {"name": "ddp", "model": {"preset": "debug"},
-            "data": {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2,
-                     "cache_dir": str(tmp_path / "cache")},
-            "train": {"steps": 4, "batch_size": 4, "context_length": 32, "grad_accum": 2, "log_every": 1,
-                      "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2,
-                      "crossbatch": {"range": 1, "packing": 2}}}
+    spec = {
+        "name": "ddp",
+        "model": {"preset": "debug"},
+        "data": {
+            "sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}],
+            "validation_docs": 2,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "context_length": 32,
+            "grad_accum": 2,
+            "log_every": 1,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "crossbatch": {"range": 1, "packing": 2},
+        },
+    }
     ranks = _run(2, spec, tmp_path / "out")
+
     # Losses are averaged over ranks and DDP keeps the replicas equal: every rank reports the same numbers.
     def same_on_all_ranks(logs):
         return [(s, {k: v for k, v in m.items() if "loss" in k or "grad_norm" in k}) for s, m in logs]

@@ -43,13 +43,24 @@ def _worker(rank, world_size, port, spec_dict, out_dir, tag, mode, resume_from, 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         spec = parse_spec(spec_dict)
-        wrap = fsdp_wrapper(FsdpSettings.from_spec(spec), torch.device("cpu")) if mode == "fsdp" else \
-            (lambda m: DistributedDataParallel(m))
+        wrap = (
+            fsdp_wrapper(FsdpSettings.from_spec(spec), torch.device("cpu"))
+            if mode == "fsdp"
+            else (lambda m: DistributedDataParallel(m))
+        )
         logs, polls = [], []
-        runtime = Runtime(output_dir=Path(out_dir), rank=rank, world_size=world_size, wrap_model=wrap,
-                          sharded=mode == "fsdp", resume_from=Path(resume_from) if resume_from else None)
-        hooks = TrainHooks(on_log=lambda s, m: logs.append([s, m]),
-                           should_stop=lambda: polls.append(1) or len(polls) >= (stop_after or 10**9))
+        runtime = Runtime(
+            output_dir=Path(out_dir),
+            rank=rank,
+            world_size=world_size,
+            wrap_model=wrap,
+            sharded=mode == "fsdp",
+            resume_from=Path(resume_from) if resume_from else None,
+        )
+        hooks = TrainHooks(
+            on_log=lambda s, m: logs.append([s, m]),
+            should_stop=lambda: polls.append(1) or len(polls) >= (stop_after or 10**9),
+        )
         result = train(spec, runtime, hooks)
         Path(out_dir, f"{tag}-rank{rank}.json").write_text(json.dumps({"logs": logs, "final": result.final_step}))
     finally:
@@ -71,15 +82,32 @@ def _spec(tmp: Path) -> dict:
     corpus.mkdir(exist_ok=True)
     for i in range(16):
         (corpus / f"d{i}.txt").write_text(f"document {i} tells a story about the number {i * 7}. " * (3 + i % 5))
-    return {"name": "fsdp", "seed": 3, "model": {"preset": "debug", "gradient_checkpointing": True},
-            "memory": {"layers": [1]},
-            "data": {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2,
-                     "cache_dir": str(tmp / "cache")},
-            "train": {"steps": STEPS, "batch_size": 4, "context_length": 32, "grad_accum": 2, "log_every": 1,
-                      "eval_every": 3, "eval_batches": 1, "checkpoint_every": 2, "keep_checkpoints": 5,
-                      "schedule": {"name": "constant"}, "optimizer": {"lr": 1.0e-3},
-                      "crossbatch": {"range": 1, "packing": 2}},
-            "scaling": {"strategy": "fsdp", "num_workers": 2}}
+    return {
+        "name": "fsdp",
+        "seed": 3,
+        "model": {"preset": "debug", "gradient_checkpointing": True},
+        "memory": {"layers": [1]},
+        "data": {
+            "sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}],
+            "validation_docs": 2,
+            "cache_dir": str(tmp / "cache"),
+        },
+        "train": {
+            "steps": STEPS,
+            "batch_size": 4,
+            "context_length": 32,
+            "grad_accum": 2,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 5,
+            "schedule": {"name": "constant"},
+            "optimizer": {"lr": 1.0e-3},
+            "crossbatch": {"range": 1, "packing": 2},
+        },
+        "scaling": {"strategy": "fsdp", "num_workers": 2},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +208,13 @@ def _meta_worker(rank, world_size, port, model_dir, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         spec = parse_spec({"name": "meta", "model": {"init_from": model_dir}, "scaling": {"strategy": "fsdp"}})
-        runtime = Runtime(output_dir=Path(out_dir), rank=rank, world_size=world_size, sharded=True,
-                          wrap_model=fsdp_wrapper(FsdpSettings.from_spec(spec), torch.device("cpu")))
+        runtime = Runtime(
+            output_dir=Path(out_dir),
+            rank=rank,
+            world_size=world_size,
+            sharded=True,
+            wrap_model=fsdp_wrapper(FsdpSettings.from_spec(spec), torch.device("cpu")),
+        )
         built_on = {}
         original = build_model
 
@@ -208,8 +241,9 @@ def _meta_worker(rank, world_size, port, model_dir, out_dir):
 def test_meta_device_init_from_equals_plain_load(runs, tmp_path):
     tmp, *_ = runs
     model_dir = tmp / "fsdp" / "model"
-    mp.start_processes(_meta_worker, args=(2, _free_port(), str(model_dir), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(
+        _meta_worker, args=(2, _free_port(), str(model_dir), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
     result = json.loads((tmp_path / "meta.json").read_text())
     assert result["same"] is True
     assert result["shard"] < 0.6 * result["total"]  # rank 0 holds about half of the parameters after sharding

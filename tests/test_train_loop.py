@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from fotlab import names as M
 from fotlab.model import FoTForCausalLM
 from fotlab.spec import parse_spec
 from fotlab.train import LossNotFiniteError, Runtime, TrainHooks, latest_checkpoint, list_checkpoints, train
-from fotlab import names as M
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog. ",
@@ -35,15 +35,33 @@ def cache_dir(tmp_path_factory):
 
 def make_spec(corpus, cache_dir, *, model=None, data=None, memory=None, **train):
     train_section = {
-        "steps": 4, "batch_size": 4, "context_length": 32, "log_every": 1, "eval_every": 0, "eval_batches": 1,
-        "checkpoint_every": 0, "crossbatch": {"range": 1, "packing": 2}, "optimizer": {"lr": 3e-3},
+        "steps": 4,
+        "batch_size": 4,
+        "context_length": 32,
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "checkpoint_every": 0,
+        "crossbatch": {"range": 1, "packing": 2},
+        "optimizer": {"lr": 3e-3},
     }
     train_section.update(train)
-    data_section = {"sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}], "validation_docs": 2,
-                    "cache_dir": str(cache_dir)}
+    data_section = {
+        "sources": [{"kind": "local", "path": str(corpus), "glob": "*.txt"}],
+        "validation_docs": 2,
+        "cache_dir": str(cache_dir),
+    }
     data_section.update(data or {})
-    return parse_spec({"name": "test-run", "seed": 3, "model": model or {"preset": "debug"}, "data": data_section,
-                       "memory": memory or {}, "train": train_section})
+    return parse_spec(
+        {
+            "name": "test-run",
+            "seed": 3,
+            "model": model or {"preset": "debug"},
+            "data": data_section,
+            "memory": memory or {},
+            "train": train_section,
+        }
+    )
 
 
 class Recorder(TrainHooks):
@@ -68,16 +86,31 @@ class Recorder(TrainHooks):
 
 
 def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
-    spec = make_spec(corpus, cache_dir, steps=24, log_every=4, eval_every=12, checkpoint_every=12,
-                     optimizer={"lr": 1e-2}, schedule={"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1})
+    spec = make_spec(
+        corpus,
+        cache_dir,
+        steps=24,
+        log_every=4,
+        eval_every=12,
+        checkpoint_every=12,
+        optimizer={"lr": 1e-2},
+        schedule={"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
+    )
     hooks = Recorder()
     result = train(spec, Runtime(output_dir=tmp_path), hooks)
     losses = hooks.losses()
     assert sorted(losses) == [4, 8, 12, 16, 20, 24]
     assert losses[24] < losses[4] - 1.0, losses  # a repetitive corpus is learned quickly
     train_logs = [m for _, m in hooks.logs if M.TRAIN_LOSS in m]
-    assert set(train_logs[0]) == {M.TRAIN_LOSS, M.LR, M.GRAD_NORM, M.TOKENS_PER_S, M.STEP_TIME_S, M.CROSSBATCH_RANGE,
-                                  M.TOKENS_SEEN}
+    assert set(train_logs[0]) == {
+        M.TRAIN_LOSS,
+        M.LR,
+        M.GRAD_NORM,
+        M.TOKENS_PER_S,
+        M.STEP_TIME_S,
+        M.CROSSBATCH_RANGE,
+        M.TOKENS_SEEN,
+    }
     assert train_logs[-1][M.TOKENS_SEEN] == 24 * 4 * 32 and train_logs[0][M.CROSSBATCH_RANGE] == 1.0
     assert train_logs[-1][M.LR] == pytest.approx(1e-2 * 0.1)  # cosine reaches min_lr_ratio at the last step
     assert train_logs[0][M.LR] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 21))))
@@ -111,9 +144,14 @@ def test_loss_falls_and_final_model_loads(corpus, cache_dir, tmp_path):
 
 def test_resume_continues_exactly(corpus, cache_dir, tmp_path):
     """Stop after step 3, resume from the checkpoint: steps 4..6 reproduce an uninterrupted run bit for bit."""
-    kwargs = dict(steps=6, grad_accum=2, checkpoint_every=0,
-                  crossbatch={"range": 1, "packing": 2, "sample_from": [0, 1, 3]},
-                  optimizer={"name": "adafactor", "lr": 1e-2}, schedule={"name": "inverse_sqrt", "warmup_steps": 2})
+    kwargs = dict(
+        steps=6,
+        grad_accum=2,
+        checkpoint_every=0,
+        crossbatch={"range": 1, "packing": 2, "sample_from": [0, 1, 3]},
+        optimizer={"name": "adafactor", "lr": 1e-2},
+        schedule={"name": "inverse_sqrt", "warmup_steps": 2},
+    )
     full = Recorder()
     train(make_spec(corpus, cache_dir, **kwargs), Runtime(output_dir=tmp_path / "full"), full)
 
@@ -124,8 +162,11 @@ def test_resume_continues_exactly(corpus, cache_dir, tmp_path):
     assert latest_checkpoint(stopped.checkpoint_dir).name == "step-00000003"
 
     second = Recorder()
-    resumed = train(make_spec(corpus, cache_dir, **kwargs),
-                    Runtime(output_dir=tmp_path / "split", resume_from=stopped.checkpoint_dir), second)
+    resumed = train(
+        make_spec(corpus, cache_dir, **kwargs),
+        Runtime(output_dir=tmp_path / "split", resume_from=stopped.checkpoint_dir),
+        second,
+    )
     assert resumed.final_step == 6
     assert first.losses() == {s: full.losses()[s] for s in (1, 2, 3)}
     assert second.losses() == {s: full.losses()[s] for s in (4, 5, 6)}  # exact float equality
@@ -142,8 +183,12 @@ def test_nan_loss_stops_training(corpus, cache_dir, tmp_path):
         bad.model.layers[1].self_attn.q_proj.weight.fill_(float("inf"))
     bad.save_pretrained(tmp_path / "bad")
     byte_tokenizer().save_pretrained(tmp_path / "bad")
-    spec = make_spec(corpus, cache_dir, model={"init_from": str(tmp_path / "bad")},
-                     data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "bad")}})
+    spec = make_spec(
+        corpus,
+        cache_dir,
+        model={"init_from": str(tmp_path / "bad")},
+        data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "bad")}},
+    )
     with pytest.raises(LossNotFiniteError, match=r"^step 1: loss is nan"):
         train(spec, Runtime(output_dir=tmp_path / "out"))
     assert latest_checkpoint(tmp_path / "out" / "checkpoints") is None
@@ -155,9 +200,16 @@ def _tiny_llama_dir(path):
     from fotlab.data import byte_tokenizer
 
     torch.manual_seed(11)
-    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     llama = LlamaForCausalLM(config).eval()
     llama.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
@@ -169,26 +221,39 @@ def test_init_from_tiny_hf_llama(corpus, cache_dir, tmp_path):
     from fotlab.train.build import build_data
 
     llama = _tiny_llama_dir(tmp_path / "llama")
-    spec = make_spec(corpus, cache_dir, steps=3, crossbatch={"range": 0, "packing": 2},
-                     model={"init_from": str(tmp_path / "llama")}, memory={"layers": [1]},
-                     data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}})
+    spec = make_spec(
+        corpus,
+        cache_dir,
+        steps=3,
+        crossbatch={"range": 0, "packing": 2},
+        model={"init_from": str(tmp_path / "llama")},
+        memory={"layers": [1]},
+        data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}},
+    )
     hooks = Recorder()
     result = train(spec, Runtime(output_dir=tmp_path / "out"), hooks)
 
     first_batch = build_data(spec, Runtime(output_dir=tmp_path / "unused")).train_packer.next_batch()
     with torch.no_grad():
         logits = llama(first_batch["input_ids"]).logits  # (B, T, V)
-    llama_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), first_batch["targets"].flatten(),
-                                                   ignore_index=-100).item()
+    llama_loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), first_batch["targets"].flatten(), ignore_index=-100
+    ).item()
     assert hooks.losses()[1] == pytest.approx(llama_loss, rel=1e-5)
 
     tuned = FoTForCausalLM.from_pretrained(result.model_dir)
     assert tuned.config.mem_layers == [1] and tuned.config.num_key_value_heads == 2
     assert not torch.equal(tuned.lm_head.weight, llama.lm_head.weight)  # it trained
     # With crossbatch range 1 the memory layer sees another context: the first loss is no longer LLaMA's.
-    spec_x = make_spec(corpus, cache_dir, steps=1, crossbatch={"range": 1, "packing": 2},
-                       model={"init_from": str(tmp_path / "llama")}, memory={"layers": [1]},
-                       data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}})
+    spec_x = make_spec(
+        corpus,
+        cache_dir,
+        steps=1,
+        crossbatch={"range": 1, "packing": 2},
+        model={"init_from": str(tmp_path / "llama")},
+        memory={"layers": [1]},
+        data={"tokenizer": {"kind": "pretrained", "path": str(tmp_path / "llama")}},
+    )
     hooks_x = Recorder()
     train(spec_x, Runtime(output_dir=tmp_path / "out-x"), hooks_x)
     assert hooks_x.losses()[1] != pytest.approx(llama_loss, rel=1e-6)

@@ -54,9 +54,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_constant_with_warmup():
-    assert _lrs(_sched_spec("constant", warmup_steps=4), 6, 100) == pytest.approx(
-        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    )
+    assert _lrs(_sched_spec("constant", warmup_steps=4), 6, 100) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
     assert _lrs(_sched_spec("constant"), 3, 100) == pytest.approx([1.0, 1.0, 1.0])
 
 

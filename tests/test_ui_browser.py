@@ -28,9 +28,17 @@ from fotlab.model import FoTForCausalLM, preset_config
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags this machine needs for a headless run as root with no network beyond loopback.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def free_port() -> int:
@@ -65,9 +73,19 @@ def render(url: str, out: Path) -> str:
     import html
     import re
 
-    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={out / 'profile'}",
-                             "--virtual-time-budget=30000", "--dump-dom", url],
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={out / 'profile'}",
+            "--virtual-time-budget=30000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     dom = re.sub(r"<script.*?</script>|<style.*?</style>", "", result.stdout, flags=re.S)
     return " | ".join(t.strip() for t in html.unescape(re.sub(r"<[^>]+>", "\n", dom)).split("\n") if t.strip())
@@ -77,8 +95,13 @@ def start_ui(uri: str, log: Path) -> tuple[subprocess.Popen, str]:
     """`fotlab ui` on a free port; (the process, the newest-run link it printed) once it answers."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    ui = subprocess.Popen([str(Path(sys.executable).with_name("fotlab")), "ui", "--port", str(port)], env=env,
-                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen(
+        [str(Path(sys.executable).with_name("fotlab")), "ui", "--port", str(port)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while True:
         assert ui.poll() is None, log.read_text()[-2000:]

@@ -27,8 +27,14 @@ EXIT_USER_ERROR = 1
 
 def _add_spec_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("spec", help="experiment spec (YAML)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set train.steps=10 (repeatable; value parsed as YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.steps=10 (repeatable; value parsed as YAML)",
+    )
     if json_flag:
         p.add_argument("--json", action="store_true", help="end with one JSON object on stdout (for scripts/CI)")
 
@@ -48,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="run the spec's evaluations on a trained model")
     _add_spec_args(p)
-    p.add_argument("--model", required=True, metavar="DIR|runs:/RUN_ID|models:/NAME/VERSION",
-                   help="model directory, MLflow run, or registered model (VERSION may be 'latest')")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR|runs:/RUN_ID|models:/NAME/VERSION",
+        help="model directory, MLflow run, or registered model (VERSION may be 'latest')",
+    )
     p.set_defaults(handler=_cmd_orchestrate)
 
     p = sub.add_parser("sweep", help="hyper-parameter sweep on Ray Tune")
@@ -72,10 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check specs; one line per problem")
     p.add_argument("specs", nargs="+", metavar="SPEC", help="spec files")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every spec before validating")
-    p.add_argument("--no-check-paths", dest="check_paths", action="store_false",
-                   help="do not check that local data/tokenizer paths exist (specs meant for another machine)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every spec before validating",
+    )
+    p.add_argument(
+        "--no-check-paths",
+        dest="check_paths",
+        action="store_false",
+        help="do not check that local data/tokenizer paths exist (specs meant for another machine)",
+    )
     p.add_argument("--print", dest="print_spec", action="store_true", help="print the full resolved spec (YAML)")
     p.set_defaults(handler=_cmd_validate)
 

@@ -1,8 +1,8 @@
 """`fotlab runs list|show|compare` (rich tables over MLflow runs) and `fotlab ui` (the MLflow server).
 
-    fotlab runs list --experiment quickstart
-    fotlab runs show RUN_ID_OR_NAME
-    fotlab runs compare RUN_A RUN_B
+fotlab runs list --experiment quickstart
+fotlab runs show RUN_ID_OR_NAME
+fotlab runs compare RUN_A RUN_B
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _fmt(value: Any) -> str:
 def _when(ms: int | None) -> str:
     if not ms:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _duration(run) -> str:
@@ -64,9 +64,15 @@ def list_runs(args: argparse.Namespace) -> int:
     for col in ("run id", "name", "experiment", "status", "started (UTC)", "time", *shown):
         table.add_column(col, no_wrap=True, overflow="fold" if col == "name" else "ellipsis")
     for run in runs:
-        table.add_row(run.info.run_id, run.info.run_name, names.get(run.info.experiment_id, ""),
-                      run.info.status, _when(run.info.start_time), _duration(run),
-                      *[_fmt(run.data.metrics.get(m)) for m in shown])
+        table.add_row(
+            run.info.run_id,
+            run.info.run_name,
+            names.get(run.info.experiment_id, ""),
+            run.info.status,
+            _when(run.info.start_time),
+            _duration(run),
+            *[_fmt(run.data.metrics.get(m)) for m in shown],
+        )
     _console().print(table)
     return 0
 
@@ -81,9 +87,14 @@ def show_run(args: argparse.Namespace) -> int:
     info.add_column("field", style="bold")
     info.add_column("value")
     experiment = tracking.experiment_names(uri).get(run.info.experiment_id, run.info.experiment_id)
-    rows = [("name", run.info.run_name), ("experiment", experiment), ("status", run.info.status),
-            ("started (UTC)", _when(run.info.start_time)), ("duration", _duration(run)),
-            ("artifacts", run.info.artifact_uri)]
+    rows = [
+        ("name", run.info.run_name),
+        ("experiment", experiment),
+        ("status", run.info.status),
+        ("started (UTC)", _when(run.info.start_time)),
+        ("duration", _duration(run)),
+        ("artifacts", run.info.artifact_uri),
+    ]
     rows += [(k, v) for k, v in sorted(run.data.tags.items()) if not k.startswith("mlflow.log-model")]
     for key, value in rows:
         info.add_row(key, _fmt(value))
@@ -136,8 +147,20 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The `mlflow server` command line for the UI: one worker (small boxes), bound to `host`."""
     from fotlab.spec import resolve_artifact_root
 
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     artifacts = resolve_artifact_root(None, uri)
     if artifacts is not None:
         cmd += ["--artifacts-destination", artifacts]
@@ -163,7 +186,10 @@ def serve_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     newest = _newest_run(uri)
     if newest is not None:  # MLflow's UI starts in its GenAI view; this link opens the training view
-        print(f"newest run: {tracking.ui_link(base, newest.info.experiment_id, newest.info.run_id)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"newest run: {tracking.ui_link(base, newest.info.experiment_id, newest.info.run_id)}",
+            file=sys.stderr,
+            flush=True,
+        )
     os.execv(cmd[0], cmd)
     return 0  # not reached

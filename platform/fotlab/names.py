@@ -27,8 +27,18 @@ CHECKPOINT_TIME_S = "train/checkpoint_time_s"  # seconds the last checkpoint too
 VAL_LOSS = "val/loss"  # validation loss with the crossbatch of the current step
 VAL_PPL = "val/ppl"  # exp(val/loss)
 VAL_LOSS_NO_XBATCH = "val/loss_no_xbatch"  # crossbatch range 0: the gap to val/loss is what memory adds
-TRAIN_METRICS = (TRAIN_LOSS, LR, GRAD_NORM, TOKENS_PER_S, STEP_TIME_S, CROSSBATCH_RANGE, TOKENS_SEEN, VAL_LOSS,
-                 VAL_PPL, VAL_LOSS_NO_XBATCH)
+TRAIN_METRICS = (
+    TRAIN_LOSS,
+    LR,
+    GRAD_NORM,
+    TOKENS_PER_S,
+    STEP_TIME_S,
+    CROSSBATCH_RANGE,
+    TOKENS_SEEN,
+    VAL_LOSS,
+    VAL_PPL,
+    VAL_LOSS_NO_XBATCH,
+)
 SUMMARY_METRICS = (TRAIN_LOSS, VAL_LOSS, VAL_PPL, TOKENS_PER_S)  # shown by `fotlab runs list`
 # ----- the MLflow Model (pyfunc) of a fotlab model: columns, params, loader -----------------------------------
 PROMPT_COLUMN = "prompt"  # pyfunc input: one prompt per row

@@ -45,9 +45,14 @@ class FoTGenerator:
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                      last_context_length=last_context_length)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                last_context_length=last_context_length,
+            )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
         """prompts (a DataFrame with a `prompt` column, a list of strings or one string) -> DataFrame `completion`."""

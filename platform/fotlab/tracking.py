@@ -31,11 +31,37 @@ import fotlab
 from fotlab.errors import FotlabError
 
 # The metric and tag names live in fotlab.names (imports nothing, shared with train/eval/CLI); re-exported here.
-from fotlab.names import (CROSSBATCH_RANGE, GRAD_NORM, LR, STEP_TIME_S, SUMMARY_METRICS,  # noqa: E402,F401
-                          TAG_ERROR, TAG_GIT_COMMIT, TAG_KIND, TAG_NOTE, TAG_PARENT_RUN, TAG_REGISTERED_VERSION,
-                          TAG_SPEC_NAME, TAG_SWEEP, TAG_VERSION, TOKENS_PER_S, TOKENS_SEEN, TRAIN_LOSS, VAL_LOSS,
-                          VAL_LOSS_NO_XBATCH, VAL_PPL, TRAIN_TIME_S, EVAL_TIME_S, CHECKPOINT_TIME_S,
-                          COMPLETION_COLUMN, DEFAULT_MAX_NEW_TOKENS, PROMPT_COLUMN, PYFUNC_LOADER, REMOTE_CODE_KEYS)
+from fotlab.names import (  # noqa: F401
+    CHECKPOINT_TIME_S,
+    COMPLETION_COLUMN,
+    CROSSBATCH_RANGE,
+    DEFAULT_MAX_NEW_TOKENS,
+    EVAL_TIME_S,
+    GRAD_NORM,
+    LR,
+    PROMPT_COLUMN,
+    PYFUNC_LOADER,
+    REMOTE_CODE_KEYS,
+    STEP_TIME_S,
+    SUMMARY_METRICS,
+    TAG_ERROR,
+    TAG_GIT_COMMIT,
+    TAG_KIND,
+    TAG_NOTE,
+    TAG_PARENT_RUN,
+    TAG_REGISTERED_VERSION,
+    TAG_SPEC_NAME,
+    TAG_SWEEP,
+    TAG_VERSION,
+    TOKENS_PER_S,
+    TOKENS_SEEN,
+    TRAIN_LOSS,
+    TRAIN_TIME_S,
+    VAL_LOSS,
+    VAL_LOSS_NO_XBATCH,
+    VAL_PPL,
+)
+
 # MLflow 3 picks the UI mode of an experiment from this tag. fotlab trains models, from scratch or from a LLaMA:
 # "custom_model_development" is the kind the UI itself sets when a user picks "Machine learning" (the model
 # training view: runs, charts, models); "finetuning" would mislabel the from-scratch runs.
@@ -103,8 +129,9 @@ def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> s
         return found.experiment_id
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location,
-                                               tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+        )
     except MlflowException:  # created meanwhile by another process
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:
@@ -155,7 +182,7 @@ class TrackedRun:
 
         items = [Param(str(k), str(v)[:MAX_PARAM_VALUE_LEN]) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
     def log_spec(self, spec) -> None:
         """The flattened spec as params and the full spec YAML as the `spec.yaml` artifact."""
@@ -181,7 +208,7 @@ class TrackedRun:
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start:start + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
         return kept
 
     def log_model_dir(self, model_dir: str | Path, step: int = 0, name: str = MODEL_ARTIFACT_DIR) -> str:
@@ -199,8 +226,13 @@ class TrackedRun:
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
         mlflow_client = self.client
         run = mlflow_client.get_run(self.run_id)
-        logged = mlflow_client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
-                                                   params=dict(run.data.params), model_type="fot-causal-lm")
+        logged = mlflow_client.create_logged_model(
+            run.info.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            params=dict(run.data.params),
+            model_type="fot-causal-lm",
+        )
         try:
             with tempfile.TemporaryDirectory(prefix="fotlab-mlmodel-") as tmp:
                 local = Path(tmp) / "mlmodel"
@@ -225,12 +257,14 @@ class TrackedRun:
             return
         mlflow_client = self.client
         done = {(m.key, m.step) for m in mlflow_client.get_logged_model(self.model_id).metrics or []}
-        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=self.model_id, run_id=self.run_id)
-                  for key in mlflow_client.get_run(self.run_id).data.metrics
-                  for m in mlflow_client.get_metric_history(self.run_id, key)
-                  if m.step == step and (m.key, m.step) not in done]
+        linked = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=self.model_id, run_id=self.run_id)
+            for key in mlflow_client.get_run(self.run_id).data.metrics
+            for m in mlflow_client.get_metric_history(self.run_id, key)
+            if m.step == step and (m.key, m.step) not in done
+        ]
         for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
-            mlflow_client.log_batch(self.run_id, metrics=linked[start:start + MAX_METRICS_PER_BATCH])
+            mlflow_client.log_batch(self.run_id, metrics=linked[start : start + MAX_METRICS_PER_BATCH])
 
     def register_model(self, name: str, artifact_path: str = MODEL_ARTIFACT_DIR) -> str:
         """Register the run's logged model as a new version of the registered model `name` (created if new) in
@@ -250,8 +284,9 @@ class TrackedRun:
             source = mlflow_client.get_logged_model(model_id).artifact_location
             version = mlflow_client.create_model_version(name, source, run_id=self.run_id, model_id=model_id)
         else:  # a run from before MLflow Models: its raw model folder
-            version = mlflow_client.create_model_version(name, f"runs:/{self.run_id}/{artifact_path}",
-                                                         run_id=self.run_id)
+            version = mlflow_client.create_model_version(
+                name, f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id
+            )
         self.set_tags({TAG_REGISTERED_VERSION: f"{name}/{version.version}"})
         return str(version.version)
 
@@ -261,8 +296,13 @@ class TrackedRun:
         the input's `mlflow.data.context` tag). The same dataset is recorded once per run and context."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        inputs = [DatasetInput(Dataset(r.name, r.digest, "fotlab", r.source, profile=r.profile()),
-                               tags=[InputTag(DATASET_CONTEXT_TAG, r.context)]) for r in records]
+        inputs = [
+            DatasetInput(
+                Dataset(r.name, r.digest, "fotlab", r.source, profile=r.profile()),
+                tags=[InputTag(DATASET_CONTEXT_TAG, r.context)],
+            )
+            for r in records
+        ]
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)
 
@@ -288,8 +328,11 @@ class TrackedRun:
 
 def numeric_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Keep finite numbers only (what MLflow and ray.train.report accept)."""
-    return {k: float(v) for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 UI_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow UI's "Model training" view (not GenAI)
@@ -313,8 +356,10 @@ def check_no_remote_code(model_dir: str | Path) -> None:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     asked = [key for key in REMOTE_CODE_KEYS if config.get(key)]
     if asked:
-        raise RemoteCodeError(f"{config_file}: asks for custom code ({', '.join(asked)}); fotlab loads only its own "
-                              "model classes and never runs code shipped with a model")
+        raise RemoteCodeError(
+            f"{config_file}: asks for custom code ({', '.join(asked)}); fotlab loads only its own "
+            "model classes and never runs code shipped with a model"
+        )
 
 
 def save_mlflow_model(model_dir: str | Path, dst: str | Path, *, mlflow_model=None) -> None:
@@ -327,13 +372,24 @@ def save_mlflow_model(model_dir: str | Path, dst: str | Path, *, mlflow_model=No
 
     check_no_remote_code(model_dir)
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    params = ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
-                          ParamSpec("last_context_length", "long", int(config.get("last_context_length", 0)))])
-    signature = ModelSignature(inputs=Schema([ColSpec("string", PROMPT_COLUMN)]),
-                               outputs=Schema([ColSpec("string", COMPLETION_COLUMN)]), params=params)
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
+            ParamSpec("last_context_length", "long", int(config.get("last_context_length", 0))),
+        ]
+    )
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", PROMPT_COLUMN)]),
+        outputs=Schema([ColSpec("string", COMPLETION_COLUMN)]),
+        params=params,
+    )
     mlflow.pyfunc.save_model(
-        str(dst), loader_module=PYFUNC_LOADER, data_path=str(model_dir), mlflow_model=mlflow_model,
-        signature=signature, input_example=pd.DataFrame({PROMPT_COLUMN: ["def fibonacci(n):"]}),
+        str(dst),
+        loader_module=PYFUNC_LOADER,
+        data_path=str(model_dir),
+        mlflow_model=mlflow_model,
+        signature=signature,
+        input_example=pd.DataFrame({PROMPT_COLUMN: ["def fibonacci(n):"]}),
         pip_requirements=[f"fotlab=={fotlab.__version__}"],  # fotlab brings torch, transformers, safetensors
     )
 
@@ -345,8 +401,9 @@ def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:
 
 def describe_params(params: Mapping[str, Any]) -> str:
     """`optimizer.lr=0.003 memory.layers=[1]`: swept values for a run name (the last two parts of each field)."""
-    return " ".join(f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v)}"
-                    for k, v in params.items())
+    return " ".join(
+        f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()
+    )
 
 
 def one_line(error: BaseException) -> str:
@@ -359,17 +416,26 @@ def _start_system_metrics(uri: str, run_id: str, resume: bool, interval_s: float
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError as exc:
-        raise TrackingError(f"tracking.system_metrics needs the '{exc.name}' package "
-                            f"(pip install {exc.name})") from None
+        raise TrackingError(
+            f"tracking.system_metrics needs the '{exc.name}' package (pip install {exc.name})"
+        ) from None
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines around every run
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=uri)
     monitor.start()
     return monitor
 
 
-def start_run(uri: str, experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-              run_id: str | None = None, parent_run_id: str | None = None, system_metrics: bool = False,
-              system_metrics_interval_s: float = 10.0) -> TrackedRun:
+def start_run(
+    uri: str,
+    experiment_id: str,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    system_metrics: bool = False,
+    system_metrics_interval_s: float = 10.0,
+) -> TrackedRun:
     """Create a run (or, with `run_id`, reopen that run as RUNNING to resume it); tags are added either way.
 
     `parent_run_id` makes it a child run (sweep trials); `system_metrics` samples CPU/memory (and GPU) metrics
@@ -395,8 +461,15 @@ def start_run(uri: str, experiment_id: str, *, run_name: str | None = None, tags
     return run
 
 
-def start_spec_run(spec, *, uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
-                   tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> TrackedRun:
+def start_spec_run(
+    spec,
+    *,
+    uri: str | None = None,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> TrackedRun:
     """Driver-side: experiment (spec.tracking.experiment or spec.name) + a run with the spec logged.
 
     A resumed run (`run_id`) keeps its params and spec artifact (MLflow params cannot change).
@@ -405,9 +478,15 @@ def start_spec_run(spec, *, uri: str | None = None, run_name: str | None = None,
 
     uri = uri or resolve_tracking_uri(spec)
     experiment_id = setup_experiment(uri, spec.tracking.experiment or spec.name, resolve_artifact_root(spec, uri))
-    run = start_run(uri, experiment_id, run_name=run_name or spec.tracking.run_name, run_id=run_id,
-                    tags={**default_tags(spec), **dict(tags or {})}, parent_run_id=parent_run_id,
-                    system_metrics=spec.tracking.system_metrics)
+    run = start_run(
+        uri,
+        experiment_id,
+        run_name=run_name or spec.tracking.run_name,
+        run_id=run_id,
+        tags={**default_tags(spec), **dict(tags or {})},
+        parent_run_id=parent_run_id,
+        system_metrics=spec.tracking.system_metrics,
+    )
     if run_id is None:
         run.log_spec(spec)
     return run
@@ -429,8 +508,9 @@ def get_run(uri: str, ref: str):
     return runs[0]
 
 
-def search_runs(uri: str, experiment: str | None = None, sweep: str | None = None, filter_string: str = "",
-                max_results: int = 100) -> list:
+def search_runs(
+    uri: str, experiment: str | None = None, sweep: str | None = None, filter_string: str = "", max_results: int = 100
+) -> list:
     """Runs of one experiment (by name) or of all experiments, newest first; `sweep` keeps that sweep's runs."""
     mlflow_client = client(uri)
     if experiment is not None:
@@ -446,8 +526,12 @@ def search_runs(uri: str, experiment: str | None = None, sweep: str | None = Non
     if sweep is not None:
         quoted = sweep.replace("'", "\\'")
         filters.append(f"tags.`{TAG_SWEEP}` = '{quoted}'")
-    return mlflow_client.search_runs(experiment_ids, filter_string=" and ".join(filters), max_results=max_results,
-                              order_by=["attributes.start_time DESC"])
+    return mlflow_client.search_runs(
+        experiment_ids,
+        filter_string=" and ".join(filters),
+        max_results=max_results,
+        order_by=["attributes.start_time DESC"],
+    )
 
 
 def child_runs(uri: str, parent_run_id: str, tags: Mapping[str, str] | None = None) -> list:
@@ -500,9 +584,10 @@ def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
         try:
             artifact_uri = _model_artifact_uri(ref, uri)
             Path(dst_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_dir),
-                                                            tracking_uri=uri))
-        except Exception as exc:  # MlflowException and OSError: one line for the user
+            path = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_dir), tracking_uri=uri)
+            )
+        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, ...: one line for the user
             raise TrackingError(f"{ref}: cannot download it from {uri}: {exc}".splitlines()[0]) from None
         path = model_files_dir(path)
     else:
@@ -540,12 +625,12 @@ def _model_artifact_uri(ref: str, uri: str) -> str:
     version) and `models:/NAME@ALIAS` -> the registered version's source."""
     mlflow_client = client(uri)
     if ref.startswith("runs:/"):
-        run_id, _, sub = ref[len("runs:/"):].strip("/").partition("/")
+        run_id, _, sub = ref[len("runs:/") :].strip("/").partition("/")
         model_id = logged_model_id(uri, run_id) if sub in ("", MODEL_ARTIFACT_DIR) else None
         if model_id is not None:
             return mlflow_client.get_logged_model(model_id).artifact_location
         return f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-    name, _, version = ref[len("models:/"):].strip("/").partition("/")
+    name, _, version = ref[len("models:/") :].strip("/").partition("/")
     if not version and LOGGED_MODEL_ID.match(name):
         return mlflow_client.get_logged_model(name).artifact_location
     if "@" in name:

@@ -99,19 +99,30 @@ def tokenize_dataset(ds, tokenizer, num_proc: int = 1):
     """Tokenize a "text" (+ "answer", "key") dataset; columns input_ids (+ loss_mask), n_tokens, split_hash."""
     remove = [c for c in ds.column_names or [] if c not in ("input_ids", "loss_mask")]
     with_mask = "answer" in (ds.column_names or [])
-    kwargs = {"batched": True, "fn_kwargs": {"tokenizer": tokenizer}, "remove_columns": remove,
-              "features": _features(with_mask)}
+    kwargs = {
+        "batched": True,
+        "fn_kwargs": {"tokenizer": tokenizer},
+        "remove_columns": remove,
+        "features": _features(with_mask),
+    }
     if isinstance(ds, datasets.IterableDataset):
         return ds.map(_tokenize_batch, **kwargs)
     n_proc = num_proc if num_proc > 1 and len(ds) >= 64 * num_proc else None
-    return ds.map(_tokenize_batch, num_proc=n_proc, new_fingerprint=_tokenize_fingerprint(ds, tokenizer),
-                  desc="tokenize", **kwargs)
+    return ds.map(
+        _tokenize_batch,
+        num_proc=n_proc,
+        new_fingerprint=_tokenize_fingerprint(ds, tokenizer),
+        desc="tokenize",
+        **kwargs,
+    )
 
 
 def _ids_dataset(ds):
     """Already-tokenized rows (synthetic dictionary lookup): add n_tokens and split_hash."""
+
     def add(batch):
         return {"n_tokens": [len(x) for x in batch["input_ids"]], "split_hash": [_split_hash(k) for k in batch["key"]]}
+
     return ds.map(add, batched=True, remove_columns=["key"], features=_features(True), desc="index")
 
 
@@ -121,10 +132,11 @@ def load_source(source: SourceSpec, index: int, tokenizer, seed: int, cache_dir:
     syn_seed = seed * 1000 + index
     if kind == "dictionary_lookup":
         if len(tokenizer) < synthetic.DICT_VOCAB:
-            raise ValueError(f"{src_mod.source_label(source, index)}: tokenizer has {len(tokenizer)} ids, "
-                             f"fewer than the {synthetic.DICT_VOCAB} the task uses")
-        ds = synthetic.dictionary_lookup_dataset(n_docs, doc_len, source.key_len, source.value_len, syn_seed,
-                                                 cache_dir)
+            raise ValueError(
+                f"{src_mod.source_label(source, index)}: tokenizer has {len(tokenizer)} ids, "
+                f"fewer than the {synthetic.DICT_VOCAB} the task uses"
+            )
+        ds = synthetic.dictionary_lookup_dataset(n_docs, doc_len, source.key_len, source.value_len, syn_seed, cache_dir)
         return _ids_dataset(ds)
     if kind == "passkey":
         ds = synthetic.passkey_dataset(tokenizer, n_docs, doc_len, source.max_passkey, syn_seed, cache_dir)
@@ -148,8 +160,10 @@ def filter_and_split(ds, source: SourceSpec, n_val: int):
     if max_docs:
         ds = ds.select(range(min(max_docs, len(ds))))
     if n_val >= len(ds) and n_val > 0:
-        raise ValueError(f"{src_mod.source_label(source)}: {len(ds)} documents left cannot give {n_val} validation "
-                         "documents and a training set")
+        raise ValueError(
+            f"{src_mod.source_label(source)}: {len(ds)} documents left cannot give {n_val} validation "
+            "documents and a training set"
+        )
     order = np.argsort(np.asarray(ds["split_hash"], dtype=np.int64), kind="stable")
     val_rows = np.sort(order[:n_val])
     train_rows = np.sort(order[n_val:])
@@ -180,8 +194,11 @@ def _with_loss_mask(ds):
     """Add an all-ones loss_mask to a source without one (so sources can be mixed)."""
     if "loss_mask" in (ds.column_names or []):
         return ds
-    return ds.map(lambda b: {"loss_mask": [[1] * len(x) for x in b["input_ids"]]}, batched=True,
-                  features=_features(True, with_index=False))
+    return ds.map(
+        lambda b: {"loss_mask": [[1] * len(x) for x in b["input_ids"]]},
+        batched=True,
+        features=_features(True, with_index=False),
+    )
 
 
 def mix_sources(parts: list, weights: list[float], seed: int):
@@ -193,8 +210,9 @@ def mix_sources(parts: list, weights: list[float], seed: int):
     probabilities = [w / sum(weights) for w in weights]
     if any(isinstance(p, datasets.IterableDataset) for p in parts):
         parts = [p if isinstance(p, datasets.IterableDataset) else p.to_iterable_dataset() for p in parts]
-    return datasets.interleave_datasets(parts, probabilities=probabilities, seed=seed,
-                                        stopping_strategy="all_exhausted")
+    return datasets.interleave_datasets(
+        parts, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
+    )
 
 
 def _concat_validation(parts: list):

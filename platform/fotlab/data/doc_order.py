@@ -67,8 +67,9 @@ class MapDocs:
         row = self.doc_id(ref)
         if row not in self._framed:
             item = self.docs[row]
-            self._framed[row] = frame(item["input_ids"], item["loss_mask"] if self.has_loss_mask else None,
-                                      self.bos_id, self.eos_id)
+            self._framed[row] = frame(
+                item["input_ids"], item["loss_mask"] if self.has_loss_mask else None, self.bos_id, self.eos_id
+            )
             while len(self._framed) > self.cache_size:
                 self._framed.popitem(last=False)
         return self._framed[row]
@@ -86,8 +87,9 @@ class MapDocs:
 class StreamedDocs:
     """Documents from an `IterableDataset`, read in a seeded shuffled order, sharded by rank."""
 
-    def __init__(self, docs, seed: int, rank: int, world_size: int, bos_id: int, eos_id: int,
-                 shuffle_buffer: int = 1000):
+    def __init__(
+        self, docs, seed: int, rank: int, world_size: int, bos_id: int, eos_id: int, shuffle_buffer: int = 1000
+    ):
         from datasets.distributed import split_dataset_by_node
 
         self.docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
@@ -136,13 +138,15 @@ class StreamedDocs:
         self.held.pop(ref, None)
 
     def state_dict(self) -> dict:
-        held = [[list(ref), t.tolist(), l.tolist(), d] for ref, (t, l, d) in self.held.items()]
+        held = [[list(ref), ids.tolist(), mask.tolist(), d] for ref, (ids, mask, d) in self.held.items()]
         read = {str(k): v for k, v in self._n_read_before_epoch.items()}
         return {"cursor": list(self.cursor), "held": held, "n_read_before_epoch": read}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = tuple(int(x) for x in state["cursor"])
-        self.held = {(int(r[0]), int(r[1])): (np.asarray(t, dtype=np.int64), np.asarray(l, dtype=bool), int(d))
-                     for r, t, l, d in state["held"]}
+        self.held = {
+            (int(r[0]), int(r[1])): (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), int(d))
+            for r, ids, mask, d in state["held"]
+        }
         self._n_read_before_epoch = {int(k): int(v) for k, v in state["n_read_before_epoch"].items()}
         self._iter = None  # reopened at the cursor on the next claim

@@ -144,8 +144,13 @@ class DocPacker:
     # ---- resume -------------------------------------------------------------------------------------
     def _config(self) -> dict:
         return {
-            "n_docs": self.n_docs, "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "packing": self.packing, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "n_docs": self.n_docs,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "packing": self.packing,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def state_dict(self) -> dict:

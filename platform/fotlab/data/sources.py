@@ -207,9 +207,16 @@ def load_repeat(source, index=None, cache_dir=None):
         raise FileNotFoundError(f"{source_label(source, index)}: no base text files for the repeated spans")
     n_docs = getattr(source, "n_docs", None) or getattr(source, "max_docs", None) or 64
     try:
-        return repeat_dataset(files, int(n_docs), int(getattr(source, "doc_len", 768)),
-                              int(getattr(source, "span_len", 64)), float(getattr(source, "repeat_prob", 1.0)),
-                              int(getattr(source, "max_gap", 1)), int(getattr(source, "seed", 0)), cache_dir)
+        return repeat_dataset(
+            files,
+            int(n_docs),
+            int(getattr(source, "doc_len", 768)),
+            int(getattr(source, "span_len", 64)),
+            float(getattr(source, "repeat_prob", 1.0)),
+            int(getattr(source, "max_gap", 1)),
+            int(getattr(source, "seed", 0)),
+            cache_dir,
+        )
     except ValueError as exc:
         raise ValueError(f"{source_label(source, index)}: {exc}") from None
 

@@ -40,8 +40,9 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
 # ---- dictionary lookup ----------------------------------------------------------------------------------
-def dictionary_lookup_doc(rng: np.random.Generator, doc_len: int = 512, key_len: int = 4, value_len: int = 4,
-                          vocab: int = DICT_VOCAB) -> tuple[list[int], list[int]]:
+def dictionary_lookup_doc(
+    rng: np.random.Generator, doc_len: int = 512, key_len: int = 4, value_len: int = 4, vocab: int = DICT_VOCAB
+) -> tuple[list[int], list[int]]:
     """One document: (input_ids, loss_mask), at most doc_len tokens, half definitions then half queries."""
     record_len = 2 + key_len + value_len
     n_records = doc_len // record_len
@@ -76,22 +77,30 @@ def _dictionary_rows(seed: int, n_docs: int, doc_len: int, key_len: int, value_l
         yield {"input_ids": ids, "loss_mask": mask, "key": f"dictionary_lookup/{i}"}
 
 
-def dictionary_lookup_dataset(n_docs: int, doc_len: int = 512, key_len: int = 4, value_len: int = 4,
-                              seed: int = 0, cache_dir: str | None = None) -> datasets.Dataset:
+def dictionary_lookup_dataset(
+    n_docs: int, doc_len: int = 512, key_len: int = 4, value_len: int = 4, seed: int = 0, cache_dir: str | None = None
+) -> datasets.Dataset:
     """n_docs dictionary lookup documents (columns input_ids, loss_mask, key), deterministic in seed."""
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "loss_mask": datasets.Sequence(datasets.Value("int8")),
-        "key": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "loss_mask": datasets.Sequence(datasets.Value("int8")),
+            "key": datasets.Value("string"),
+        }
+    )
     kwargs = {"seed": seed, "n_docs": n_docs, "doc_len": doc_len, "key_len": key_len, "value_len": value_len}
-    return datasets.Dataset.from_generator(_dictionary_rows, features=features, gen_kwargs=kwargs,
-                                           cache_dir=cache_dir)
+    return datasets.Dataset.from_generator(_dictionary_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
 
 
 # ---- repeated spans -------------------------------------------------------------------------------------
-def repeat_document(rng: np.random.Generator, texts: list[str], doc_len: int, span_len: int = 64,
-                    repeat_prob: float = 1.0, max_gap: int = 1) -> str:
+def repeat_document(
+    rng: np.random.Generator,
+    texts: list[str],
+    doc_len: int,
+    span_len: int = 64,
+    repeat_prob: float = 1.0,
+    max_gap: int = 1,
+) -> str:
     """One document of doc_len // span_len spans (at least 1) cut from `texts` (each >= span_len characters)."""
     if span_len <= 0 or doc_len < span_len:
         raise ValueError(f"repeat: doc_len={doc_len} must be >= span_len={span_len} > 0")
@@ -104,17 +113,20 @@ def repeat_document(rng: np.random.Generator, texts: list[str], doc_len: int, sp
         else:
             text = texts[int(rng.integers(len(texts)))]
             start = int(rng.integers(0, len(text) - span_len + 1))
-            spans.append(text[start:start + span_len])
+            spans.append(text[start : start + span_len])
     return "".join(spans)
 
 
-def _repeat_rows(paths: str, seed: int, n_docs: int, doc_len: int, span_len: int, repeat_prob: float,
-                 max_gap: int, stamp: str = ""):  # stamp: the files' sizes and mtimes, only for the cache key
+def _repeat_rows(
+    paths: str, seed: int, n_docs: int, doc_len: int, span_len: int, repeat_prob: float, max_gap: int, stamp: str = ""
+):  # stamp: the files' sizes and mtimes, only for the cache key
     texts = [t for t in (_read_text(p) for p in paths.split("\n")) if len(t) >= span_len and t.isascii()]
     rng = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
     for i in range(n_docs):
-        yield {"text": repeat_document(rng, texts, doc_len, span_len, repeat_prob, max_gap),
-               "key": f"repeat/{seed}/{i}"}
+        yield {
+            "text": repeat_document(rng, texts, doc_len, span_len, repeat_prob, max_gap),
+            "key": f"repeat/{seed}/{i}",
+        }
 
 
 def _read_text(path: str) -> str:
@@ -122,8 +134,16 @@ def _read_text(path: str) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
-def repeat_dataset(paths: list[str], n_docs: int, doc_len: int = 768, span_len: int = 64, repeat_prob: float = 1.0,
-                   max_gap: int = 1, seed: int = 0, cache_dir: str | None = None) -> datasets.Dataset:
+def repeat_dataset(
+    paths: list[str],
+    n_docs: int,
+    doc_len: int = 768,
+    span_len: int = 64,
+    repeat_prob: float = 1.0,
+    max_gap: int = 1,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
     """n_docs repeated-span documents (columns text, key) cut from the ASCII files among `paths`; deterministic."""
     features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
     if span_len <= 0 or doc_len < span_len:
@@ -132,8 +152,16 @@ def repeat_dataset(paths: list[str], n_docs: int, doc_len: int = 768, span_len: 
     if not any(os.stat(p).st_size >= span_len and _read_text(p).isascii() for p in paths):
         raise ValueError(f"repeat: no ASCII base text of >= {span_len} characters among {len(paths)} files")
     stamp = hashlib.sha1(repr([(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]).encode()).hexdigest()
-    kwargs = {"paths": "\n".join(paths), "stamp": stamp, "seed": seed, "n_docs": n_docs, "doc_len": doc_len,
-              "span_len": span_len, "repeat_prob": repeat_prob, "max_gap": max_gap}  # paths as one string: lists are sharded
+    kwargs = {
+        "paths": "\n".join(paths),
+        "stamp": stamp,
+        "seed": seed,
+        "n_docs": n_docs,
+        "doc_len": doc_len,
+        "span_len": span_len,
+        "repeat_prob": repeat_prob,
+        "max_gap": max_gap,
+    }  # paths as one string: lists are sharded
     return datasets.Dataset.from_generator(_repeat_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
 
 
@@ -199,11 +227,10 @@ def _passkey_rows(tokenizer, seed: int, n_docs: int, doc_len: int, max_passkey: 
         yield {"text": p.prompt, "answer": p.answer, "key": f"passkey/{i}"}
 
 
-def passkey_dataset(tokenizer, n_docs: int, doc_len: int = 512, max_passkey: int = 50000, seed: int = 0,
-                    cache_dir: str | None = None) -> datasets.Dataset:
+def passkey_dataset(
+    tokenizer, n_docs: int, doc_len: int = 512, max_passkey: int = 50000, seed: int = 0, cache_dir: str | None = None
+) -> datasets.Dataset:
     """n_docs passkey documents (columns text = prompt, answer, key) of about doc_len tokens each."""
     features = datasets.Features({k: datasets.Value("string") for k in ("text", "answer", "key")})
-    kwargs = {"tokenizer": tokenizer, "seed": seed, "n_docs": n_docs, "doc_len": doc_len,
-              "max_passkey": max_passkey}
-    return datasets.Dataset.from_generator(_passkey_rows, features=features, gen_kwargs=kwargs,
-                                           cache_dir=cache_dir)
+    kwargs = {"tokenizer": tokenizer, "seed": seed, "n_docs": n_docs, "doc_len": doc_len, "max_passkey": max_passkey}
+    return datasets.Dataset.from_generator(_passkey_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)

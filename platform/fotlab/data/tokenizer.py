@@ -49,9 +49,7 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     """Wrap a raw `tokenizers.Tokenizer` as a transformers tokenizer with bos/eos/pad set."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -69,7 +67,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` (V = vocab_size, specials included, all 256 bytes always present)."""
     if vocab_size < N_BYTES + len(SPECIAL_TOKENS):
-        raise ValueError(f"tokenizer.vocab_size={vocab_size} is below {N_BYTES + len(SPECIAL_TOKENS)} (bytes + specials)")
+        raise ValueError(
+            f"tokenizer.vocab_size={vocab_size} is below {N_BYTES + len(SPECIAL_TOKENS)} (bytes + specials)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -137,9 +137,10 @@ def _build_bpe(tok_spec, texts, data_spec) -> PreTrainedTokenizerFast:
 
         texts = corpus_texts(data_spec, max_docs_per_source=BPE_MAX_DOCS_PER_SOURCE)
     if texts is None:
-        raise ValueError("tokenizer.kind='bpe' needs texts or data_spec to train on (or tokenizer.path with a "
-                         "trained tokenizer)")
-    tok = train_bpe_tokenizer(texts, int(getattr(tok_spec, "vocab_size")))
+        raise ValueError(
+            "tokenizer.kind='bpe' needs texts or data_spec to train on (or tokenizer.path with a trained tokenizer)"
+        )
+    tok = train_bpe_tokenizer(texts, int(tok_spec.vocab_size))
     if path is not None:
         _save_atomically(tok, Path(path).expanduser())
     return tok

@@ -22,8 +22,8 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, dictionary_metric
-from fotlab.spec.eval import DictionaryEvalSpec
 from fotlab.eval.streaming import empty_memory, model_device, progress, resolve_chunk_len, stream_to_memory
+from fotlab.spec.eval import DictionaryEvalSpec
 
 
 def dictionary_sample(rng: np.random.Generator, memory_size: int, n_queries: int, key_len: int, value_len: int):
@@ -37,8 +37,8 @@ def dictionary_sample(rng: np.random.Generator, memory_size: int, n_queries: int
     ids, mask = dictionary_lookup_doc(rng, doc_len=2 * n_defs * record_len, key_len=key_len, value_len=value_len)
     n_def_tokens = n_defs * record_len
     n_query_tokens = min(n_queries, n_defs) * record_len
-    queries = ids[n_def_tokens:n_def_tokens + n_query_tokens]
-    value_mask = mask[n_def_tokens:n_def_tokens + n_query_tokens]
+    queries = ids[n_def_tokens : n_def_tokens + n_query_tokens]
+    value_mask = mask[n_def_tokens : n_def_tokens + n_query_tokens]
     return ids[:n_def_tokens], queries, value_mask
 
 
@@ -48,9 +48,9 @@ def record_windows(defs: list[int], record_len: int, window_len: int, bos: list[
     first = (window_len - len(bos)) // record_len
     if per_window < 1 or first < 1:
         raise ValueError(f"dictionary lookup: a {window_len}-token window holds no {record_len}-token record")
-    windows = [bos + defs[:first * record_len]]
+    windows = [bos + defs[: first * record_len]]
     step = per_window * record_len
-    windows += [defs[s:s + step] for s in range(first * record_len, len(defs), step)]
+    windows += [defs[s : s + step] for s in range(first * record_len, len(defs), step)]
     return [w for w in windows if w]
 
 
@@ -77,8 +77,16 @@ def score_queries(model, memory, queries: list[int], value_mask: list[int], valu
     return int(hits.all(-1).sum()), int(hits.sum()), hits.shape[0]
 
 
-def dictionary_lookup_accuracy(model, tokenizer, cfg: DictionaryEvalSpec, *, output_dir: str | Path, seed: int = 0,
-                               context_length: int | None = None, show_progress: bool = False) -> EvalResult:
+def dictionary_lookup_accuracy(
+    model,
+    tokenizer,
+    cfg: DictionaryEvalSpec,
+    *,
+    output_dir: str | Path,
+    seed: int = 0,
+    context_length: int | None = None,
+    show_progress: bool = False,
+) -> EvalResult:
     """Accuracy per memory size. Metrics `eval/dict_lookup_acc/mem_M` and `eval/dict_lookup_token_acc/mem_M`."""
     model.eval()
     T = resolve_chunk_len(model, cfg.chunk_len, context_length)
@@ -96,12 +104,28 @@ def dictionary_lookup_accuracy(model, tokenizer, cfg: DictionaryEvalSpec, *, out
             n_exact, n_tok, n_values = n_exact + exact, n_tok + tok, n_values + n
         metrics[dictionary_metric(m)] = n_exact / n_values
         metrics[dictionary_metric(m, per_token=True)] = n_tok / (n_values * cfg.value_len)
-        rows.append({"memory": m, "accuracy": n_exact / n_values,
-                     "token_accuracy": n_tok / (n_values * cfg.value_len), "values": n_values})
-    series = {"value exact match": [r["accuracy"] for r in rows],
-              "value tokens": [r["token_accuracy"] for r in rows]}
-    figure = line_plot(Path(output_dir) / "dictionary_lookup.png", cfg.memory_sizes, series,
-                       xlabel="dictionary tokens in memory", ylabel="accuracy",
-                       title=f"dictionary lookup (T = {T})", logx=True)
-    return EvalResult(name="dictionary_lookup", metrics=metrics, rows=rows, figure_path=figure,
-                      info={"chunk_len": T, "n_queries": n_queries, "seed": seed})
+        rows.append(
+            {
+                "memory": m,
+                "accuracy": n_exact / n_values,
+                "token_accuracy": n_tok / (n_values * cfg.value_len),
+                "values": n_values,
+            }
+        )
+    series = {"value exact match": [r["accuracy"] for r in rows], "value tokens": [r["token_accuracy"] for r in rows]}
+    figure = line_plot(
+        Path(output_dir) / "dictionary_lookup.png",
+        cfg.memory_sizes,
+        series,
+        xlabel="dictionary tokens in memory",
+        ylabel="accuracy",
+        title=f"dictionary lookup (T = {T})",
+        logx=True,
+    )
+    return EvalResult(
+        name="dictionary_lookup",
+        metrics=metrics,
+        rows=rows,
+        figure_path=figure,
+        info={"chunk_len": T, "n_queries": n_queries, "seed": seed},
+    )

@@ -31,7 +31,7 @@ def _contexts(docs: list[list[int]], T: int, bos_id, eos_id) -> list[list[torch.
     """Per document, its full T-token contexts."""
     out = []
     for stream in frame_documents(docs, bos_id, eos_id):
-        out.append([stream[s:s + T] for s in range(0, len(stream) - T + 1, T)])
+        out.append([stream[s : s + T] for s in range(0, len(stream) - T + 1, T)])
     return out
 
 
@@ -47,8 +47,9 @@ def _draw_samples(contexts, n_samples: int, max_d: int, rng: np.random.Generator
         c = int(rng.integers(1, len(contexts[a])))
         others = [p for p in pool if p[0] != a]
         if len(others) < max_d - 1:
-            raise ValueError(f"distraction: d = {max_d} needs {max_d - 1} contexts from other documents, "
-                             f"only {len(others)} exist")
+            raise ValueError(
+                f"distraction: d = {max_d} needs {max_d - 1} contexts from other documents, only {len(others)} exist"
+            )
         picks = rng.choice(len(others), size=max_d - 1, replace=False)
         distractors = [contexts[others[k][0]][others[k][1]] for k in picks]
         samples.append((contexts[a][c], contexts[a][c - 1], distractors, int(rng.integers(2**31))))
@@ -82,9 +83,17 @@ def _ratio(mass: torch.Tensor, relevant: int) -> float:
 
 
 @torch.no_grad()
-def distraction_ratio(model, tokenizer, cfg: DistractionEvalSpec, docs: list[list[int]], *,
-                      output_dir: str | Path, seed: int = 0, context_length: int | None = None,
-                      show_progress: bool = False) -> EvalResult:
+def distraction_ratio(
+    model,
+    tokenizer,
+    cfg: DistractionEvalSpec,
+    docs: list[list[int]],
+    *,
+    output_dir: str | Path,
+    seed: int = 0,
+    context_length: int | None = None,
+    show_progress: bool = False,
+) -> EvalResult:
     """r_d per d (mean over memory layers and samples) and per layer. Metrics `eval/distraction_ratio/d_D` and
     `eval/distraction_ratio/layer_I/d_D`; plot of r_d vs d beside 1/d."""
     model.eval()
@@ -93,18 +102,26 @@ def distraction_ratio(model, tokenizer, cfg: DistractionEvalSpec, docs: list[lis
         raise ValueError(f"distraction: layers {layers} must be memory layers of the model {model.config.mem_layers}")
     T = resolve_chunk_len(model, cfg.chunk_len, context_length)
     rng = np.random.Generator(np.random.PCG64([seed, 0xD157]))
-    samples = _draw_samples(_contexts(docs, T, tokenizer.bos_token_id, tokenizer.eos_token_id),
-                            cfg.n_samples, max(cfg.n_contexts), rng)
+    samples = _draw_samples(
+        _contexts(docs, T, tokenizer.bos_token_id, tokenizer.eos_token_id), cfg.n_samples, max(cfg.n_contexts), rng
+    )
     ratios = {(d, i): [] for d in cfg.n_contexts for i in layers}
     jobs = [(d, s) for d in cfg.n_contexts for s in samples]
-    for d, (current, relevant, distractors, order_seed) in progress(jobs, enabled=show_progress,
-                                                                     description="distraction"):
+    for d, (current, relevant, distractors, order_seed) in progress(
+        jobs, enabled=show_progress, description="distraction"
+    ):
         order = np.random.Generator(np.random.PCG64(order_seed)).permutation(d)  # slot -> context
-        ctxs = [relevant, *distractors[:d - 1]]
+        ctxs = [relevant, *distractors[: d - 1]]
         memory = _memory_of(model, [ctxs[k] for k in order], layers)
         probe = MemoryMassProbe(torch.arange(d, device=model_device(model)).repeat_interleave(T), d)  # (d*T,)
-        model(current[None].to(model_device(model)), memory=memory, last_context_length=current.shape[0],
-              use_cache=False, logits_to_keep=1, memory_mass=probe)
+        model(
+            current[None].to(model_device(model)),
+            memory=memory,
+            last_context_length=current.shape[0],
+            use_cache=False,
+            logits_to_keep=1,
+            memory_mass=probe,
+        )
         rel_slot = int(np.nonzero(order == 0)[0][0])
         for i in layers:
             ratios[(d, i)].append(_ratio(probe.mass[i], rel_slot))
@@ -122,8 +139,20 @@ def _distraction_result(cfg, layers, ratios, T, output_dir) -> EvalResult:
             row[f"layer {i}"] = r
         rows.append(row)
     series = {"r_d (model)": [r["r_d"] for r in rows], "1/d (uniform)": [1.0 / d for d in cfg.n_contexts]}
-    figure = line_plot(Path(output_dir) / "distraction_ratio.png", cfg.n_contexts, series,
-                       xlabel="contexts in memory d", ylabel="r_d", title=f"distraction ratio (T = {T})",
-                       logx=True, dashed=("1/d (uniform)",))
-    return EvalResult(name="distraction", metrics=metrics, rows=rows, figure_path=figure,
-                      info={"chunk_len": T, "layers": layers, "n_samples": cfg.n_samples})
+    figure = line_plot(
+        Path(output_dir) / "distraction_ratio.png",
+        cfg.n_contexts,
+        series,
+        xlabel="contexts in memory d",
+        ylabel="r_d",
+        title=f"distraction ratio (T = {T})",
+        logx=True,
+        dashed=("1/d (uniform)",),
+    )
+    return EvalResult(
+        name="distraction",
+        metrics=metrics,
+        rows=rows,
+        figure_path=figure,
+        info={"chunk_len": T, "layers": layers, "n_samples": cfg.n_samples},
+    )

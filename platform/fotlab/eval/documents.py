@@ -12,8 +12,9 @@ def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def load_documents(source: EvalSourceSpec, tokenizer, *, validation_docs=None,
-                   cache_dir: str | None = None) -> list[list[int]]:
+def load_documents(
+    source: EvalSourceSpec, tokenizer, *, validation_docs=None, cache_dir: str | None = None
+) -> list[list[int]]:
     """Token id lists of the source's documents (at most source.max_docs, each >= source.min_doc_tokens).
 
     kind "validation" reads `validation_docs` (a tokenized dataset or list with "input_ids" rows, as returned by
@@ -22,8 +23,10 @@ def load_documents(source: EvalSourceSpec, tokenizer, *, validation_docs=None,
     """
     if source.kind == "validation":
         if validation_docs is None:
-            raise ValueError("eval source kind 'validation' needs the experiment's validation documents "
-                             "(pass validation_docs, or give the evaluation a source with another kind)")
+            raise ValueError(
+                "eval source kind 'validation' needs the experiment's validation documents "
+                "(pass validation_docs, or give the evaluation a source with another kind)"
+            )
         docs = _rows_to_ids(validation_docs)
     else:
         from fotlab.data import load_raw_source
@@ -37,7 +40,7 @@ def load_documents(source: EvalSourceSpec, tokenizer, *, validation_docs=None,
         docs = tokenize_texts(tokenizer, texts)
     docs = [d for d in docs if len(d) >= max(source.min_doc_tokens, 2)]
     if source.max_docs is not None:
-        docs = docs[:source.max_docs]
+        docs = docs[: source.max_docs]
     if not docs:
         raise ValueError(f"eval source (kind {source.kind!r}) gave no documents with >= {source.min_doc_tokens} tokens")
     return docs

@@ -23,8 +23,8 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, few_shot_metric
-from fotlab.spec.eval import FewShotEvalSpec
 from fotlab.eval.streaming import model_device, progress, stream_to_memory, window_len
+from fotlab.spec.eval import FewShotEvalSpec
 
 
 def load_examples(cfg: FewShotEvalSpec, split: str | None = None) -> list[tuple[str, str]]:
@@ -51,8 +51,9 @@ def load_examples(cfg: FewShotEvalSpec, split: str | None = None) -> list[tuple[
     pairs = []
     for row in ds:
         label = row[cfg.label_field]
-        pairs.append((str(row[src.text_field]), names[label] if names is not None and isinstance(label, int)
-                      else str(label)))
+        pairs.append(
+            (str(row[src.text_field]), names[label] if names is not None and isinstance(label, int) else str(label))
+        )
     return pairs
 
 
@@ -60,7 +61,7 @@ def _query_parts(template: str, text: str) -> tuple[str, str]:
     """(query prefix without trailing whitespace, that whitespace) of the template cut before {label}."""
     head = template.split("{label}")[0].format(text=text)
     stripped = head.rstrip()
-    return stripped, head[len(stripped):]
+    return stripped, head[len(stripped) :]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -86,8 +87,9 @@ def _expand_memory(memory, n_rows: int):
     out = FoTMemory.empty(memory.dtype)
     for i, lm in memory.layers.items():
         if lm.n_tokens:
-            out = out.append(i, lm.keys.expand(n_rows, -1, -1, -1), lm.values.expand(n_rows, -1, -1, -1),
-                             lm.valid.expand(n_rows, -1))
+            out = out.append(
+                i, lm.keys.expand(n_rows, -1, -1, -1), lm.values.expand(n_rows, -1, -1, -1), lm.valid.expand(n_rows, -1)
+            )
     return out
 
 
@@ -101,8 +103,8 @@ def score_options(model, memory, local_ids: list[int], options: list[list[int]])
     mask = torch.zeros(n_opt, L, dtype=torch.long, device=device)
     for r, opt in enumerate(options):
         row = local_ids + opt
-        ids[r, :len(row)] = torch.tensor(row, device=device)
-        mask[r, :len(row)] = 1
+        ids[r, : len(row)] = torch.tensor(row, device=device)
+        mask[r, : len(row)] = 1
     mem = _expand_memory(memory, n_opt) if memory is not None and memory.n_tokens else None
     logits = model(ids, attention_mask=mask, memory=mem, last_context_length=L, use_cache=False).logits
     logp = torch.log_softmax(logits.float(), dim=-1)  # (n_opt, L, V)
@@ -113,8 +115,9 @@ def score_options(model, memory, local_ids: list[int], options: list[list[int]])
     return int(np.argmax(scores))
 
 
-def few_shot_accuracy(model, tokenizer, cfg: FewShotEvalSpec, *, output_dir: str | Path, seed: int = 0,
-                      show_progress: bool = False) -> EvalResult:
+def few_shot_accuracy(
+    model, tokenizer, cfg: FewShotEvalSpec, *, output_dir: str | Path, seed: int = 0, show_progress: bool = False
+) -> EvalResult:
     """Accuracy per context length (mean and std over samplings). Metrics `eval/{name}_acc/ctx_N`, `..._acc_std`."""
     model.eval()
     rng = np.random.Generator(np.random.PCG64([seed, 0x1C1]))
@@ -141,9 +144,14 @@ def few_shot_accuracy(model, tokenizer, cfg: FewShotEvalSpec, *, output_dir: str
         longest = max(len(q) for q in q_ids) + max(len(o) for opts in opt_ids.values() for o in opts)
         block = _demo_block(bos, demo_ids, rng, max(N - longest, 1))
         keep = max(0, min(lcl, W - longest, len(block)))
-        memory = stream_to_memory(model, torch.tensor([block[:len(block) - keep]], device=model_device(model)),
-                                  model.new_memory(), W) if len(block) > keep else None
-        tail = block[len(block) - keep:]
+        memory = (
+            stream_to_memory(
+                model, torch.tensor([block[: len(block) - keep]], device=model_device(model)), model.new_memory(), W
+            )
+            if len(block) > keep
+            else None
+        )
+        tail = block[len(block) - keep :]
         n_right = 0
         for (_, label), q, (_, ws) in zip(queries, q_ids, parts):
             n_right += int(labels[score_options(model, memory, tail + q, opt_ids[ws])] == label)
@@ -156,10 +164,18 @@ def _few_shot_result(cfg, acc, n_labels, output_dir) -> EvalResult:
     for N, values in acc.items():
         metrics[few_shot_metric(cfg.name, N)] = float(np.mean(values))
         metrics[few_shot_metric(cfg.name, N, "acc_std")] = float(np.std(values))
-        rows.append({"context": N, "accuracy": float(np.mean(values)), "std": float(np.std(values)),
-                     "samplings": len(values)})
-    figure = line_plot(Path(output_dir) / f"{cfg.name}_few_shot.png", list(acc), {cfg.name: [r["accuracy"] for r in rows]},
-                       xlabel="context tokens (demonstrations + query)", ylabel="accuracy",
-                       title=f"{cfg.name}: few-shot accuracy ({n_labels} labels)", logx=True)
-    return EvalResult(name=f"few_shot:{cfg.name}", metrics=metrics, rows=rows, figure_path=figure,
-                      info={"n_labels": n_labels})
+        rows.append(
+            {"context": N, "accuracy": float(np.mean(values)), "std": float(np.std(values)), "samplings": len(values)}
+        )
+    figure = line_plot(
+        Path(output_dir) / f"{cfg.name}_few_shot.png",
+        list(acc),
+        {cfg.name: [r["accuracy"] for r in rows]},
+        xlabel="context tokens (demonstrations + query)",
+        ylabel="accuracy",
+        title=f"{cfg.name}: few-shot accuracy ({n_labels} labels)",
+        logx=True,
+    )
+    return EvalResult(
+        name=f"few_shot:{cfg.name}", metrics=metrics, rows=rows, figure_path=figure, info={"n_labels": n_labels}
+    )

@@ -1,7 +1,7 @@
 """Load a trained model (and its tokenizer) for evaluation: a local directory or an MLflow model reference.
 
-    model_dir = resolve_model_dir("runs:/<RUN_ID>", "sqlite:///mlflow.db", "/tmp/download")
-    model, tokenizer = load_model_and_tokenizer(model_dir, spec, device="cpu")
+model_dir = resolve_model_dir("runs:/<RUN_ID>", "sqlite:///mlflow.db", "/tmp/download")
+model, tokenizer = load_model_and_tokenizer(model_dir, spec, device="cpu")
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import torch
 
 from fotlab.eval.plots import heatmap
 from fotlab.eval.results import EvalResult, passkey_metric
-from fotlab.spec.eval import PasskeyEvalSpec
 from fotlab.eval.streaming import model_device, progress
+from fotlab.spec.eval import PasskeyEvalSpec
 
 
 def passkey_prompt(tokenizer, n_tokens: int, key: int, depth: float):
@@ -34,8 +34,8 @@ def passkey_prompt(tokenizer, n_tokens: int, key: int, depth: float):
     p = passkey_prompt_for_tokens(tokenizer, n_tokens - len(bos), key, depth)
     prompt_ids = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(p.prompt + p.answer, add_special_tokens=False)["input_ids"]
-    if full_ids[:len(prompt_ids)] == prompt_ids:
-        answer_ids = full_ids[len(prompt_ids):]
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        answer_ids = full_ids[len(prompt_ids) :]
     else:  # a merge across the boundary: tokenize the answer on its own
         answer_ids = tokenizer(p.answer, add_special_tokens=False)["input_ids"]
     return bos + list(prompt_ids), list(answer_ids), p
@@ -65,8 +65,9 @@ def greedy_answer(model, prompt_ids: list[int], n_new: int, last_context_length:
     return generated
 
 
-def passkey_retrieval(model, tokenizer, cfg: PasskeyEvalSpec, *, output_dir: str | Path, seed: int = 0,
-                      show_progress: bool = False) -> EvalResult:
+def passkey_retrieval(
+    model, tokenizer, cfg: PasskeyEvalSpec, *, output_dir: str | Path, seed: int = 0, show_progress: bool = False
+) -> EvalResult:
     """Accuracy per (length, depth) over cfg.n_trials seeded passkeys. Metrics `eval/passkey_acc/len_L` (mean over
     depths) and `eval/passkey_acc/len_L/depth_P` (P = depth in percent); a length x depth heatmap."""
     model.eval()
@@ -89,11 +90,22 @@ def passkey_retrieval(model, tokenizer, cfg: PasskeyEvalSpec, *, output_dir: str
         for d in cfg.depths:
             metrics[passkey_metric(L, d)] = acc[(L, d)]
     grid = [[acc[(L, d)] for L in cfg.lengths] for d in cfg.depths]  # rows = depths, columns = lengths
-    figure = heatmap(Path(output_dir) / "passkey_heatmap.png", grid, row_labels=[f"{d:g}" for d in cfg.depths],
-                     col_labels=[_short(L) for L in cfg.lengths], xlabel="prompt length (tokens)",
-                     ylabel="passkey depth", title="passkey retrieval accuracy")
-    return EvalResult(name="passkey", metrics=metrics, rows=rows, figure_path=figure,
-                      info={"seed": seed, "last_context_length": cfg.last_context_length})
+    figure = heatmap(
+        Path(output_dir) / "passkey_heatmap.png",
+        grid,
+        row_labels=[f"{d:g}" for d in cfg.depths],
+        col_labels=[_short(L) for L in cfg.lengths],
+        xlabel="prompt length (tokens)",
+        ylabel="passkey depth",
+        title="passkey retrieval accuracy",
+    )
+    return EvalResult(
+        name="passkey",
+        metrics=metrics,
+        rows=rows,
+        figure_path=figure,
+        info={"seed": seed, "last_context_length": cfg.last_context_length},
+    )
 
 
 def _short(n: int) -> str:

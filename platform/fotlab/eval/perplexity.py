@@ -26,13 +26,21 @@ import torch
 
 from fotlab.eval.plots import line_plot
 from fotlab.eval.results import EvalResult, ppl_metric
+from fotlab.eval.streaming import (
+    TokenScores,
+    empty_memory,
+    frame_documents,
+    model_device,
+    progress,
+    resolve_chunk_len,
+    shifted_targets,
+)
 from fotlab.spec.eval import PerplexityEvalSpec, perplexity_key
-from fotlab.eval.streaming import (TokenScores, empty_memory, frame_documents, model_device, progress,
-                                   resolve_chunk_len, shifted_targets)
 
 
-def build_streams(docs: list[list[int]], mode: str, bos_id: int | None, eos_id: int | None,
-                  max_stream_tokens: int | None = None) -> list[torch.Tensor]:
+def build_streams(
+    docs: list[list[int]], mode: str, bos_id: int | None, eos_id: int | None, max_stream_tokens: int | None = None
+) -> list[torch.Tensor]:
     """The token streams of a mode: one per document ("single_doc") or one concatenation ("multi_doc")."""
     framed = frame_documents(docs, bos_id, eos_id)
     streams = framed if mode == "single_doc" else [torch.cat(framed)]
@@ -42,8 +50,9 @@ def build_streams(docs: list[list[int]], mode: str, bos_id: int | None, eos_id: 
 
 
 @torch.no_grad()
-def score_stream(model, stream: torch.Tensor, chunk_len: int, memory_size: int, score_from: int = 0,
-                 ignore_ids: tuple[int, ...] = ()) -> TokenScores:
+def score_stream(
+    model, stream: torch.Tensor, chunk_len: int, memory_size: int, score_from: int = 0, ignore_ids: tuple[int, ...] = ()
+) -> TokenScores:
     """Scores of one 1-D stream read in chunks of chunk_len with memory capped at memory_size (0 = no memory);
     only targets at positions >= score_from count."""
     device = model_device(model)
@@ -55,15 +64,22 @@ def score_stream(model, stream: torch.Tensor, chunk_len: int, memory_size: int, 
     for s in range(0, len(ids), chunk_len):
         if memory_size == 0:
             memory = None  # every chunk on its own
-        out = model(ids[None, s:s + chunk_len], memory=memory, last_context_length=0, use_cache=False)
+        out = model(ids[None, s : s + chunk_len], memory=memory, last_context_length=0, use_cache=False)
         memory = out.memory
-        scores.add(out.logits[0], targets[s:s + chunk_len])
+        scores.add(out.logits[0], targets[s : s + chunk_len])
     return scores
 
 
-def perplexity_vs_memory(model, tokenizer, cfg: PerplexityEvalSpec, docs: list[list[int]], *,
-                         output_dir: str | Path, context_length: int | None = None,
-                         show_progress: bool = False) -> EvalResult:
+def perplexity_vs_memory(
+    model,
+    tokenizer,
+    cfg: PerplexityEvalSpec,
+    docs: list[list[int]],
+    *,
+    output_dir: str | Path,
+    context_length: int | None = None,
+    show_progress: bool = False,
+) -> EvalResult:
     """Perplexity per (mode, memory size) over `docs` (token id lists). Metrics `eval/{name}_{mode}/mem_{m}`;
     a plot of perplexity vs context (T + m) per mode. `context_length` = training T (default chunk length)."""
     model.eval()
@@ -83,15 +99,26 @@ def perplexity_vs_memory(model, tokenizer, cfg: PerplexityEvalSpec, docs: list[l
             if sc.n_tokens == 0:
                 continue
             metrics[ppl_metric(cfg.name, mode, m)] = sc.perplexity
-            rows.append({"mode": mode, "memory": m, "context": T + m, "ppl": sc.perplexity,
-                         "tokens": sc.n_tokens})
+            rows.append({"mode": mode, "memory": m, "context": T + m, "ppl": sc.perplexity, "tokens": sc.n_tokens})
         series[mode] = [r["ppl"] for r in rows if r["mode"] == mode]
     if not rows:
-        raise ValueError(f"perplexity {cfg.name!r}: no token was scored (streams shorter than the scored range "
-                         f"{score_from} tokens?)")
+        raise ValueError(
+            f"perplexity {cfg.name!r}: no token was scored (streams shorter than the scored range {score_from} tokens?)"
+        )
     x = [T + m for m in cfg.memory_sizes if any(r["memory"] == m for r in rows)]
-    figure = line_plot(Path(output_dir) / f"{cfg.name}_{'_'.join(cfg.modes)}_vs_memory.png", x, series,
-                       xlabel="context tokens (T + memory)", ylabel="perplexity", logx=True,
-                       title=f"{cfg.name} ({', '.join(cfg.modes)}): perplexity vs memory (T = {T})")
-    return EvalResult(name=perplexity_key(cfg), metrics=metrics, rows=rows, figure_path=figure,
-                      info={"chunk_len": T, "token_set": cfg.token_set, "n_docs": len(docs)})
+    figure = line_plot(
+        Path(output_dir) / f"{cfg.name}_{'_'.join(cfg.modes)}_vs_memory.png",
+        x,
+        series,
+        xlabel="context tokens (T + memory)",
+        ylabel="perplexity",
+        logx=True,
+        title=f"{cfg.name} ({', '.join(cfg.modes)}): perplexity vs memory (T = {T})",
+    )
+    return EvalResult(
+        name=perplexity_key(cfg),
+        metrics=metrics,
+        rows=rows,
+        figure_path=figure,
+        info={"chunk_len": T, "token_set": cfg.token_set, "n_docs": len(docs)},
+    )

@@ -23,8 +23,17 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str,
-              ylabel: str, title: str, logx: bool = False, dashed: Sequence[str] = ()) -> Path:
+def line_plot(
+    path: str | Path,
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    dashed: Sequence[str] = (),
+) -> Path:
     """One line per series (label -> y values at x); series named in `dashed` are drawn dashed. Returns path."""
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -41,9 +50,18 @@ def line_plot(path: str | Path, x: Sequence[float], series: dict[str, Sequence[f
     return _save(fig, path)
 
 
-def heatmap(path: str | Path, values: Sequence[Sequence[float]], *, row_labels: Sequence[str],
-            col_labels: Sequence[str], xlabel: str, ylabel: str, title: str, vmin: float = 0.0,
-            vmax: float = 1.0) -> Path:
+def heatmap(
+    path: str | Path,
+    values: Sequence[Sequence[float]],
+    *,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> Path:
     """values[i][j] coloured in [vmin, vmax] and written in each cell; rows = y axis, columns = x axis."""
     fig = _figure(1.5 + 0.8 * max(len(col_labels), 3), 1.5 + 0.5 * max(len(row_labels), 3))
     ax = fig.add_subplot(1, 1, 1)

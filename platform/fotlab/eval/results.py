@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fotlab.names import (EVAL_PREFIX as PREFIX, dictionary_metric, distraction_metric, few_shot_metric,  # noqa: F401
-                          metric_name, passkey_metric, ppl_metric)
+from fotlab.names import EVAL_PREFIX as PREFIX  # noqa: F401
 
 
 # ----- result --------------------------------------------------------------------------------------------------
@@ -37,8 +36,13 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (figure path as a string)."""
-        return {"name": self.name, "metrics": self.metrics, "rows": self.rows,
-                "figure_path": None if self.figure_path is None else str(self.figure_path), "info": self.info}
+        return {
+            "name": self.name,
+            "metrics": self.metrics,
+            "rows": self.rows,
+            "figure_path": None if self.figure_path is None else str(self.figure_path),
+            "info": self.info,
+        }
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)

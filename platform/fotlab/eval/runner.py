@@ -56,26 +56,54 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
     common = dict(output_dir=out, show_progress=show)
     jobs: list[tuple[str, Callable[[], EvalResult]]] = []
     for p in eval_spec.perplexity:
-        jobs.append((perplexity_key(p), lambda p=p: perplexity_vs_memory(
-            model, tokenizer, p, docs_of(p.source), context_length=context_length, **common)))
+        jobs.append(
+            (
+                perplexity_key(p),
+                lambda p=p: perplexity_vs_memory(
+                    model, tokenizer, p, docs_of(p.source), context_length=context_length, **common
+                ),
+            )
+        )
     if eval_spec.passkey is not None:
         jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, seed=seed, **common)))
     if eval_spec.distraction is not None:
         d = eval_spec.distraction
-        jobs.append(("distraction", lambda: distraction_ratio(model, tokenizer, d, docs_of(d.source), seed=seed,
-                                                              context_length=context_length, **common)))
+        jobs.append(
+            (
+                "distraction",
+                lambda: distraction_ratio(
+                    model, tokenizer, d, docs_of(d.source), seed=seed, context_length=context_length, **common
+                ),
+            )
+        )
     if eval_spec.dictionary_lookup is not None:
-        jobs.append(("dictionary_lookup", lambda: dictionary_lookup_accuracy(
-            model, tokenizer, eval_spec.dictionary_lookup, seed=seed, context_length=context_length, **common)))
+        jobs.append(
+            (
+                "dictionary_lookup",
+                lambda: dictionary_lookup_accuracy(
+                    model, tokenizer, eval_spec.dictionary_lookup, seed=seed, context_length=context_length, **common
+                ),
+            )
+        )
     for f in eval_spec.few_shot:
         jobs.append((f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, seed=seed, **common)))
     return jobs
 
 
-def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | Path, seed: int = 0,
-                    context_length: int | None = None, validation_docs=None, data_spec=None,
-                    on_result: Callable[[EvalResult], None] | None = None, console=None,
-                    on_documents: Callable[[DatasetRecord], None] | None = None) -> dict[str, EvalResult]:
+def run_evaluations(
+    eval_spec: EvalSpec,
+    model,
+    tokenizer,
+    *,
+    output_dir: str | Path,
+    seed: int = 0,
+    context_length: int | None = None,
+    validation_docs=None,
+    data_spec=None,
+    on_result: Callable[[EvalResult], None] | None = None,
+    console=None,
+    on_documents: Callable[[DatasetRecord], None] | None = None,
+) -> dict[str, EvalResult]:
     """Run every selected evaluation in order; returns {name: EvalResult} (names as `eval_spec.selected()`).
 
     output_dir: plots and `<name>.json` results go here. context_length: the training local context T (the
@@ -99,8 +127,12 @@ def run_evaluations(eval_spec: EvalSpec, model, tokenizer, *, output_dir: str | 
 
     def docs_of(source):
         docs = load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
-        record = describe_documents(docs, name=f"eval-{source.kind}", context="evaluation",
-                                    source=json.dumps(source.model_dump(mode="json", exclude_defaults=True)))
+        record = describe_documents(
+            docs,
+            name=f"eval-{source.kind}",
+            context="evaluation",
+            source=json.dumps(source.model_dump(mode="json", exclude_defaults=True)),
+        )
         if on_documents is not None and record.digest not in described:
             described.add(record.digest)
             on_documents(record)
@@ -132,12 +164,23 @@ def log_eval_result(result: EvalResult, run, step: int = 0) -> dict[str, float]:
     return logged
 
 
-def run_spec_evaluations(spec, model, tokenizer, output_dir: str | Path, *, run=None, step: int = 0,
-                         validation_docs=None, console=None) -> dict[str, EvalResult]:
+def run_spec_evaluations(
+    spec, model, tokenizer, output_dir: str | Path, *, run=None, step: int = 0, validation_docs=None, console=None
+) -> dict[str, EvalResult]:
     """`run_evaluations` with the settings of an `ExperimentSpec` (eval section, seed, train.context_length, data);
     each result is logged to `run` (a `fotlab.tracking.TrackedRun`) when given."""
     on_result = None if run is None else (lambda r: log_eval_result(r, run, step))
     on_documents = None if run is None else (lambda record: run.log_datasets([record]))
-    return run_evaluations(spec.eval, model, tokenizer, output_dir=output_dir, seed=spec.seed,
-                           context_length=spec.train.context_length, validation_docs=validation_docs,
-                           data_spec=spec.data, on_result=on_result, console=console, on_documents=on_documents)
+    return run_evaluations(
+        spec.eval,
+        model,
+        tokenizer,
+        output_dir=output_dir,
+        seed=spec.seed,
+        context_length=spec.train.context_length,
+        validation_docs=validation_docs,
+        data_spec=spec.data,
+        on_result=on_result,
+        console=console,
+        on_documents=on_documents,
+    )

@@ -41,8 +41,7 @@ def stream_to_memory(model, ids: torch.Tensor, memory, chunk_len: int):
     """Send ids (B, L) through the model chunk by chunk into memory; returns the memory. Logits are not computed
     beyond one position per call (logits_to_keep=1)."""
     for s in range(0, ids.shape[1], chunk_len):
-        out = model(ids[:, s:s + chunk_len], memory=memory, last_context_length=0, use_cache=False,
-                    logits_to_keep=1)
+        out = model(ids[:, s : s + chunk_len], memory=memory, last_context_length=0, use_cache=False, logits_to_keep=1)
         memory = out.memory
     return memory
 
@@ -66,7 +65,7 @@ class TokenScores:
         self.n_correct += int((flat_logits[keep].argmax(-1) == flat_targets[keep]).sum())
         self.n_tokens += int(keep.sum())
 
-    def merge(self, other: "TokenScores") -> None:
+    def merge(self, other: TokenScores) -> None:
         self.nll += other.nll
         self.n_correct += other.n_correct
         self.n_tokens += other.n_tokens

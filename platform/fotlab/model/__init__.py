@@ -16,5 +16,15 @@ from fotlab.model.presets import PRESETS, preset_config
 AutoConfig.register("fot", FoTConfig, exist_ok=True)
 AutoModelForCausalLM.register(FoTConfig, FoTForCausalLM, exist_ok=True)
 
-__all__ = ["FoTCache", "FoTCausalLMOutput", "FoTConfig", "FoTForCausalLM", "FoTMemory", "FoTModel", "LayerMemory",
-           "MemoryMassProbe", "PRESETS", "preset_config"]
+__all__ = [
+    "FoTCache",
+    "FoTCausalLMOutput",
+    "FoTConfig",
+    "FoTForCausalLM",
+    "FoTMemory",
+    "FoTModel",
+    "LayerMemory",
+    "MemoryMassProbe",
+    "PRESETS",
+    "preset_config",
+]

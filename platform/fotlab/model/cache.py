@@ -36,7 +36,7 @@ class FoTCache:
     is_linear = (False,)
 
     @classmethod
-    def empty(cls, memory: FoTMemory) -> "FoTCache":
+    def empty(cls, memory: FoTMemory) -> FoTCache:
         return cls(local=None, local_valid=None, memory=memory, n_seen=0)
 
     @property
@@ -48,7 +48,7 @@ class FoTCache:
         """Tokens processed so far (local + those sent to memory or dropped)."""
         return self.n_seen
 
-    def flushed(self, mem_layers) -> "FoTCache":
+    def flushed(self, mem_layers) -> FoTCache:
         """The whole local cache leaves: memory layers append it (raw keys, current masks); others drop it."""
         if self.local is None or self.n_local == 0:
             return self
@@ -58,6 +58,6 @@ class FoTCache:
             memory = memory.append(i, k, v, self.local_valid)
         return replace(self, local=None, local_valid=None, memory=memory)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> "FoTCache":
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> FoTCache:
         """Not supported: FoT memory rows cannot be reordered for beam search."""
         raise NotImplementedError("beam search is not supported by FoTCache")

@@ -81,8 +81,9 @@ class CrossBatch:
         return 1 + self.range
 
 
-def allowed_contexts(batch_size: int, n_contexts: int, packing: int = 1, stepping: bool = False,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def allowed_contexts(
+    batch_size: int, n_contexts: int, packing: int = 1, stepping: bool = False, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Number of contexts entry b may attend to (slots 0 .. allowed[b]-1), as a LongTensor (B,).
 
     With stepping and packing k: step = ceil(n / max(k-1, 1)), allowed[b] = min((b mod k) * step + 1, n);
@@ -99,11 +100,14 @@ def allowed_contexts(batch_size: int, n_contexts: int, packing: int = 1, steppin
     return torch.minimum(allowed, rows + 1)
 
 
-def _check_shapes(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                  key_valid: torch.Tensor | None) -> None:
+def _check_shapes(
+    q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
+) -> None:
     if q.dim() != 4 or k_rot.shape != k_mem.shape or k_rot.shape != v.shape:
-        raise ValueError(f"expected q (B,H,T,Dh) and k_rot, k_mem, v (B,Hkv,T,Dh) of one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k_rot.shape)}, {tuple(k_mem.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B,H,T,Dh) and k_rot, k_mem, v (B,Hkv,T,Dh) of one shape, got "
+            f"{tuple(q.shape)}, {tuple(k_rot.shape)}, {tuple(k_mem.shape)}, {tuple(v.shape)}"
+        )
     B, H, T, Dh = q.shape
     Bk, Hkv, Tk, Dhk = k_rot.shape
     if (Bk, Tk, Dhk) != (B, T, Dh) or H % Hkv != 0:
@@ -121,8 +125,9 @@ def _expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, group, L, Dh).reshape(B, n_heads, L, Dh)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-          scale: float) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> torch.Tensor:
     """SDPA with an fp32 softmax: fused GPU kernels accumulate in fp32; elsewhere low precision is upcast."""
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
@@ -140,8 +145,14 @@ def _slot_sources(batch_size: int, n_slots: int, device: torch.device) -> torch.
     return (rows[:, None] - torch.arange(n_slots, device=device)[None, :]).clamp(min=0)
 
 
-def _gather_contexts(x_own: torch.Tensor, x_extra: torch.Tensor, n_slots: int, n_heads: int,
-                     head_pad: int = 0, entries: torch.Tensor | None = None) -> torch.Tensor:
+def _gather_contexts(
+    x_own: torch.Tensor,
+    x_extra: torch.Tensor,
+    n_slots: int,
+    n_heads: int,
+    head_pad: int = 0,
+    entries: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Flat prefix of n_slots contexts per entry: slot 0 = x_own[b], slot c = x_extra[b - c].
 
     x_own, x_extra: (B, Hkv, T, Dh) -> (B, H, n_slots*T, Dh), a strided view of one (B, n, T, H, Dh) buffer made
@@ -185,9 +196,16 @@ def _block_mask(allowed: torch.Tensor, n_slots: int, seq_len: int, key_valid: to
     return (block[None] & key_ok[:, None, :])[:, None]  # (B, 1, T, n*T)
 
 
-def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                         crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
-                         scale: float | None = None) -> torch.Tensor:
+def crossbatch_attention(
+    q: torch.Tensor,
+    k_rot: torch.Tensor,
+    k_mem: torch.Tensor,
+    v: torch.Tensor,
+    crossbatch: CrossBatch,
+    key_valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Attention of each entry over its own causal context plus the contexts of the entries before it.
 
     q: (B, H, T, Dh) queries rotated at local positions; k_rot: (B, Hkv, T, Dh) local keys rotated at local
@@ -209,8 +227,15 @@ def crossbatch_attention(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tens
     return crossbatch_attention_sdpa(q, k_rot, k_mem, v, crossbatch, key_valid, scale=scale)
 
 
-def crossbatch_attention_grouped(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                                 crossbatch: CrossBatch, *, scale: float | None = None) -> torch.Tensor:
+def crossbatch_attention_grouped(
+    q: torch.Tensor,
+    k_rot: torch.Tensor,
+    k_mem: torch.Tensor,
+    v: torch.Tensor,
+    crossbatch: CrossBatch,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
     """crossbatch_attention for batches without padding, one SDPA call per distinct number of allowed contexts.
 
     Entries that may see a contexts gather exactly a (no slot that the mask would hide is computed); entries that
@@ -261,9 +286,16 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return _sdpa(q, _expand_heads(k, H), _expand_heads(v, H), None, True, scale)[..., :Dh]
 
 
-def crossbatch_attention_sdpa(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                              crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
-                              scale: float | None = None) -> torch.Tensor:
+def crossbatch_attention_sdpa(
+    q: torch.Tensor,
+    k_rot: torch.Tensor,
+    k_mem: torch.Tensor,
+    v: torch.Tensor,
+    crossbatch: CrossBatch,
+    key_valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
     """crossbatch_attention as one SDPA call over a gathered key/value prefix (same arguments)."""
     B, H, T, Dh = q.shape
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale  # of Dh, not of the padded head dim SDPA sees
@@ -335,13 +367,27 @@ def _flex_block_mask(allowed: torch.Tensor, seq_len: int, key_valid: torch.Tenso
 
     counts, indices = _ordered_blocks(diagonal)
     full_counts, full_indices = _ordered_blocks(full)
-    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=mask_mod, seq_lengths=(B * T, 2 * B * T))
+    return BlockMask.from_kv_blocks(
+        counts,
+        indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(B * T, 2 * B * T),
+    )
 
 
-def crossbatch_attention_flex(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch.Tensor, v: torch.Tensor,
-                              crossbatch: CrossBatch, key_valid: torch.Tensor | None = None, *,
-                              scale: float | None = None) -> torch.Tensor:
+def crossbatch_attention_flex(
+    q: torch.Tensor,
+    k_rot: torch.Tensor,
+    k_mem: torch.Tensor,
+    v: torch.Tensor,
+    crossbatch: CrossBatch,
+    key_valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
     """crossbatch_attention with FlexAttention (same arguments; T % 128 == 0).
 
     Compiled on CUDA; eager elsewhere (eager flex materialises all B*T x 2*B*T scores: tests only).
@@ -355,6 +401,7 @@ def crossbatch_attention_flex(q: torch.Tensor, k_rot: torch.Tensor, k_mem: torch
     block_mask = _flex_block_mask(allowed, T, key_valid)
     with warnings.catch_warnings():  # eager flex warns that it is not compiled: intended off CUDA
         warnings.simplefilter("ignore", UserWarning)
-        out = _flex_kernel(q.is_cuda)(q_flat, k_flat, v_flat, block_mask=block_mask, scale=scale,
-                                      enable_gqa=H != Hkv)  # (1, H, B*T, Dh)
+        out = _flex_kernel(q.is_cuda)(
+            q_flat, k_flat, v_flat, block_mask=block_mask, scale=scale, enable_gqa=Hkv != H
+        )  # (1, H, B*T, Dh)
     return out.reshape(H, B, T, Dh).transpose(0, 1)  # (B, H, T, Dh)

@@ -45,7 +45,7 @@ class FoTRMSNorm(nn.Module):
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin tables (B, S, Dh) for integer positions (B, S), HF "rotate_half" layout."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)  # (Dh/2,)
+    inv_freq = 1.0 / (theta**exponents)  # (Dh/2,)
     freqs = positions[..., None].float() * inv_freq  # (B, S, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -164,8 +164,9 @@ class FoTAttention(nn.Module):
         q = apply_rope(q, ctx.cos[:, -T:], ctx.sin[:, -T:])
         k_rot = apply_rope(k_all, ctx.cos, ctx.sin)
         mask = None if ctx.causal_only else ctx.local_mask
-        out = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Dh)
+        out = F.scaled_dot_product_attention(
+            q, k_rot, v_all, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, H, T, Dh)
         return self.merge(out), k, v
 
 
@@ -195,9 +196,19 @@ class FoTMemoryAttention(FoTAttention):
         else:
             mem_k, mem_v, mem_valid = memory
         cfg = self.config
-        out = memory_attention(q, k_all, v_all, ctx.local_mask, mem_k, mem_v, mem_valid,
-                               retrieval=cfg.mem_retrieval, topk=cfg.mem_topk,
-                               grouping=cfg.mem_attention_grouping, scale=None)  # (B, H, T, Dh)
+        out = memory_attention(
+            q,
+            k_all,
+            v_all,
+            ctx.local_mask,
+            mem_k,
+            mem_v,
+            mem_valid,
+            retrieval=cfg.mem_retrieval,
+            topk=cfg.mem_topk,
+            grouping=cfg.mem_attention_grouping,
+            scale=None,
+        )  # (B, H, T, Dh)
         if ctx.memory_mass is not None and memory is not None:
             self._record_mass(ctx, q, k_all, mem_k, mem_valid)
         return self.merge(out), k, v
@@ -208,8 +219,17 @@ class FoTMemoryAttention(FoTAttention):
 
         probe, cfg = ctx.memory_mass, self.config
         probe.mass[self.layer_idx] = memory_attention_mass(
-            q, k_all, ctx.local_mask, mem_k, mem_valid, probe.segment_ids, probe.n_segments,
-            retrieval=cfg.mem_retrieval, topk=cfg.mem_topk, grouping=cfg.mem_attention_grouping)
+            q,
+            k_all,
+            ctx.local_mask,
+            mem_k,
+            mem_valid,
+            probe.segment_ids,
+            probe.n_segments,
+            retrieval=cfg.mem_retrieval,
+            topk=cfg.mem_topk,
+            grouping=cfg.mem_attention_grouping,
+        )
 
 
 class FoTDecoderLayer(nn.Module):

@@ -68,8 +68,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint dir: *.safetensors or pytorch_model*.bin, sharded (index json) or not."""
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+    for index_name, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
         if (path / index_name).exists():
             shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
             return {k: v for shard in shards for k, v in loader(str(path / shard)).items()}

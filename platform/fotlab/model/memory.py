@@ -70,7 +70,7 @@ class LayerMemory:
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def empty(cls, dtype: torch.dtype | str = torch.bfloat16, capacity: int | None = None) -> "LayerMemory":
+    def empty(cls, dtype: torch.dtype | str = torch.bfloat16, capacity: int | None = None) -> LayerMemory:
         """A memory with no slots yet (shapes are taken from the first append)."""
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be >= 1 or None, got {capacity}")
@@ -105,8 +105,8 @@ class LayerMemory:
         if expose and torch.is_grad_enabled():
             self._buffer.exposed = True
         if i == 2:
-            return self._buffer.valid[:, self._start:self._end]
-        return (self._buffer.keys, self._buffer.values)[i][:, :, self._start:self._end]
+            return self._buffer.valid[:, self._start : self._end]
+        return (self._buffer.keys, self._buffer.values)[i][:, :, self._start : self._end]
 
     def _slots(self, expose: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """keys, values, valid of a memory that was appended to (as the properties, but never None)."""
@@ -131,7 +131,7 @@ class LayerMemory:
         return self._read(2)
 
     # ----- updates (each returns a new memory) -----------------------------------------------------------------
-    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> "LayerMemory":
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> LayerMemory:
         """Add T slots: k, v (B, Hkv, T, Dh) raw keys / values, valid (B, T) bool (None = all valid)."""
         if k.shape != v.shape or k.dim() != 4:
             raise ValueError(f"k and v must both be (B, Hkv, T, Dh), got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -150,17 +150,17 @@ class LayerMemory:
         if old is not None and (old.shape[:2] != k.shape[:2] or old.shape[3] != k.shape[3]):
             raise ValueError(f"appended keys {tuple(k.shape)} do not fit memory (B, Hkv, M, Dh) {tuple(old.shape)}")
 
-    def _append_segment(self, k, v, valid) -> "LayerMemory":
+    def _append_segment(self, k, v, valid) -> LayerMemory:
         segments = self._segments
         if not segments and self.n_tokens > 0:  # leaving buffer mode: the old slots become the first segment
             segments = ((self.keys, self.values, self.valid),)
         segments = _evict_segments(segments + ((k, v, valid),), self.capacity)
         return LayerMemory(dtype=self.dtype, capacity=self.capacity, _segments=segments)
 
-    def _append_buffer(self, k, v, valid) -> "LayerMemory":
+    def _append_buffer(self, k, v, valid) -> LayerMemory:
         n_new = k.shape[2]
         if self.capacity is not None and n_new > self.capacity:  # only the newest `capacity` slots survive
-            k, v, valid = k[:, :, -self.capacity:], v[:, :, -self.capacity:], valid[:, -self.capacity:]
+            k, v, valid = k[:, :, -self.capacity :], v[:, :, -self.capacity :], valid[:, -self.capacity :]
             n_new = self.capacity
         n_keep = self.n_tokens
         if self.capacity is not None:
@@ -170,9 +170,9 @@ class LayerMemory:
         if buffer is None or buffer.filled != self._end or buffer.exposed or self._end + n_new > buffer.n_slots:
             buffer, start = self._grow(k, n_keep, n_new), 0
         end = start + n_keep + n_new
-        buffer.keys[:, :, end - n_new:end] = k
-        buffer.values[:, :, end - n_new:end] = v
-        buffer.valid[:, end - n_new:end] = valid
+        buffer.keys[:, :, end - n_new : end] = k
+        buffer.values[:, :, end - n_new : end] = v
+        buffer.valid[:, end - n_new : end] = valid
         buffer.filled = end
         return LayerMemory(dtype=self.dtype, capacity=self.capacity, _buffer=buffer, _start=start, _end=end)
 
@@ -194,7 +194,7 @@ class LayerMemory:
             buffer.valid[:, :n_keep] = valid[:, -n_keep:]
         return buffer
 
-    def reset_rows(self, rows) -> "LayerMemory":
+    def reset_rows(self, rows) -> LayerMemory:
         """Empty batch rows `rows` (ints or (B,) bool): their slots become invalid (the tokens are forgotten).
 
         Slots are shared by all rows, so a reset row keeps its slot count; then every slot that is invalid in
@@ -207,23 +207,24 @@ class LayerMemory:
         rows = torch.as_tensor(rows, device=valid.device)
         valid[rows if rows.dtype == torch.bool else rows.long()] = False
         keep = valid.any(dim=0)  # (M,)
-        return LayerMemory._from_tensors(keys[:, :, keep], values[:, :, keep], valid[:, keep],
-                                         self.capacity, self.dtype)
+        return LayerMemory._from_tensors(
+            keys[:, :, keep], values[:, :, keep], valid[:, keep], self.capacity, self.dtype
+        )
 
     @classmethod
-    def _from_tensors(cls, keys, values, valid, capacity, dtype) -> "LayerMemory":
+    def _from_tensors(cls, keys, values, valid, capacity, dtype) -> LayerMemory:
         if keys.requires_grad or values.requires_grad:
             return cls(dtype=dtype, capacity=capacity, _segments=((keys, values, valid),))
         return cls.empty(dtype, capacity)._append_buffer(keys, values, valid)  # 0 slots keep their shapes
 
-    def detach(self) -> "LayerMemory":
+    def detach(self) -> LayerMemory:
         """Same slots without autograd history (back in amortised buffer mode)."""
         if not self._segments:
             return self
         keys, values, valid = self._slots()
         return LayerMemory._from_tensors(keys.detach(), values.detach(), valid, self.capacity, self.dtype)
 
-    def to(self, device=None, dtype: torch.dtype | str | None = None) -> "LayerMemory":
+    def to(self, device=None, dtype: torch.dtype | str | None = None) -> LayerMemory:
         """Copy to `device` and/or storage `dtype`."""
         dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         if self.n_tokens == 0:
@@ -263,7 +264,7 @@ class FoTMemory:
     capacity: int | None = None
 
     @classmethod
-    def empty(cls, dtype: torch.dtype | str = torch.bfloat16, capacity: int | None = None) -> "FoTMemory":
+    def empty(cls, dtype: torch.dtype | str = torch.bfloat16, capacity: int | None = None) -> FoTMemory:
         """A memory with no layers written yet; `capacity` = max slots per row per layer (FIFO), None = unbounded."""
         if capacity is not None and capacity < 1:
             raise ValueError(f"capacity must be >= 1 or None, got {capacity}")
@@ -284,27 +285,28 @@ class FoTMemory:
         """M: slots per batch row (the same in every layer after a full model step; max over layers)."""
         return max((mem.n_tokens for mem in self.layers.values()), default=0)
 
-    def _replace(self, layers: dict) -> "FoTMemory":
+    def _replace(self, layers: dict) -> FoTMemory:
         return FoTMemory(layers=layers, dtype=self.dtype, capacity=self.capacity)
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> "FoTMemory":
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> FoTMemory:
         """Add k, v (B, Hkv, T, Dh) (raw, unrotated keys) with valid (B, T) bool to `layer`."""
         old = self.layers.get(layer) or LayerMemory.empty(self.dtype, self.capacity)
         return self._replace({**self.layers, layer: old.append(k, v, valid)})
 
-    def reset_rows(self, rows) -> "FoTMemory":
+    def reset_rows(self, rows) -> FoTMemory:
         """Forget batch rows `rows` in every layer (see LayerMemory.reset_rows: slots invalidated, then compacted)."""
         return self._replace({i: mem.reset_rows(rows) for i, mem in self.layers.items()})
 
-    def detach(self) -> "FoTMemory":
+    def detach(self) -> FoTMemory:
         """Cut autograd history (e.g. between training steps); returns buffer-mode layers."""
         return self._replace({i: mem.detach() for i, mem in self.layers.items()})
 
-    def to(self, device=None, dtype: torch.dtype | str | None = None) -> "FoTMemory":
+    def to(self, device=None, dtype: torch.dtype | str | None = None) -> FoTMemory:
         """Copy every layer to `device` and/or storage `dtype`."""
         dtype = self.dtype if dtype is None else resolve_dtype(dtype)
-        return FoTMemory(layers={i: mem.to(device, dtype) for i, mem in self.layers.items()},
-                         dtype=dtype, capacity=self.capacity)
+        return FoTMemory(
+            layers={i: mem.to(device, dtype) for i, mem in self.layers.items()}, dtype=dtype, capacity=self.capacity
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write `path/memory.safetensors` (keys, values, valid per layer) and `path/memory.json`; returns path."""
@@ -319,13 +321,18 @@ class FoTMemory:
                 tensors[f"layer{i}.values"] = mem.values.detach().contiguous()
                 tensors[f"layer{i}.valid"] = mem.valid.contiguous()
         save_file({name: t.cpu() for name, t in tensors.items()}, str(path / "memory.safetensors"))
-        meta = {"format": "fotlab-memory-v1", "layers": sorted(self.layers), "dtype": str(self.dtype).split(".")[-1],
-                "capacity": self.capacity, "n_tokens": self.n_tokens}
+        meta = {
+            "format": "fotlab-memory-v1",
+            "layers": sorted(self.layers),
+            "dtype": str(self.dtype).split(".")[-1],
+            "capacity": self.capacity,
+            "n_tokens": self.n_tokens,
+        }
         (path / "memory.json").write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device=None, dtype: torch.dtype | str | None = None) -> "FoTMemory":
+    def load(cls, path: str | Path, device=None, dtype: torch.dtype | str | None = None) -> FoTMemory:
         """Read a memory written by `save`, onto `device`, stored as `dtype` (default: the saved dtype)."""
         from safetensors.torch import load_file
 
@@ -340,6 +347,7 @@ class FoTMemory:
         for i in meta["layers"]:
             layers[i] = LayerMemory.empty(dtype, memory.capacity)
             if f"layer{i}.keys" in tensors:
-                layers[i] = layers[i].append(tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"],
-                                             tensors[f"layer{i}.valid"])
+                layers[i] = layers[i].append(
+                    tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"], tensors[f"layer{i}.valid"]
+                )
         return memory._replace(layers)

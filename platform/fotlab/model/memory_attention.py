@@ -146,9 +146,9 @@ def _topk_dense_scan(qf, mem_k, mem_valid, topk, scale, work_dtype, block):
         return _faiss_scan(qf, mem_k, mem_valid, topk, scale, work_dtype)
     best_scores, best_slots = None, None
     for m0 in range(0, mem_k.shape[2], block):
-        scores = _scores(qf, mem_k[:, :, m0:m0 + block], scale, work_dtype)  # (B, n, R, m)
+        scores = _scores(qf, mem_k[:, :, m0 : m0 + block], scale, work_dtype)  # (B, n, R, m)
         if mem_valid is not None:
-            scores.masked_fill_(~mem_valid[:, None, None, m0:m0 + block], MASKED_SCORE)
+            scores.masked_fill_(~mem_valid[:, None, None, m0 : m0 + block], MASKED_SCORE)
         k_here = min(topk, scores.shape[-1])
         vals, slots = scores.topk(k_here, dim=-1, sorted=False)
         slots = slots + m0
@@ -254,8 +254,10 @@ def _check(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk):
     if mem_k is not None:
         B, n_kv, M, head_dim = mem_k.shape
         if mem_v.shape != mem_k.shape or (B, n_kv, head_dim) != (k.shape[0], k.shape[1], k.shape[3]):
-            raise ValueError(f"mem_k/mem_v must be (B, Hkv, M, Dh) matching k {tuple(k.shape)}; got "
-                             f"{tuple(mem_k.shape)}, {tuple(mem_v.shape)}")
+            raise ValueError(
+                f"mem_k/mem_v must be (B, Hkv, M, Dh) matching k {tuple(k.shape)}; got "
+                f"{tuple(mem_k.shape)}, {tuple(mem_v.shape)}"
+            )
         if mem_valid is not None and mem_valid.shape != (B, M):
             raise ValueError(f"mem_valid must be (B, M) = {(B, M)}, got {tuple(mem_valid.shape)}")
 
@@ -291,13 +293,13 @@ def _iter_chunks(q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, 
             qf = _fold(q[:, h0:h1, t0:t1], n)  # (B, n, (h1-h0)/n * t, Dh)
             mask = local_mask[:, h0:h1, t0:t1] if local_mask.shape[1] > 1 else local_mask[:, :, t0:t1]
             mask5 = mask.reshape(B, n if mask.shape[1] > 1 else 1, -1, t1 - t0, mask.shape[-1])
-            weights = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk, scale,
-                                     plan.mem_block)
+            weights = _chunk_weights(qf, k[:, kv0:kv1], mask5, mk, mem_valid, retrieval, topk, scale, plan.mem_block)
             yield h0, h1, t0, t1, weights, v[:, kv0:kv1], mv
 
 
-def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None,
-                     grouping=None, scale=None) -> torch.Tensor:
+def memory_attention(
+    q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval="dense", topk=None, grouping=None, scale=None
+) -> torch.Tensor:
     """Attend each query over its visible local keys and the valid memory keys in one fp32 softmax.
 
     q (B, H, T, Dh) queries (rotated by the caller); k, v (B, Hkv, S, Dh) local keys (rotated) and values;
@@ -326,7 +328,8 @@ def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval=
     B, H, T, head_dim = q.shape
     out = q.new_empty(B, H, T, head_dim)
     for h0, h1, t0, t1, cw, v_loc, mv in _iter_chunks(
-            q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale):
+        q, k, v, local_mask, mem_k, mem_v, mem_valid, retrieval, topk, grouping, scale
+    ):
         o = torch.matmul(cw.w_loc.to(q.dtype), v_loc) * cw.share_loc  # (B, n, R, Dh) in the work dtype
         if cw.w_mem is not None and cw.slots is None:
             o = o + torch.matmul(cw.w_mem.to(q.dtype), mv) * cw.share_mem
@@ -336,8 +339,20 @@ def memory_attention(q, k, v, local_mask, mem_k, mem_v, mem_valid, *, retrieval=
     return out
 
 
-def memory_attention_mass(q, k, local_mask, mem_k, mem_valid, segment_ids, n_segments=None, *, retrieval="dense",
-                          topk=None, grouping=None, scale=None) -> torch.Tensor:
+def memory_attention_mass(
+    q,
+    k,
+    local_mask,
+    mem_k,
+    mem_valid,
+    segment_ids,
+    n_segments=None,
+    *,
+    retrieval="dense",
+    topk=None,
+    grouping=None,
+    scale=None,
+) -> torch.Tensor:
     """Attention mass per key group, for the distraction ratio r_d (FOT_SPEC §3). Same weights as memory_attention.
 
     segment_ids (M,) or (B, M) long: the segment (e.g. source context / document) of every memory slot.
@@ -353,7 +368,8 @@ def memory_attention_mass(q, k, local_mask, mem_k, mem_valid, segment_ids, n_seg
     mass = torch.zeros(B, H, T, 1 + n_segments, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for h0, h1, t0, t1, cw, _, _ in _iter_chunks(
-                q, k, v_dummy, local_mask, mem_k, mem_k, mem_valid, retrieval, topk, grouping, scale):
+            q, k, v_dummy, local_mask, mem_k, mem_k, mem_valid, retrieval, topk, grouping, scale
+        ):
             n, R = cw.w_loc.shape[1], cw.w_loc.shape[2]
             m = torch.zeros(B, n, R, 1 + n_segments, dtype=torch.float32, device=q.device)
             m[..., 0] = (cw.w_loc.sum(-1, keepdim=True) * cw.share_loc).squeeze(-1).float()

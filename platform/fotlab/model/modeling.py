@@ -53,8 +53,14 @@ class FoTCausalLMOutput(ModelOutput):
         return self.cache
 
 
-def segment_context(key_valid: torch.Tensor, n_new: int, config: FoTConfig, dtype: torch.dtype,
-                    crossbatch: CrossBatch | None = None, memory_mass: MemoryMassProbe | None = None) -> SegmentContext:
+def segment_context(
+    key_valid: torch.Tensor,
+    n_new: int,
+    config: FoTConfig,
+    dtype: torch.dtype,
+    crossbatch: CrossBatch | None = None,
+    memory_mass: MemoryMassProbe | None = None,
+) -> SegmentContext:
     """Positions, RoPE tables and the local mask for n_new queries after S - n_new cached keys.
 
     key_valid: (B, S) bool. Positions are the HF positions `cumsum(valid) - 1` minus that of the first local key,
@@ -70,8 +76,9 @@ def segment_context(key_valid: torch.Tensor, n_new: int, config: FoTConfig, dtyp
     k_idx = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
     causal = k_idx <= q_idx  # (T, S)
     mask = causal & (key_valid[:, None, :] | (k_idx == q_idx))  # (B, T, S): a query always sees itself
-    return SegmentContext(cos=cos, sin=sin, local_mask=mask[:, None], key_valid=key_valid, crossbatch=crossbatch,
-                          memory_mass=memory_mass)
+    return SegmentContext(
+        cos=cos, sin=sin, local_mask=mask[:, None], key_valid=key_valid, crossbatch=crossbatch, memory_mass=memory_mass
+    )
 
 
 class FoTPreTrainedModel(PreTrainedModel):
@@ -94,8 +101,15 @@ class FoTModel(FoTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def run_segment(self, input_ids, key_valid, local, memory: FoTMemory, crossbatch: CrossBatch | None = None,
-                    memory_mass: MemoryMassProbe | None = None):
+    def run_segment(
+        self,
+        input_ids,
+        key_valid,
+        local,
+        memory: FoTMemory,
+        crossbatch: CrossBatch | None = None,
+        memory_mass: MemoryMassProbe | None = None,
+    ):
         """Run T new tokens through every layer.
 
         input_ids (B, T); key_valid (B, S) for the S = n_local + T local keys; local: per-layer raw (k, v) of the
@@ -166,11 +180,21 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         """An empty memory with this model's storage dtype and capacity."""
         return FoTMemory.empty(self.config.mem_dtype, self.config.mem_capacity)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, last_context_length: int | None = None,
-                memory: FoTMemory | None = None, cache: FoTCache | None = None, past_key_values: FoTCache | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, crossbatch: CrossBatch | None = None,
-                memory_mass: MemoryMassProbe | None = None, **kwargs) -> FoTCausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        last_context_length: int | None = None,
+        memory: FoTMemory | None = None,
+        cache: FoTCache | None = None,
+        past_key_values: FoTCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        crossbatch: CrossBatch | None = None,
+        memory_mass: MemoryMassProbe | None = None,
+        **kwargs,
+    ) -> FoTCausalLMOutput:
         """input_ids (B, L); attention_mask (B, L) or (B, n_past + L) (its last L columns are used), 1 = token.
 
         memory: memory to start from (ignored when a cache is given: the cache carries its memory).
@@ -184,8 +208,9 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
         """
         cache = cache if cache is not None else past_key_values
         B, L = input_ids.shape
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
-            attention_mask[:, -L:].bool()  # (B, L)
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask[:, -L:].bool()
+        )  # (B, L)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         state = cache if cache is not None else FoTCache.empty(memory if memory is not None else self.new_memory())
@@ -198,7 +223,7 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
     def _segments(self, state: FoTCache, L: int, lcl: int, crossbatch) -> tuple[list, int]:
         """Window bounds [(start, end)] sent to memory, and the start of the final (local) segment."""
         if crossbatch is not None:
-            if L > self.config.max_position_embeddings:
+            if self.config.max_position_embeddings < L:
                 raise ValueError(f"crossbatch training needs L <= W = {self.config.max_position_embeddings}, got {L}")
             return [], 0
         if state.n_local:
@@ -224,8 +249,9 @@ class FoTForCausalLM(FoTPreTrainedModel, GenerationMixin):
             key_valid = valid[:, local_start:]  # (B, T)
             if state.local_valid is not None:
                 key_valid = torch.cat([state.local_valid, key_valid], dim=1)  # (B, S)
-            hidden, local = self.model.run_segment(input_ids[:, local_start:], key_valid, state.local, memory,
-                                                   crossbatch, memory_mass)
+            hidden, local = self.model.run_segment(
+                input_ids[:, local_start:], key_valid, state.local, memory, crossbatch, memory_mass
+            )
             local_valid = key_valid
             logits.append(self._logits(hidden, local_start, L - n_keep))
         kept = [x for x in logits if x is not None]

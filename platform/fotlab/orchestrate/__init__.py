@@ -21,6 +21,15 @@ from fotlab.orchestrate.runner import RunFailedError, RunInterruptedError, RunOu
 from fotlab.orchestrate.sweep import sweep_command
 
 __all__ = [
-    "RunFailedError", "RunInterruptedError", "RunOutcome", "Submission", "SubmitError", "eval_command",
-    "run_command", "run_experiment", "submit_command", "submit_experiment", "sweep_command",
+    "RunFailedError",
+    "RunInterruptedError",
+    "RunOutcome",
+    "Submission",
+    "SubmitError",
+    "eval_command",
+    "run_command",
+    "run_experiment",
+    "submit_command",
+    "submit_experiment",
+    "sweep_command",
 ]

@@ -47,7 +47,7 @@ class ChannelHandle:
         self.is_actor = is_actor
 
     @classmethod
-    def create(cls, *, use_ray: bool) -> "ChannelHandle":
+    def create(cls, *, use_ray: bool) -> ChannelHandle:
         if not use_ray:
             return cls(RunChannel(), is_actor=False)
         import ray

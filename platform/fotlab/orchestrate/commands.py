@@ -45,8 +45,11 @@ def run_command(args: argparse.Namespace) -> dict | int:
         status = "KILLED" if isinstance(err, RunInterruptedError) else "FAILED"
         print(f"fotlab run: {err}", file=sys.stderr)
         if as_json:  # scripts still get one JSON object
-            print(json.dumps({"run_id": err.run_id, "status": status, "model_dir": None, "metrics": {},
-                              "error": str(err)}))
+            print(
+                json.dumps(
+                    {"run_id": err.run_id, "status": status, "model_dir": None, "metrics": {}, "error": str(err)}
+                )
+            )
         return EXIT_INTERRUPTED if status == "KILLED" else EXIT_FAILED
     if not as_json:
         print_summary(outcome)
@@ -58,7 +61,9 @@ def print_summary(outcome) -> None:
     from fotlab import tracking
 
     console = Console(soft_wrap=True)  # long paths and ids stay on one line (copy-pasteable)
-    console.print(f"[bold green]run {outcome.run_id} {outcome.status}[/] ({outcome.run_name}, step {outcome.final_step})")
+    console.print(
+        f"[bold green]run {outcome.run_id} {outcome.status}[/] ({outcome.run_name}, step {outcome.final_step})"
+    )
     for name in (tracking.VAL_LOSS, tracking.VAL_PPL, tracking.TRAIN_LOSS):
         if name in outcome.metrics:
             console.print(f"  {name:<12} {outcome.metrics[name]:.4f}")
@@ -90,7 +95,6 @@ def memory_effect_lines(metrics: dict[str, float]) -> list[str]:
     return lines
 
 
-
 def submit_command(args: argparse.Namespace) -> dict:
     """`fotlab submit SPEC --address http://HEAD:8265 [--set k=v] [--json]`: send the run as a Ray Job."""
     from fotlab.orchestrate.jobs import check_address, submit_experiment
@@ -119,8 +123,12 @@ def eval_command(args: argparse.Namespace) -> dict:
     console = Console(file=sys.stderr if getattr(args, "json", False) else sys.stdout)
     with tempfile.TemporaryDirectory(prefix="fotlab-eval-") as tmp:
         model_dir = resolve_model_dir(args.model, uri, Path(tmp) / "model")
-        run = tracking.start_spec_run(spec, uri=uri, run_name=spec.tracking.run_name or f"eval-{spec.name}",
-                                      tags={names.TAG_KIND: "eval", names.TAG_MODEL: args.model})
+        run = tracking.start_spec_run(
+            spec,
+            uri=uri,
+            run_name=spec.tracking.run_name or f"eval-{spec.name}",
+            tags={names.TAG_KIND: "eval", names.TAG_MODEL: args.model},
+        )
         try:
             metrics = evaluate(spec, model_dir, run, 0, Path(tmp) / "eval", console=console)
         except BaseException as exc:

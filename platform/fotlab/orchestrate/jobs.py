@@ -99,14 +99,16 @@ def missing_destinations(spec, cluster_env: dict[str, str | None]) -> list[str]:
     return missing
 
 
-def cluster_env(client, address: str, names: tuple[str, ...] = (CLUSTER_TRACKING_ENV, CLUSTER_STORAGE_ENV),
-                python: str = "python") -> dict[str, str | None]:
+def cluster_env(
+    client, address: str, names: tuple[str, ...] = (CLUSTER_TRACKING_ENV, CLUSTER_STORAGE_ENV), python: str = "python"
+) -> dict[str, str | None]:
     """The values of ``names`` in the environment the cluster gives its job drivers (a one-line probe job)."""
     from ray.job_submission import JobStatus
 
     code = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {list(names)!r}}}))"
-    probe_id = _submit_with_retry(client, address, entrypoint=shlex.join([python, "-c", code]),
-                                  metadata={"fotlab.probe": "environment"})
+    probe_id = _submit_with_retry(
+        client, address, entrypoint=shlex.join([python, "-c", code]), metadata={"fotlab.probe": "environment"}
+    )
     deadline = time.monotonic() + PROBE_TIMEOUT_S
     status = client.get_job_status(probe_id)
     while not status.is_terminal() and time.monotonic() < deadline:
@@ -128,9 +130,7 @@ def _submit_with_retry(client, address: str, **job) -> str:
     raise AssertionError("unreachable")
 
 
-def submit_experiment(
-    spec, address: str, *, submission_id: str | None = None, python: str = "python"
-) -> Submission:
+def submit_experiment(spec, address: str, *, submission_id: str | None = None, python: str = "python") -> Submission:
     """Submit ``spec`` as a Ray Job to the cluster whose dashboard is at ``address``; returns at once.
 
     ``python``: the interpreter on the cluster that has fotlab's dependencies (default `python`)."""
@@ -150,6 +150,7 @@ def submit_experiment(
         )
     metadata = {"fotlab.spec_name": spec.name, "fotlab.version": fotlab.__version__}
     entrypoint, runtime_env = build_job(spec, python=python)
-    job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
-                                submission_id=submission_id, metadata=metadata)
+    job_id = _submit_with_retry(
+        client, address, entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, metadata=metadata
+    )
     return Submission(job_id, address, entrypoint)

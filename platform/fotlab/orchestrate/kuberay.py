@@ -40,8 +40,10 @@ GKE_TPU_ACCELERATORS = {
 DEFAULT_WORKER_CPUS = {"cpu": 1, "gpu": 8, "tpu": 8}  # per worker pod, unless resources_per_worker says CPU
 # Ray's object store lives in /dev/shm: a memory-backed volume instead of the container runtime's small default.
 SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
-CLUSTER_ENV_FROM = [{"configMapRef": {"name": "fotlab-env", "optional": True}},
-                    {"secretRef": {"name": "fotlab-s3", "optional": True}}]
+CLUSTER_ENV_FROM = [
+    {"configMapRef": {"name": "fotlab-env", "optional": True}},
+    {"secretRef": {"name": "fotlab-s3", "optional": True}},
+]
 
 
 class RenderError(FotlabError):
@@ -70,9 +72,13 @@ def worker_group(scaling, overlay: str, image: str) -> dict[str, Any]:
     cpus = per_worker.get("CPU", DEFAULT_WORKER_CPUS[overlay])
     container = _container("ray-worker", image, cpus=cpus, memory_gib=4 * max(1, math.ceil(cpus)))
     pod: dict[str, Any] = {"containers": [container], "volumes": [dict(SHM_VOLUME)]}
-    group: dict[str, Any] = {"groupName": f"{overlay}-workers", "replicas": scaling.num_workers,
-                             "minReplicas": scaling.num_workers, "maxReplicas": scaling.num_workers,
-                             "rayStartParams": {"metrics-export-port": str(METRICS_PORT)}}
+    group: dict[str, Any] = {
+        "groupName": f"{overlay}-workers",
+        "replicas": scaling.num_workers,
+        "minReplicas": scaling.num_workers,
+        "maxReplicas": scaling.num_workers,
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+    }
     if overlay == "gpu":
         n_gpus = int(per_worker.get("GPU", 1))
         for key in ("requests", "limits"):
@@ -91,19 +97,25 @@ def _tpu_slices(scaling, container: dict, pod: dict) -> dict[str, Any]:
         raise RenderError("scaling.topology: a TPU job needs the slice topology, e.g. '2x4'")
     accelerator = GKE_TPU_ACCELERATORS.get((scaling.accelerator_type or "").upper())
     if accelerator is None:
-        raise RenderError(f"scaling.accelerator_type {scaling.accelerator_type!r}: not a TPU type GKE schedules "
-                          f"(use one of {', '.join(GKE_TPU_ACCELERATORS)})")
+        raise RenderError(
+            f"scaling.accelerator_type {scaling.accelerator_type!r}: not a TPU type GKE schedules "
+            f"(use one of {', '.join(GKE_TPU_ACCELERATORS)})"
+        )
     n_chips = math.prod(int(d) for d in scaling.topology.lower().split("x"))
     chips_per_host = min(n_chips, CHIPS_PER_TPU_HOST)
     n_hosts = n_chips // chips_per_host
     if scaling.num_workers % n_hosts:
-        raise RenderError(f"scaling.num_workers={scaling.num_workers}: a {scaling.topology} slice has {n_hosts} "
-                          f"hosts; use a multiple of {n_hosts} (one worker per host)")
+        raise RenderError(
+            f"scaling.num_workers={scaling.num_workers}: a {scaling.topology} slice has {n_hosts} "
+            f"hosts; use a multiple of {n_hosts} (one worker per host)"
+        )
     n_slices = scaling.num_workers // n_hosts
     for key in ("requests", "limits"):
         container["resources"][key]["google.com/tpu"] = chips_per_host
-    pod["nodeSelector"] = {"cloud.google.com/gke-tpu-accelerator": accelerator,
-                           "cloud.google.com/gke-tpu-topology": scaling.topology}
+    pod["nodeSelector"] = {
+        "cloud.google.com/gke-tpu-accelerator": accelerator,
+        "cloud.google.com/gke-tpu-topology": scaling.topology,
+    }
     return {"replicas": n_slices, "minReplicas": n_slices, "maxReplicas": n_slices, "numOfHosts": n_hosts}
 
 
@@ -126,15 +138,25 @@ def _quantity(cpus: float) -> str | int:
 
 def head_group(image: str, config_map: str) -> dict[str, Any]:
     container = _container("ray-head", image, cpus=2, memory_gib=8)
-    container["ports"] += [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                           {"name": "client", "containerPort": 10001}]
+    container["ports"] += [
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+    ]
     container["volumeMounts"].append({"name": "fotlab-spec", "mountPath": SPEC_MOUNT, "readOnly": True})
     return {
         # num-cpus 0: the head schedules no training work; the driver runs there.
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT), "num-cpus": "0"},
-        "template": {"spec": {"containers": [container],
-                              "volumes": [dict(SHM_VOLUME),
-                                          {"name": "fotlab-spec", "configMap": {"name": config_map}}]}},
+        "rayStartParams": {
+            "dashboard-host": "0.0.0.0",  # noqa: S104 - inside the pod; the head Service decides what is exposed
+            "metrics-export-port": str(METRICS_PORT),
+            "num-cpus": "0",
+        },
+        "template": {
+            "spec": {
+                "containers": [container],
+                "volumes": [dict(SHM_VOLUME), {"name": "fotlab-spec", "configMap": {"name": config_map}}],
+            }
+        },
     }
 
 
@@ -144,13 +166,17 @@ def render_job(spec, *, overlay: str = "cpu", image: str) -> list[dict[str, Any]
 
     workers = worker_group(spec.scaling, overlay, image)  # first: a spec that cannot map fails before anything
     name = job_name(spec.name)
-    labels = {"app.kubernetes.io/part-of": "fotlab", "fotlab/spec": job_name(spec.name)[len("fotlab-"):] or "spec"}
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": f"{name}-spec", "labels": labels},
-                  "data": {"spec.yaml": spec_to_yaml(spec)}}
+    labels = {"app.kubernetes.io/part-of": "fotlab", "fotlab/spec": job_name(spec.name)[len("fotlab-") :] or "spec"}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-spec", "labels": labels},
+        "data": {"spec.yaml": spec_to_yaml(spec)},
+    }
     entrypoint = f"python -m fotlab.cli run {SPEC_MOUNT}/spec.yaml --json --no-progress"
     ray_job = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "entrypoint": entrypoint,
@@ -158,8 +184,11 @@ def render_job(spec, *, overlay: str = "cpu", image: str) -> list[dict[str, Any]
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": TTL_AFTER_FINISHED_S,
             "backoffLimit": 0,
-            "rayClusterSpec": {"rayVersion": RAY_VERSION, "headGroupSpec": head_group(image, f"{name}-spec"),
-                               "workerGroupSpecs": [workers]},
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": head_group(image, f"{name}-spec"),
+                "workerGroupSpecs": [workers],
+            },
         },
     }
     return [config_map, ray_job]

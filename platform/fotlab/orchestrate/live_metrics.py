@@ -39,12 +39,18 @@ TRAIN_GAUGES: dict[str, tuple[str, str]] = {
     tracking.TOKENS_SEEN: ("fotlab_tokens_seen", "Training tokens seen so far."),
 }
 STEP_GAUGE = ("fotlab_train_step", "Last optimizer step logged.")
-CROSSBATCH_GAUGE = ("fotlab_crossbatch_d", "Crossbatch d in use: contexts an entry's memory layers see "
-                                           "(1 positive + crossbatch range negatives).")
-MEMORY_GAUGE = ("fotlab_memory_tokens", "Memory tokens a memory layer attends to in training "
-                                        "(crossbatch range x context length).")
-CHECKPOINT_GAUGE = ("fotlab_checkpoint_duration_seconds", "Seconds the last checkpoint took to write "
-                                                          "(all ranks, to the run's output folder).")
+CROSSBATCH_GAUGE = (
+    "fotlab_crossbatch_d",
+    "Crossbatch d in use: contexts an entry's memory layers see (1 positive + crossbatch range negatives).",
+)
+MEMORY_GAUGE = (
+    "fotlab_memory_tokens",
+    "Memory tokens a memory layer attends to in training (crossbatch range x context length).",
+)
+CHECKPOINT_GAUGE = (
+    "fotlab_checkpoint_duration_seconds",
+    "Seconds the last checkpoint took to write (all ranks, to the run's output folder).",
+)
 SWEEP_GAUGES = {
     "trials": ("fotlab_sweep_trials", "Trials of the sweep in each state."),
     "best": ("fotlab_sweep_best_metric", "Best value of the sweep metric so far."),
@@ -100,8 +106,8 @@ class _Recorder:
 class LiveMetrics(_Recorder):
     """A training worker's live metrics: feed it from the worker's hooks.
 
-        live = LiveMetrics(run_id, experiment="quickstart", rank=0, context_length=128)
-        live.on_log(step, {"train/loss": 2.1, ...}); live.on_checkpoint(step, seconds=0.8)
+    live = LiveMetrics(run_id, experiment="quickstart", rank=0, context_length=128)
+    live.on_log(step, {"train/loss": 2.1, ...}); live.on_checkpoint(step, seconds=0.8)
     """
 
     def __init__(self, run_id: str, experiment: str, rank: int, context_length: int | None = None) -> None:
@@ -133,7 +139,7 @@ class LiveMetrics(_Recorder):
 class SweepLiveMetrics(_Recorder):
     """A sweep's live metrics on the driver: trials per state and the best metric so far.
 
-        live = SweepLiveMetrics("fot_cpu", parent_run_id, metric="val/loss", mode="min"); live.on_trials(trials)
+    live = SweepLiveMetrics("fot_cpu", parent_run_id, metric="val/loss", mode="min"); live.on_trials(trials)
     """
 
     def __init__(self, sweep: str, run_id: str, metric: str, mode: str) -> None:

@@ -34,8 +34,9 @@ class PipelineResult:
     registered_version: str | None = None
 
 
-def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path | None = None,
-                 console=None) -> PipelineResult:
+def run_pipeline(
+    spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path | None = None, console=None
+) -> PipelineResult:
     """Train `spec` (`fotlab.train.train` with `runtime` and `hooks`), then on rank 0: the model logged into `run`
     (`tracking.log_model`) and registered (`tracking.register_model`), and the spec's evaluations logged.
 
@@ -48,8 +49,13 @@ def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path 
     datasets = []
     if model_dir is None:
         trained = train(spec, runtime, hooks)
-        result = PipelineResult(trained.final_step, numeric_metrics(trained.metrics), Path(trained.model_dir),
-                                Path(trained.checkpoint_dir), bool(trained.stopped_early))
+        result = PipelineResult(
+            trained.final_step,
+            numeric_metrics(trained.metrics),
+            Path(trained.model_dir),
+            Path(trained.checkpoint_dir),
+            bool(trained.stopped_early),
+        )
         timings = {names.TRAIN_TIME_S: time.time() - t0}
         datasets = trained.datasets
     else:
@@ -63,8 +69,17 @@ def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path 
         if spec.tracking.register_model:
             result.registered_version = run.register_model(spec.tracking.register_model)
     t1 = time.time()
-    result.metrics.update(evaluate(spec, result.model_dir, run, result.final_step, Path(runtime.output_dir) / "eval",
-                                   device=runtime.device, console=console))
+    result.metrics.update(
+        evaluate(
+            spec,
+            result.model_dir,
+            run,
+            result.final_step,
+            Path(runtime.output_dir) / "eval",
+            device=runtime.device,
+            console=console,
+        )
+    )
     if spec.eval.selected():
         timings[names.EVAL_TIME_S] = time.time() - t1
     result.metrics.update(run.log_metrics(timings, step=result.final_step))
@@ -72,8 +87,9 @@ def run_pipeline(spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path 
     return result
 
 
-def evaluate(spec, model_dir: Path, run: TrackedRun, step: int, output_dir: Path, device=None,
-             console=None) -> dict[str, float]:
+def evaluate(
+    spec, model_dir: Path, run: TrackedRun, step: int, output_dir: Path, device=None, console=None
+) -> dict[str, float]:
     """The spec's evaluations on the saved model in `model_dir`, logged into `run` at `step` (plots and JSON
     results written under `output_dir` first); their metrics."""
     if not spec.eval.selected():

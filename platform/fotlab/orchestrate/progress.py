@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fotlab.tracking import TOKENS_PER_S, TRAIN_LOSS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fotlab.tracking import TOKENS_PER_S, TRAIN_LOSS
 
 
 def pick_metric(metrics: dict[str, float], *candidates: str, contains: str | None = None) -> float | None:
@@ -40,7 +41,7 @@ class LiveProgress:
         self._total = total_steps
         self._description = description
 
-    def __enter__(self) -> "LiveProgress":
+    def __enter__(self) -> LiveProgress:
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),

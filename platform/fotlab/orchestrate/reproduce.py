@@ -17,8 +17,15 @@ import time
 from pathlib import Path
 
 
-def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Path | None = None,
-              threads: int | None = None, run_id: str | None = None, model_dir: str | Path | None = None) -> dict:
+def reproduce(
+    spec_path: str,
+    overrides: list[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    threads: int | None = None,
+    run_id: str | None = None,
+    model_dir: str | Path | None = None,
+) -> dict:
     """The experiment pipeline (train -> evaluations -> log model -> register) in this process, as one MLflow run;
     returns a summary.
 
@@ -39,30 +46,52 @@ def reproduce(spec_path: str, overrides: list[str] = (), *, output_dir: str | Pa
     out = Path(output_dir or tempfile.mkdtemp(prefix=f"fotlab-{spec.name}-"))
     # a stage-2 spec may start from a model in the store (runs:/..., models:/...): trained from a local copy,
     # logged with the reference as written
-    train_spec = spec if model_dir is not None else \
-        tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
-    run = tracking.start_spec_run(spec, tags={tracking.TAG_KIND: "reproduce", "fotlab.seed": str(spec.seed)},
-                                  run_id=run_id, run_name=spec.tracking.run_name or f"{spec.name}-seed{spec.seed}")
+    train_spec = (
+        spec
+        if model_dir is not None
+        else tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
+    )
+    run = tracking.start_spec_run(
+        spec,
+        tags={tracking.TAG_KIND: "reproduce", "fotlab.seed": str(spec.seed)},
+        run_id=run_id,
+        run_name=spec.tracking.run_name or f"{spec.name}-seed{spec.seed}",
+    )
     if run_id is not None:
         run.delete_tag(tracking.TAG_ERROR)  # the earlier failure is being repaired
     t0 = time.time()
-    hooks = TrainHooks(on_log=lambda step, metrics: (run.log_metrics(metrics, step),
-                                                     console.print(f"step {step}: {_short(metrics)}")))
+    hooks = TrainHooks(
+        on_log=lambda step, metrics: (run.log_metrics(metrics, step), console.print(f"step {step}: {_short(metrics)}"))
+    )
     try:
-        result = run_pipeline(train_spec, run, Runtime(output_dir=out, device="cpu"), hooks,
-                              model_dir=None if model_dir is None else Path(model_dir), console=console)
+        result = run_pipeline(
+            train_spec,
+            run,
+            Runtime(output_dir=out, device="cpu"),
+            hooks,
+            model_dir=None if model_dir is None else Path(model_dir),
+            console=console,
+        )
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, Terminated))
-        run.fail(exc if not isinstance(exc, Terminated) else "Terminated: SIGTERM",
-                 status="KILLED" if interrupted else "FAILED")
+        run.fail(
+            exc if not isinstance(exc, Terminated) else "Terminated: SIGTERM",
+            status="KILLED" if interrupted else "FAILED",
+        )
         raise
     run.finish()
     train_metrics = {k: v for k, v in result.metrics.items() if not k.startswith(("eval/", "time/"))}
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
     train_s = result.metrics.get(tracking.TRAIN_TIME_S, 0.0)
-    return {"run_id": run.run_id, "model_dir": str(result.model_dir), "train_s": round(train_s, 1),
-            "total_s": round(time.time() - t0, 1), "train_metrics": train_metrics, "metrics": metrics,
-            "registered_version": result.registered_version}
+    return {
+        "run_id": run.run_id,
+        "model_dir": str(result.model_dir),
+        "train_s": round(train_s, 1),
+        "total_s": round(time.time() - t0, 1),
+        "train_metrics": train_metrics,
+        "metrics": metrics,
+        "registered_version": result.registered_version,
+    }
 
 
 class Terminated(SystemExit):
@@ -94,8 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     from fotlab.errors import FotlabError
 
     try:
-        summary = reproduce(args.spec, args.overrides, output_dir=args.output_dir, threads=args.threads,
-                            run_id=args.run_id, model_dir=args.model_dir)
+        summary = reproduce(
+            args.spec,
+            args.overrides,
+            output_dir=args.output_dir,
+            threads=args.threads,
+            run_id=args.run_id,
+            model_dir=args.model_dir,
+        )
     except FotlabError as exc:  # a user mistake (spec, run, model reference): one line, no traceback
         print("reproduce: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 1

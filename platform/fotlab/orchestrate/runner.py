@@ -91,8 +91,9 @@ def open_record(spec, resume: str | None) -> run_record.RunRecord:
     return run_record.open_run(spec, uri, new_run_name(spec.name), resolve_storage_path(spec))
 
 
-def trainer_for(spec, record: run_record.RunRecord, channel: ChannelHandle | None, report_every: int,
-                quiet: bool = False):
+def trainer_for(
+    spec, record: run_record.RunRecord, channel: ChannelHandle | None, report_every: int, quiet: bool = False
+):
     """The Ray trainer of this run (`trainer.build_trainer` around `worker.train_worker`).
 
     quiet: the driver draws the live display, so workers and the Ray Train controller keep their console output
@@ -102,9 +103,15 @@ def trainer_for(spec, record: run_record.RunRecord, channel: ChannelHandle | Non
 
     output_dir = output_dir_for(record.storage_path, record.ray_run_name)
     spec = tracking.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
-    config = WorkerConfig(spec=spec, run_id=record.run_id, tracking_uri=record.tracking_uri,
-                          output_dir=str(output_dir), report_every=report_every,
-                          channel=channel, quiet=quiet)
+    config = WorkerConfig(
+        spec=spec,
+        run_id=record.run_id,
+        tracking_uri=record.tracking_uri,
+        output_dir=str(output_dir),
+        report_every=report_every,
+        channel=channel,
+        quiet=quiet,
+    )
     return build_trainer(train_worker, config, run_name=record.ray_run_name, storage_path=record.storage_path)
 
 
@@ -133,8 +140,10 @@ def run_experiment(
     else:
         record, ray_error = _open_record_while_ray_starts(spec, address)
     if address and record.tracking_uri.startswith("sqlite:"):
-        logger.warning("a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
-                       "log to it: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server")
+        logger.warning(
+            "a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
+            "log to it: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server"
+        )
     resume_hint = f"resume with `fotlab run {spec_path or 'SPEC'} --resume {record.run_id}`"
     channel = None
     try:

@@ -32,9 +32,16 @@ from typing import Any
 
 from fotlab import tracking
 from fotlab.errors import FotlabError
+from fotlab.names import (
+    TAG_BEST_RUN,
+    TAG_BEST_TRIAL,
+    TAG_KIND,
+    TAG_RESUMABLE,
+    TAG_SWEEP_DIR,
+    TAG_SWEEP_ROLE,
+    TAG_TRIAL_ID,
+)
 from fotlab.orchestrate import sweep_space
-from fotlab.names import (TAG_BEST_RUN, TAG_BEST_TRIAL, TAG_KIND, TAG_RESUMABLE, TAG_SWEEP_DIR, TAG_SWEEP_ROLE,
-                          TAG_TRIAL_ID)
 from fotlab.orchestrate.sweep_trial import TrialContext
 
 EXIT_INTERRUPTED = 130
@@ -60,9 +67,15 @@ class SweepOutcome:
     status: str = "FINISHED"
 
     def to_json(self) -> dict[str, Any]:
-        return {"parent_run_id": self.parent_run_id, "status": self.status, "sweep_dir": str(self.sweep_dir),
-                "best_spec": str(self.best_spec) if self.best_spec else None, "best": self.best,
-                "n_trials": len(self.rows), "leaderboard": self.rows}
+        return {
+            "parent_run_id": self.parent_run_id,
+            "status": self.status,
+            "sweep_dir": str(self.sweep_dir),
+            "best_spec": str(self.best_spec) if self.best_spec else None,
+            "best": self.best,
+            "n_trials": len(self.rows),
+            "leaderboard": self.rows,
+        }
 
 
 def experiment_name(sweep) -> str:
@@ -91,14 +104,28 @@ def open_parent(sweep, base_spec, uri: str, sweep_path: str | None) -> tuple[tra
     if "://" in str(base_spec.storage.path or ""):
         raise FotlabError("storage.path: sweeps keep their Tune state on local or mounted storage for now")
     experiment_id = tracking.setup_experiment(uri, experiment_name(sweep), resolve_artifact_root(base_spec, uri))
-    tags = {**tracking.default_tags(), TAG_KIND: "sweep", tracking.TAG_SWEEP: sweep.name, TAG_SWEEP_ROLE: "parent",
-            TAG_SWEEP_DIR: str(sweep_dir), TAG_RESUMABLE: "true"}
+    tags = {
+        **tracking.default_tags(),
+        TAG_KIND: "sweep",
+        tracking.TAG_SWEEP: sweep.name,
+        TAG_SWEEP_ROLE: "parent",
+        TAG_SWEEP_DIR: str(sweep_dir),
+        TAG_RESUMABLE: "true",
+    }
     run = tracking.start_run(uri, experiment_id, run_name=name, tags=tags)
-    run.log_params({"metric": sweep.metric, "mode": sweep.mode, "num_samples": sweep.num_samples,
-                    "search": sweep.search, "scheduler": sweep.scheduler.name, "seed": sweep.seed,
-                    "base": sweep.base, "set": json.dumps(sweep.set),
-                    **{f"space/{k}": json.dumps(v.model_dump(exclude_none=True)) for k, v in
-                       sweep.search_space.items()}})
+    run.log_params(
+        {
+            "metric": sweep.metric,
+            "mode": sweep.mode,
+            "num_samples": sweep.num_samples,
+            "search": sweep.search,
+            "scheduler": sweep.scheduler.name,
+            "seed": sweep.seed,
+            "base": sweep.base,
+            "set": json.dumps(sweep.set),
+            **{f"space/{k}": json.dumps(v.model_dump(exclude_none=True)) for k, v in sweep.search_space.items()},
+        }
+    )
     if sweep_path:
         run.log_artifact(sweep_path)
     return run, sweep_dir
@@ -108,16 +135,18 @@ def reopen_parent(sweep, uri: str) -> tuple[tracking.TrackedRun, Path]:
     """The newest parent run of `sweep.name`, reopened as RUNNING (`--resume`)."""
     filters = f"tags.`{TAG_SWEEP_ROLE}` = 'parent'"
     try:
-        found = tracking.search_runs(uri, experiment=experiment_name(sweep), sweep=sweep.name,
-                                     filter_string=filters, max_results=1)
+        found = tracking.search_runs(
+            uri, experiment=experiment_name(sweep), sweep=sweep.name, filter_string=filters, max_results=1
+        )
     except tracking.TrackingError:
         found = []
     if not found:
         raise FotlabError(f"--resume: no earlier run of sweep {sweep.name!r} in {uri}")
     parent = found[0]
     if parent.info.status == "FINISHED":
-        raise FotlabError(f"--resume: sweep {sweep.name!r} (run {parent.info.run_id}) already FINISHED; "
-                          "nothing to resume")
+        raise FotlabError(
+            f"--resume: sweep {sweep.name!r} (run {parent.info.run_id}) already FINISHED; nothing to resume"
+        )
     run = tracking.start_run(uri, parent.info.experiment_id, run_id=parent.info.run_id, tags={TAG_RESUMABLE: "true"})
     return run, Path(parent.data.tags[TAG_SWEEP_DIR])
 
@@ -139,8 +168,9 @@ def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool, 
     if resume:
         if not tune.Tuner.can_restore(context.sweep_dir):
             raise FotlabError(f"--resume: no Tune state in {context.sweep_dir} (the sweep never started?)")
-        tuner = tune.Tuner.restore(context.sweep_dir, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=space)
+        tuner = tune.Tuner.restore(
+            context.sweep_dir, trainable, resume_unfinished=True, resume_errored=True, param_space=space
+        )
         tuner._local_tuner.get_run_config().callbacks = [monitor]  # the pickled callback has no live display
         return tuner
     total = n_trials(sweep)
@@ -158,8 +188,11 @@ def build_tuner(sweep, base_spec, context: TrialContext, monitor, resume: bool, 
         reuse_actors=False,
     )
     run_config = tune.RunConfig(
-        name=Path(context.sweep_dir).name, storage_path=str(Path(context.sweep_dir).parent), callbacks=[monitor],
-        verbose=0,  # no checkpoint_config: trials keep fotlab's checkpoints in their own folder (fotlab.train.checkpoint)
+        name=Path(context.sweep_dir).name,
+        storage_path=str(Path(context.sweep_dir).parent),
+        callbacks=[monitor],
+        verbose=0,
+        # no checkpoint_config: trials keep fotlab's checkpoints in their own folder (fotlab.train.checkpoint)
         failure_config=tune.FailureConfig(max_failures=max(0, base_spec.failure.max_failures)),
     )
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -170,8 +203,9 @@ def _swept_values(sweep, key: str) -> list[Any]:
     return space.corners() if space is not None else []
 
 
-def run_sweep(sweep, *, resume: bool = False, address: str | None = None, progress: bool = True,
-              sweep_path: str | None = None) -> SweepOutcome:
+def run_sweep(
+    sweep, *, resume: bool = False, address: str | None = None, progress: bool = True, sweep_path: str | None = None
+) -> SweepOutcome:
     """Run (or with `resume`, continue) `sweep`; raises `SweepInterruptedError` when stopped before the end."""
     from fotlab.orchestrate.cluster import ensure_ray
     from fotlab.orchestrate.sweep_monitor import SweepMonitor
@@ -204,8 +238,11 @@ def run_sweep(sweep, *, resume: bool = False, address: str | None = None, progre
     if monitor.unfinished(n_trials(sweep)):
         _kill_running_children(uri, parent.run_id)
         parent.fail("interrupted before every trial ran", status="KILLED")
-        raise SweepInterruptedError(f"sweep {sweep.name} interrupted (parent run {parent.run_id}); continue it with "
-                                    f"`fotlab sweep {sweep_path or 'SWEEP_SPEC'} --resume`", parent.run_id)
+        raise SweepInterruptedError(
+            f"sweep {sweep.name} interrupted (parent run {parent.run_id}); continue it with "
+            f"`fotlab sweep {sweep_path or 'SWEEP_SPEC'} --resume`",
+            parent.run_id,
+        )
     return finish_sweep(sweep, parent, sweep_dir, results, decode)
 
 
@@ -231,17 +268,22 @@ def finish_sweep(sweep, parent: tracking.TrackedRun, sweep_dir: Path, results, d
     if best is None:
         parent.set_tags({TAG_RESUMABLE: "false"})
         parent.fail(f"no trial reported {sweep.metric}")
-        raise FotlabError(f"sweep {sweep.name}: no trial reported {sweep.metric} (see `fotlab runs list --sweep "
-                          f"{sweep.name}`)")
+        raise FotlabError(
+            f"sweep {sweep.name}: no trial reported {sweep.metric} (see `fotlab runs list --sweep {sweep.name}`)"
+        )
     params = {key: best[key] for key in sweep.search_space}
     best_spec = sweep_report.export_best_spec(sweep, params, best, sweep_dir / sweep_report.BEST_SPEC)
     parent.log_artifact(best_spec)
-    parent.log_metrics({f"best/{sweep.metric}": best[sweep.metric],
-                        "n_trials": len(rows),
-                        "n_stopped_early": sum(r["status"] == "STOPPED EARLY" for r in rows),
-                        "n_errors": sum(r["status"] == "ERROR" for r in rows)}, step=0)
-    parent.set_tags({TAG_BEST_TRIAL: best["trial_id"], TAG_BEST_RUN: best["run_id"],
-                     TAG_RESUMABLE: "false"})
+    parent.log_metrics(
+        {
+            f"best/{sweep.metric}": best[sweep.metric],
+            "n_trials": len(rows),
+            "n_stopped_early": sum(r["status"] == "STOPPED EARLY" for r in rows),
+            "n_errors": sum(r["status"] == "ERROR" for r in rows),
+        },
+        step=0,
+    )
+    parent.set_tags({TAG_BEST_TRIAL: best["trial_id"], TAG_BEST_RUN: best["run_id"], TAG_RESUMABLE: "false"})
     parent.finish("FINISHED")
     return SweepOutcome(parent.run_id, sweep_dir, rows, best, best_spec)
 
@@ -261,8 +303,11 @@ def print_summary(outcome: SweepOutcome, sweep) -> None:
     for row in outcome.rows[:10]:
         table.add_row(*[_cell(row[c], metric=c == sweep.metric) for c in columns])
     console.print(table)
-    console.print(f"[bold green]sweep {sweep.name} FINISHED[/] (parent run {outcome.parent_run_id}, best trial "
-                  f"{outcome.best['trial_id']}: run {outcome.best['run_id']})", soft_wrap=True)
+    console.print(
+        f"[bold green]sweep {sweep.name} FINISHED[/] (parent run {outcome.parent_run_id}, best trial "
+        f"{outcome.best['trial_id']}: run {outcome.best['run_id']})",
+        soft_wrap=True,
+    )
     console.print(f"best spec: {outcome.best_spec}", soft_wrap=True)
     console.print(f"  train it: fotlab run {outcome.best_spec}", soft_wrap=True)
     console.print(f"browse: `fotlab runs list --sweep {sweep.name}`  or  `fotlab ui`", soft_wrap=True)
@@ -283,8 +328,13 @@ def sweep_command(args: argparse.Namespace) -> dict | int:
     redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
         with redirect:
-            outcome = run_sweep(sweep, resume=bool(getattr(args, "resume", False)),
-                                address=getattr(args, "address", None), progress=not as_json, sweep_path=args.spec)
+            outcome = run_sweep(
+                sweep,
+                resume=bool(getattr(args, "resume", False)),
+                address=getattr(args, "address", None),
+                progress=not as_json,
+                sweep_path=args.spec,
+            )
     except SweepInterruptedError as err:
         print(str(err), file=sys.stderr)
         if as_json:

@@ -16,9 +16,9 @@ from typing import Any
 from ray.tune import Callback
 
 from fotlab import tracking
+from fotlab.names import TAG_STOPPED_EARLY
 from fotlab.orchestrate.live_metrics import SweepLiveMetrics
 from fotlab.orchestrate.sweep_space import TIME_ATTR
-from fotlab.names import TAG_STOPPED_EARLY
 from fotlab.orchestrate.sweep_trial import STEPS_TOTAL, child_run_id
 
 REFRESH_S = 0.5
@@ -101,8 +101,9 @@ class SweepMonitor(Callback):
 
         sweep = self.sweep
         n_done = sum(t.status in DONE_STATES for t in self.trials)
-        table = Table(title=f"sweep {sweep.name}: {n_done}/{len(self.trials)} trials done "
-                            f"({sweep.metric}, {sweep.mode})")
+        table = Table(
+            title=f"sweep {sweep.name}: {n_done}/{len(self.trials)} trials done ({sweep.metric}, {sweep.mode})"
+        )
         for column in ("trial", "status", *sweep.search_space, "step", sweep.metric):
             table.add_column(column, no_wrap=True)
         best = self.best_trial_id()
@@ -114,13 +115,21 @@ class SweepMonitor(Callback):
             steps = f"{result.get(TIME_ATTR, 0)}/{result.get(STEPS_TOTAL, '?')}" if result else "-"
             value = result.get(sweep.metric)
             mark = " *" if trial.trial_id == best else ""
-            table.add_row(trial.trial_id, status, *[short_value(trial.config.get(k, "")) for k in sweep.search_space],
-                          steps, ("-" if value is None else f"{value:.4f}") + mark)
+            table.add_row(
+                trial.trial_id,
+                status,
+                *[short_value(trial.config.get(k, "")) for k in sweep.search_space],
+                steps,
+                ("-" if value is None else f"{value:.4f}") + mark,
+            )
         return table
 
     def best_trial_id(self) -> str | None:
-        scored = [(t.last_result[self.sweep.metric], t.trial_id) for t in self.trials
-                  if t.last_result and self.sweep.metric in t.last_result]
+        scored = [
+            (t.last_result[self.sweep.metric], t.trial_id)
+            for t in self.trials
+            if t.last_result and self.sweep.metric in t.last_result
+        ]
         if not scored:
             return None
         return (min(scored) if self.sweep.mode == "min" else max(scored))[1]

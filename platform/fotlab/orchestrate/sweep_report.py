@@ -32,14 +32,16 @@ def leaderboard(results, sweep, decode: dict, child_runs: dict[str, str]) -> lis
         trial_id = metrics.get("trial_id") or Path(result.path).name
         params = decode_params(result.config, sweep.search_space, decode) if result.config else {}
         value = metrics.get(sweep.metric)
-        rows.append({
-            "trial_id": trial_id,
-            "run_id": child_runs.get(trial_id, ""),
-            "status": "ERROR" if result.error else ("STOPPED EARLY" if stopped_early(metrics) else "COMPLETED"),
-            "step": int(metrics.get(TIME_ATTR, 0)),
-            **{key: params.get(key) for key in sweep.search_space},
-            sweep.metric: float(value) if isinstance(value, (int, float)) else None,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "run_id": child_runs.get(trial_id, ""),
+                "status": "ERROR" if result.error else ("STOPPED EARLY" if stopped_early(metrics) else "COMPLETED"),
+                "step": int(metrics.get(TIME_ATTR, 0)),
+                **{key: params.get(key) for key in sweep.search_space},
+                sweep.metric: float(value) if isinstance(value, (int, float)) else None,
+            }
+        )
 
     def order(row: dict[str, Any]) -> tuple[int, float]:
         value = row[sweep.metric]
@@ -99,8 +101,7 @@ def write_plots(rows: list[dict[str, Any]], sweep, out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(labels)), labels, rotation=20)
         elif sweep.search_space[key].type == "loguniform":
             ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} vs {key}\n"
-                                                        "(orange: stopped early)")
+        ax.set(xlabel=key, ylabel=sweep.metric, title=f"{sweep.name}: {sweep.metric} vs {key}\n(orange: stopped early)")
         fig.tight_layout()
         paths.append(out_dir / f"{sweep.metric.replace('/', '_')} vs {key}.png")
         fig.savefig(paths[-1], dpi=100)
@@ -137,8 +138,9 @@ def _parallel_coordinates(rows: list[dict[str, Any]], sweep, out_dir: Path, plt)
             ax.annotate(f"{low:.3g}", (x, 0), xytext=(3, -8), textcoords="offset points", fontsize=7)
             ax.annotate(f"{high:.3g}", (x, 1), xytext=(3, 4), textcoords="offset points", fontsize=7)
     ax.set_yticks([])
-    ax.set_title(f"{sweep.name}: trials (colour: {sweep.metric}, {'lighter' if sweep.mode == 'min' else 'darker'}"
-                 " is better)")
+    ax.set_title(
+        f"{sweep.name}: trials (colour: {sweep.metric}, {'lighter' if sweep.mode == 'min' else 'darker'} is better)"
+    )
     fig.tight_layout()
     path = out_dir / "parallel_coordinates.png"
     fig.savefig(path, dpi=100)
@@ -166,8 +168,10 @@ def log_report(run, rows: list[dict[str, Any]], sweep, out_dir: Path) -> list[Pa
     """Leaderboard (CSV + MLflow table) and plots into the parent run; returns the written files."""
     files = [write_leaderboard(rows, out_dir)]
     run.log_artifact(files[0])
-    table = {key: [label(r[key]) if isinstance(r[key], (list, dict)) else r[key] for r in rows]
-             for key in (rows[0] if rows else {})}
+    table = {
+        key: [label(r[key]) if isinstance(r[key], (list, dict)) else r[key] for r in rows]
+        for key in (rows[0] if rows else {})
+    }
     if table:
         run.log_table(table, LEADERBOARD_TABLE)
     for plot in write_plots(rows, sweep, out_dir / PLOTS_DIR):

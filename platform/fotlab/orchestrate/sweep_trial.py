@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fotlab import tracking
-from fotlab.names import (SWEEP_PARAM_PREFIX, TAG_KIND, TAG_RESUMED_FROM, TAG_STOPPED_EARLY,  # noqa: F401
-                          TAG_SWEEP_ROLE, TAG_TRIAL_ID)
+from fotlab.names import SWEEP_PARAM_PREFIX, TAG_KIND, TAG_RESUMED_FROM, TAG_STOPPED_EARLY, TAG_SWEEP_ROLE, TAG_TRIAL_ID
 from fotlab.orchestrate.sweep_space import TIME_ATTR, TrialResources, decode_params
 from fotlab.tracking import numeric_metrics
 
@@ -65,8 +64,9 @@ def child_run_id(uri: str, parent_run_id: str, trial_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def open_child_run(context: TrialContext, spec, params: dict[str, Any], trial_id: str,
-                   trial_name: str) -> tuple[tracking.TrackedRun, int]:
+def open_child_run(
+    context: TrialContext, spec, params: dict[str, Any], trial_id: str, trial_name: str
+) -> tuple[tracking.TrackedRun, int]:
     """(the trial's child run, the last step it already logged): created once, reopened on a restore.
 
     A new run gets the full spec as params plus the swept fields again as `sweep/<field>` params and as
@@ -74,11 +74,22 @@ def open_child_run(context: TrialContext, spec, params: dict[str, Any], trial_id
     compare view and run table pick the trials apart.
     """
     existing = child_run_id(context.tracking_uri, context.parent_run_id, trial_id)
-    tags = {TAG_KIND: "trial", tracking.TAG_SWEEP: context.sweep.name, TAG_SWEEP_ROLE: "trial",
-            TAG_TRIAL_ID: trial_id, **tracking.swept_param_tags(params)}
+    tags = {
+        TAG_KIND: "trial",
+        tracking.TAG_SWEEP: context.sweep.name,
+        TAG_SWEEP_ROLE: "trial",
+        TAG_TRIAL_ID: trial_id,
+        **tracking.swept_param_tags(params),
+    }
     run_name = f"{trial_name}: {tracking.describe_params(params)}" if params else trial_name
-    run = tracking.start_spec_run(spec, uri=context.tracking_uri, run_name=run_name, run_id=existing, tags=tags,
-                                  parent_run_id=context.parent_run_id)
+    run = tracking.start_spec_run(
+        spec,
+        uri=context.tracking_uri,
+        run_name=run_name,
+        run_id=existing,
+        tags=tags,
+        parent_run_id=context.parent_run_id,
+    )
     if existing is None:
         run.log_params({f"{SWEEP_PARAM_PREFIX}{key}": value for key, value in params.items()})
         return run, 0
@@ -131,8 +142,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         raise
 
 
-def _train_here(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
-                logged_up_to: int) -> dict[str, float]:
+def _train_here(
+    spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, logged_up_to: int
+) -> dict[str, float]:
     """Single-worker trial: the pipeline in this Tune actor; returns the final metrics (+ evaluations)."""
     import torch
 
@@ -161,8 +173,9 @@ def close_child_run(run: tracking.TrackedRun, metrics: dict[str, float], step: i
     run.close(metrics, step, {TAG_STOPPED_EARLY: "false"})
 
 
-def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str,
-                  callbacks: Sequence = ()):
+def trial_trainer(
+    spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str, callbacks: Sequence = ()
+):
     """The nested Ray trainer of a multi-worker trial (`trainer.build_trainer`, as `fotlab run`); `callbacks`:
     the trial's `TuneReportCallback` (it can only be made inside the Tune session).
 
@@ -171,14 +184,21 @@ def trial_trainer(spec, context: TrialContext, run: tracking.TrackedRun, output_
     from fotlab.orchestrate.trainer import WorkerConfig, build_trainer
     from fotlab.orchestrate.worker import train_worker
 
-    config = WorkerConfig(spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir=str(output_dir),
-                          report_every=NESTED_REPORT_EVERY)
-    return build_trainer(train_worker, config, run_name=f"train-{trial_id}",
-                         storage_path=str(Path(context.sweep_dir) / "nested"), callbacks=callbacks)
+    config = WorkerConfig(
+        spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir=str(output_dir), report_every=NESTED_REPORT_EVERY
+    )
+    return build_trainer(
+        train_worker,
+        config,
+        run_name=f"train-{trial_id}",
+        storage_path=str(Path(context.sweep_dir) / "nested"),
+        callbacks=callbacks,
+    )
 
 
-def _train_nested(spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path,
-                  trial_id: str) -> dict[str, float]:
+def _train_nested(
+    spec, context: TrialContext, run: tracking.TrackedRun, output_dir: Path, trial_id: str
+) -> dict[str, float]:
     """Multi-worker trial: fit the nested trainer (its workers run the pipeline), then close the child run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 

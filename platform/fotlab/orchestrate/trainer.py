@@ -100,14 +100,24 @@ def run_config(spec, run_name: str, storage_path: str, callbacks: Sequence = (),
     )
 
 
-def build_trainer(worker_fn: Callable[[WorkerConfig], Any], config: WorkerConfig, *, run_name: str,
-                  storage_path: str, callbacks: Sequence = ()):
+def build_trainer(
+    worker_fn: Callable[[WorkerConfig], Any],
+    config: WorkerConfig,
+    *,
+    run_name: str,
+    storage_path: str,
+    callbacks: Sequence = (),
+):
     """The Ray trainer whose workers each call `worker_fn(config)`; Ray run `run_name` under `storage_path`
     (rerunning with the same two continues that Ray run). `callbacks`: Ray Train callbacks (a sweep trial's
     `TuneReportCallback`)."""
     spec = config.spec
-    return _torch_trainer(worker_fn, config, scaling_config(spec.scaling),
-                          run_config(spec, run_name, storage_path, callbacks, quiet=config.quiet))
+    return _torch_trainer(
+        worker_fn,
+        config,
+        scaling_config(spec.scaling),
+        run_config(spec, run_name, storage_path, callbacks, quiet=config.quiet),
+    )
 
 
 def _torch_trainer(worker_fn, config: WorkerConfig, scaling, run):

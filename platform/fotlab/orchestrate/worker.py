@@ -3,8 +3,9 @@
 Design choices:
 - Everything Ray-specific about a worker lives here and stays short: rank / world size / device from
   `ray.train.get_context()`, the model wrapper (`ray.train.torch.prepare_model` for DDP; fotlab's own FSDP2,
-  `fotlab.train.sharding`, when `spec.scaling.strategy == "fsdp"`: Ray's FSDP refuses CPU). The worker gets a frozen `trainer.WorkerConfig` (the validated spec itself,
-  not re-parsed) and calls `pipeline.run_pipeline` (train -> evaluations -> log model -> register; rank 0 logs).
+  `fotlab.train.sharding`, when `spec.scaling.strategy == "fsdp"`: Ray's FSDP refuses CPU). The worker gets a
+  frozen `trainer.WorkerConfig` (the validated spec itself, not re-parsed) and calls `pipeline.run_pipeline`
+  (train -> log model -> register -> evaluations; rank 0 logs).
 - Checkpoints are fotlab's (`fotlab.train.checkpoint`, kept per `train.keep_checkpoints`) in the run's output
   folder; Ray's reports carry metrics only (see `trainer.run_config`), and a restart resumes from that folder.
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
@@ -33,8 +34,7 @@ STOP_POLL_STEPS = 5  # should_stop() asks the driver every this many steps
 class WorkerHooks:
     """`TrainHooks` callables for one worker."""
 
-    def __init__(self, config: WorkerConfig, run: TrackedRun, rank: int, world_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, config: WorkerConfig, run: TrackedRun, rank: int, world_size: int, device: torch.device) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -123,8 +123,15 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     hooks = WorkerHooks(config, run, rank, world_size, device)
     resume_from = resume_dir(Path(config.output_dir))
     wrap_model, sharded = wrap_model_fn(spec, world_size, device)
-    runtime = Runtime(output_dir=Path(config.output_dir), device=device, rank=rank, world_size=world_size,
-                      resume_from=resume_from, wrap_model=wrap_model, sharded=sharded)
+    runtime = Runtime(
+        output_dir=Path(config.output_dir),
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        resume_from=resume_from,
+        wrap_model=wrap_model,
+        sharded=sharded,
+    )
     result = run_pipeline(spec, run, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
     return {
         "final_step": result.final_step,
@@ -139,8 +146,9 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
 def quiet_worker_logs() -> None:
     """Keep this worker's console to warnings: the driver's live display already shows step, loss and tokens/s.
 
-    The training loop's per-step lines and transformers' save/load bars go quiet, and so does Ray Train's "Reporting training result" line, whose
-    logger (Ray 2.60) is named after its source file rather than "ray.train" (so `LoggingConfig` misses it).
+    The training loop's per-step lines and transformers' save/load bars go quiet, and so does Ray Train's
+    "Reporting training result" line, whose logger (Ray 2.60) is named after its source file rather than
+    "ray.train" (so `LoggingConfig` misses it).
     """
     logging.getLogger("fotlab.train").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging

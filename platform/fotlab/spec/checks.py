@@ -21,12 +21,28 @@ from typing import Any
 Problem = tuple[str, str]
 
 # ModelSpec / MemorySpec field -> FoTConfig keyword.
-_MODEL_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                 "tie_word_embeddings", "qk_norm")
-_MEMORY_FIELDS = {"layers": "mem_layers", "retrieval": "mem_retrieval", "topk": "mem_topk", "dtype": "mem_dtype",
-                  "positionals": "mem_positionals", "last_context_length": "last_context_length",
-                  "capacity": "mem_capacity", "attention_grouping": "mem_attention_grouping"}
+_MODEL_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "qk_norm",
+)
+_MEMORY_FIELDS = {
+    "layers": "mem_layers",
+    "retrieval": "mem_retrieval",
+    "topk": "mem_topk",
+    "dtype": "mem_dtype",
+    "positionals": "mem_positionals",
+    "last_context_length": "last_context_length",
+    "capacity": "mem_capacity",
+    "attention_grouping": "mem_attention_grouping",
+}
 
 
 def model_overrides(spec) -> dict[str, Any]:
@@ -114,8 +130,11 @@ def _model_problems(spec, check_paths: bool = True) -> Iterator[Problem]:
         yield "model.num_key_value_heads", f"{n_heads} attention heads are not divisible by {n_kv} kv heads"
     window = shape.get("max_position_embeddings")
     if window and spec.train.context_length > window:
-        yield ("train.context_length", f"{spec.train.context_length} exceeds the model window W = "
-               f"max_position_embeddings = {window} ({origin}); lower it or set model.max_position_embeddings")
+        yield (
+            "train.context_length",
+            f"{spec.train.context_length} exceeds the model window W = "
+            f"max_position_embeddings = {window} ({origin}); lower it or set model.max_position_embeddings",
+        )
     retrieval = shape.get("mem_retrieval", "dense")
     if retrieval in ("topk", "faiss") and spec.memory.topk is None and _declared(spec).get("mem_topk") is None:
         yield "memory.topk", f"required for retrieval {retrieval!r}"
@@ -183,8 +202,13 @@ def _data_problems(spec, check_paths: bool) -> Iterator[Problem]:
     if tok.kind == "byte" and spec.model.init_from is not None:
         base, origin = resolved_shape(spec)  # unknown (remote, MLflow): checked when the model is built
         if base is not None and base.get("vocab_size") != BYTE_VOCAB_SIZE:
-            yield "data.tokenizer.kind", (f"'byte' cannot feed {origin} (vocab_size {base.get('vocab_size')}, not "
-                                          "a byte-level fotlab model); use kind: pretrained")
+            yield (
+                "data.tokenizer.kind",
+                (
+                    f"'byte' cannot feed {origin} (vocab_size {base.get('vocab_size')}, not "
+                    "a byte-level fotlab model); use kind: pretrained"
+                ),
+            )
 
 
 def _scaling_problems(spec) -> Iterator[Problem]:
@@ -198,8 +222,10 @@ def _scaling_problems(spec) -> Iterator[Problem]:
     if sc.strategy == "fsdp" and sc.num_workers == 0:
         yield "scaling.strategy", "fsdp needs Ray Train workers (num_workers >= 1); num_workers 0 runs in-process"
     if sc.fsdp is not None and sc.fsdp.cpu_offload and not sc.use_gpu:
-        yield "scaling.fsdp.cpu_offload", "only applies with scaling.use_gpu: true (CPU runs keep everything in "\
-                                          "host memory already)"
+        yield (
+            "scaling.fsdp.cpu_offload",
+            "only applies with scaling.use_gpu: true (CPU runs keep everything in host memory already)",
+        )
     if spec.tracking.register_model and not spec.tracking.log_model:
         yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 

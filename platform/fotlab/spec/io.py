@@ -25,8 +25,18 @@ from pydantic import BaseModel, ValidationError
 from fotlab.errors import SpecError
 from fotlab.spec.models import ExperimentSpec
 
-__all__ = ["load_spec", "parse_spec", "apply_overrides", "spec_to_yaml", "flatten_spec", "json_schema",
-           "project_root", "resolve_tracking_uri", "resolve_storage_path", "resolve_artifact_root"]
+__all__ = [
+    "load_spec",
+    "parse_spec",
+    "apply_overrides",
+    "spec_to_yaml",
+    "flatten_spec",
+    "json_schema",
+    "project_root",
+    "resolve_tracking_uri",
+    "resolve_storage_path",
+    "resolve_artifact_root",
+]
 
 
 def _set_path(data: dict, parts: list[str], value: Any, key: str) -> None:
@@ -147,8 +157,9 @@ def read_yaml(path: Path, what: str = "spec") -> Any:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: not a text (UTF-8) {what} file (byte {exc.start} is {exc.object[exc.start]:#04x})") \
-            from None
+        raise SpecError(
+            f"{path}: not a text (UTF-8) {what} file (byte {exc.start} is {exc.object[exc.start]:#04x})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -37,8 +37,10 @@ class ParamSpace(StrictModel):
     """The values one spec field takes across trials."""
 
     type: Literal["uniform", "loguniform", "int", "choice", "grid"] = Field(
-        ..., description="uniform/loguniform: a float in [low, high]; int: an integer in [low, high]; choice: one "
-        "of `values` (sampled); grid: every one of `values` (search 'grid' or 'random').")
+        ...,
+        description="uniform/loguniform: a float in [low, high]; int: an integer in [low, high]; choice: one "
+        "of `values` (sampled); grid: every one of `values` (search 'grid' or 'random').",
+    )
     low: float | None = Field(None, description="Lower bound (uniform, loguniform, int).")
     high: float | None = Field(None, description="Upper bound, inclusive (uniform, loguniform, int).")
     values: list[Any] | None = Field(None, min_length=1, description="Candidates (choice, grid).")
@@ -69,8 +71,9 @@ class ParamSpace(StrictModel):
 class SchedulerSpec(StrictModel):
     """Early stopping of poor trials (Ray Tune ASHA)."""
 
-    name: Literal["none", "asha"] = Field("none", description="none: every trial runs to the end; asha: stop "
-                                          "poor trials early.")
+    name: Literal["none", "asha"] = Field(
+        "none", description="none: every trial runs to the end; asha: stop poor trials early."
+    )
     grace_period: int = Field(1, gt=0, description="asha: reports before a trial may be stopped.")
     reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/reduction_factor of trials per rung.")
 
@@ -78,19 +81,29 @@ class SchedulerSpec(StrictModel):
 class SweepSpec(StrictModel):
     """A hyper-parameter sweep: trials = base spec + `set` + one point of `search_space`."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
-                      description="Sweep name (MLflow parent run name and the `fotlab.sweep` tag of its runs).")
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="Sweep name (MLflow parent run name and the `fotlab.sweep` tag of its runs).",
+    )
     base: str = Field(..., description="Experiment spec the trials start from (relative to the sweep file).")
     set: list[str] = Field(default_factory=list, description="Fixed dotted.key=value overrides for every trial.")
     search_space: dict[str, ParamSpace] = Field(..., min_length=1, description="Dotted spec field -> its values.")
     metric: str = Field("val/loss", description="Metric the search optimises (last reported value).")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
-    num_samples: int = Field(8, gt=0, description="Number of trials (search 'grid': how many times the whole grid "
-                             "runs; once unless given).")
-    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials running at once (None = as many as "
-                                              "the cluster's CPUs/GPUs hold, given each trial's workers).")
-    search: Literal["optuna", "random", "grid"] = Field("optuna", description="Search algorithm: Optuna TPE, "
-                                                         "random, or grid (every combination of grid/choice values).")
+    num_samples: int = Field(
+        8, gt=0, description="Number of trials (search 'grid': how many times the whole grid runs; once unless given)."
+    )
+    max_concurrent_trials: int | None = Field(
+        None,
+        gt=0,
+        description="Trials running at once (None = as many as "
+        "the cluster's CPUs/GPUs hold, given each trial's workers).",
+    )
+    search: Literal["optuna", "random", "grid"] = Field(
+        "optuna", description="Search algorithm: Optuna TPE, random, or grid (every combination of grid/choice values)."
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Early stopping.")
     seed: int = Field(0, ge=0, description="Seed of the search algorithm.")
     _base_spec: dict[str, Any] = PrivateAttr(default_factory=dict)  # the base spec's raw mapping (load_sweep)
@@ -100,8 +113,10 @@ class SweepSpec(StrictModel):
         if self.search == "optuna":
             for key, space in self.search_space.items():
                 if space.type == "grid":
-                    raise ValueError(f"search_space.{key}: type 'grid' needs search 'grid' or 'random' "
-                                     "(Optuna samples; use type 'choice')")
+                    raise ValueError(
+                        f"search_space.{key}: type 'grid' needs search 'grid' or 'random' "
+                        "(Optuna samples; use type 'choice')"
+                    )
         return self
 
 
@@ -110,8 +125,12 @@ def trial_spec(sweep: SweepSpec, params: dict[str, Any], check_paths: bool = Tru
     data = copy.deepcopy(sweep._base_spec)
     apply_overrides(data, sweep.set)
     for key, value in params.items():
-        apply_overrides(data, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
-                        if not isinstance(value, str) else [f"{key}={value}"])
+        apply_overrides(
+            data,
+            [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+            if not isinstance(value, str)
+            else [f"{key}={value}"],
+        )
     return parse_spec(data, f"sweep {sweep.name}", check_paths=check_paths)
 
 

@@ -15,7 +15,17 @@ from fotlab.train.optim import build_optimizer, build_scheduler
 from fotlab.train.runtime import LossNotFiniteError, Runtime, TrainError, TrainHooks, TrainResult, unwrap_model
 
 __all__ = [
-    "LossNotFiniteError", "Runtime", "TrainError", "TrainHooks", "TrainResult", "build_optimizer",
-    "build_scheduler", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint", "train",
+    "LossNotFiniteError",
+    "Runtime",
+    "TrainError",
+    "TrainHooks",
+    "TrainResult",
+    "build_optimizer",
+    "build_scheduler",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
     "unwrap_model",
 ]

@@ -56,8 +56,9 @@ def build_data(spec, runtime: Runtime) -> DataBundle:
     train_docs, val_docs = build_datasets(spec.data, tokenizer, spec.seed)
     records = data_lineage(spec, train_docs, val_docs)
     if val_docs is not None and len(val_docs) < runtime.world_size:
-        logger.warning("only %d validation documents for %d ranks: validation is off", len(val_docs),
-                       runtime.world_size)
+        logger.warning(
+            "only %d validation documents for %d ranks: validation is off", len(val_docs), runtime.world_size
+        )
         val_docs = None
     return DataBundle(tokenizer, _packer(train_docs, spec, runtime, tokenizer, spec.seed), val_docs, records)
 
@@ -69,8 +70,7 @@ def data_lineage(spec, train_docs, val_docs) -> list:
     source = sources_json(spec.data.sources)
     records = [describe_dataset(train_docs, name=f"{spec.name}-train", source=source, context="training")]
     if val_docs is not None:
-        records.append(describe_dataset(val_docs, name=f"{spec.name}-validation", source=source,
-                                        context="validation"))
+        records.append(describe_dataset(val_docs, name=f"{spec.name}-validation", source=source, context="validation"))
     return records
 
 
@@ -113,9 +113,7 @@ def build_model(spec, tokenizer, device: torch.device) -> torch.nn.Module:
         model = FoTForCausalLM(config)
     window = model.config.max_position_embeddings
     if spec.train.context_length > window:
-        raise TrainError(
-            f"train.context_length: {spec.train.context_length} exceeds the model window W = {window}"
-        )
+        raise TrainError(f"train.context_length: {spec.train.context_length} exceeds the model window W = {window}")
     model = model.to(device=device, dtype=getattr(torch, spec.model.dtype))
     if spec.model.gradient_checkpointing:
         enable_activation_checkpointing(model)

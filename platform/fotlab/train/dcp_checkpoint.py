@@ -27,13 +27,20 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from fotlab.train.checkpoint import (STATE_FILE, fsync_path, list_checkpoints, prune_checkpoints, replace_dir,
-                                     step_dir_name)
+from fotlab.train.checkpoint import (
+    STATE_FILE,
+    fsync_path,
+    list_checkpoints,
+    prune_checkpoints,
+    replace_dir,
+    step_dir_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +88,11 @@ def _candidates(path: Path) -> list[Path]:
     path = Path(path)
     is_step = _STEP_DIR.match(path.name) or (path / STATE_FILE).is_file()
     root, newest = (path.parent, path) if is_step else (path, None)
-    steps = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True) \
-        if root.is_dir() else []
+    steps = (
+        sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True)
+        if root.is_dir()
+        else []
+    )
     if newest is not None:
         steps = [newest] + [p for p in steps if p.name < newest.name]
     return steps
@@ -95,8 +105,9 @@ def find_resumable(path: Path) -> Path:
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
-        logger.warning("checkpoint %s is incomplete (%s); not resuming from it, trying the previous one",
-                       candidate, problem)
+        logger.warning(
+            "checkpoint %s is incomplete (%s); not resuming from it, trying the previous one", candidate, problem
+        )
     raise FileNotFoundError(f"resume_from: no complete checkpoint at {path}")
 
 
@@ -183,12 +194,24 @@ def restore_packer(packer, saved: dict[str, Any], saved_world_size: int, world_s
         return
     drawn = int(saved["step"]) * saved_world_size
     skip = drawn // world_size
-    logger.warning("resuming %d-rank checkpoint on %d ranks: data position is approximate (each rank skips %d "
-                   "batches of its new stream, %d global batches were drawn)", saved_world_size, world_size,
-                   skip, drawn)
+    logger.warning(
+        "resuming %d-rank checkpoint on %d ranks: data position is approximate (each rank skips %d "
+        "batches of its new stream, %d global batches were drawn)",
+        saved_world_size,
+        world_size,
+        skip,
+        drawn,
+    )
     for _ in range(skip):
         packer.next_batch()
 
 
-__all__ = ["find_resumable", "checkpoint_problem", "is_dcp_checkpoint", "save_dcp_checkpoint",
-           "load_dcp_checkpoint", "restore_packer", "list_checkpoints"]
+__all__ = [
+    "find_resumable",
+    "checkpoint_problem",
+    "is_dcp_checkpoint",
+    "save_dcp_checkpoint",
+    "load_dcp_checkpoint",
+    "restore_packer",
+    "list_checkpoints",
+]

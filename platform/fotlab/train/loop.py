@@ -39,8 +39,14 @@ from fotlab import names as M
 from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from fotlab.train.loop_support import (any_rank, check_replicated, crossbatch_at, mean_over_ranks, resolve_precision,
-                                       save_final_model)
+from fotlab.train.loop_support import (
+    any_rank,
+    check_replicated,
+    crossbatch_at,
+    mean_over_ranks,
+    resolve_precision,
+    save_final_model,
+)
 from fotlab.train.optim import build_optimizer, build_scheduler
 from fotlab.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from fotlab.train.runtime import Runtime, TrainError, TrainHooks, TrainResult, unwrap_model
@@ -129,8 +135,10 @@ def _resumable(path: Path, sharded: bool) -> Path:
     checkpoint = dcp_ckpt.find_resumable(path)
     if dcp_ckpt.is_dcp_checkpoint(checkpoint) != sharded:
         kind = "sharded (fsdp)" if not sharded else "replicated (ddp)"
-        raise TrainError(f"resume_from: {checkpoint} is a {kind} checkpoint; resume it with the strategy that wrote "
-                         "it (scaling.strategy)")
+        raise TrainError(
+            f"resume_from: {checkpoint} is a {kind} checkpoint; resume it with the strategy that wrote "
+            "it (scaling.strategy)"
+        )
     return checkpoint
 
 
@@ -145,17 +153,18 @@ def _resumed(run: _Run, checkpoint: Path, trainer_state: dict, rank_state: dict)
 def _build_sharded(spec, runtime: Runtime, hooks: TrainHooks, data: DataBundle, precision: str) -> _Run:
     """`_build` for a sharded model: meta-device build + broadcast from rank 0, then the DCP checkpoint."""
     model = build_sharded_model(spec, data.tokenizer, runtime, build_model)
-    logger.info("model: %.2fM parameters (sharded over %d ranks)", count_parameters(model) / 1e6,
-                runtime.world_size)
+    logger.info("model: %.2fM parameters (sharded over %d ranks)", count_parameters(model) / 1e6, runtime.world_size)
     optimizer = build_optimizer(model, spec.train.optimizer)
     scheduler = build_scheduler(optimizer, spec.train.schedule, spec.train.steps)
     run = _Run(spec, runtime, hooks, data, model, optimizer, scheduler, precision)
     if runtime.resume_from is not None:
         checkpoint = _resumable(runtime.resume_from, sharded=True)
         trainer_state, rank_state = dcp_ckpt.load_dcp_checkpoint(
-            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=runtime.rank)
-        dcp_ckpt.restore_packer(data.train_packer, rank_state["packer"], int(trainer_state["world_size"]),
-                                runtime.world_size)
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=runtime.rank
+        )
+        dcp_ckpt.restore_packer(
+            data.train_packer, rank_state["packer"], int(trainer_state["world_size"]), runtime.world_size
+        )
         _resumed(run, checkpoint, trainer_state, rank_state)
     return run
 
@@ -168,8 +177,14 @@ def _fit(run: _Run) -> bool:
         micro_batches = [run.data.train_packer.next_batch() for _ in range(train_spec.grad_accum)]
         started = time.perf_counter()
         stats = train_step(
-            run.model, run.optimizer, micro_batches, step=run.step + 1, crossbatch=crossbatch,
-            device=run.runtime.device, precision=run.precision, grad_clip=train_spec.grad_clip,
+            run.model,
+            run.optimizer,
+            micro_batches,
+            step=run.step + 1,
+            crossbatch=crossbatch,
+            device=run.runtime.device,
+            precision=run.precision,
+            grad_clip=train_spec.grad_clip,
         )
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
@@ -207,8 +222,14 @@ def _report_train(run: _Run, lr: float, grad_norm: float, crossbatch_range: int)
     run.window = _Window()
     run.metrics.update(logged)
     logger.info(
-        "step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d", run.step, run.spec.train.steps,
-        logged[M.TRAIN_LOSS], lr, grad_norm, logged[M.TOKENS_PER_S], crossbatch_range,
+        "step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d",
+        run.step,
+        run.spec.train.steps,
+        logged[M.TRAIN_LOSS],
+        lr,
+        grad_norm,
+        logged[M.TOKENS_PER_S],
+        crossbatch_range,
     )
     run.hooks.on_log(run.step, logged)
 
@@ -242,12 +263,21 @@ def _checkpoint(run: _Run) -> Path:
     save = dcp_ckpt.save_dcp_checkpoint if runtime.sharded else save_checkpoint
     started = time.perf_counter()
     path = save(
-        runtime.checkpoint_dir, run.step,
-        model=run.model if runtime.sharded else run.bare_model, optimizer=run.optimizer, scheduler=run.scheduler,
-        trainer_state={"metrics": run.metrics, "tokens_seen": run.tokens_seen, "world_size": runtime.world_size,
-                       "name": run.spec.name},
+        runtime.checkpoint_dir,
+        run.step,
+        model=run.model if runtime.sharded else run.bare_model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        trainer_state={
+            "metrics": run.metrics,
+            "tokens_seen": run.tokens_seen,
+            "world_size": runtime.world_size,
+            "name": run.spec.name,
+        },
         rank_state={"rng": capture_rng_state(), "packer": run.data.train_packer.state_dict()},
-        rank=runtime.rank, keep=run.spec.train.keep_checkpoints, barrier=runtime.barrier,
+        rank=runtime.rank,
+        keep=run.spec.train.keep_checkpoints,
+        barrier=runtime.barrier,
     )
     run.last_checkpoint_step = run.step
     run.hooks.on_checkpoint(run.step, path, {**run.metrics, M.CHECKPOINT_TIME_S: time.perf_counter() - started})

@@ -55,7 +55,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"bf16" when asked for and supported on `device`, else "fp32" (with a warning when downgraded)."""
+    """ "bf16" when asked for and supported on `device`, else "fp32" (with a warning when downgraded)."""
     if precision == "bf16" and not bf16_supported(device):
         logger.warning("train.precision bf16 is not supported on %s; training in fp32", device)
         return "fp32"

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -46,9 +47,7 @@ def build_optimizer(model: torch.nn.Module, opt_spec: Any) -> torch.optim.Optimi
     groups = param_groups(model, float(opt_spec.weight_decay))
     name = opt_spec.name
     if name == "adamw":
-        return torch.optim.AdamW(
-            groups, lr=float(opt_spec.lr), betas=tuple(opt_spec.betas), eps=float(opt_spec.eps)
-        )
+        return torch.optim.AdamW(groups, lr=float(opt_spec.lr), betas=tuple(opt_spec.betas), eps=float(opt_spec.eps))
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=float(opt_spec.lr))
     raise ValueError(f"train.optimizer.name: unknown optimizer {name!r} (expected one of {OPTIMIZERS})")

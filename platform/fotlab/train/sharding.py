@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ class FsdpSettings:
     bf16: bool = False  # bf16 parameters / fp32 reduction; only on CUDA devices
 
     @classmethod
-    def from_spec(cls, spec) -> "FsdpSettings":
+    def from_spec(cls, spec) -> FsdpSettings:
         fsdp = spec.scaling.fsdp
         return cls(
             reshard_after_forward=True if fsdp is None else fsdp.reshard_after_forward,

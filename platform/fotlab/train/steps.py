@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -144,4 +144,3 @@ def evaluate_loss(
     finally:
         model.train(was_training)
     return total / max(n_tokens, 1)
-
