@@ -121,7 +121,7 @@ def test_ray_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_sessio
     assert client.get_run(run_id).info.status == "KILLED"
     stopped_at = max(m.step for m in client.get_metric_history(run_id, tracking.TRAIN_LOSS))
     assert stopped_at < n_steps
-    assert list((tmp_path / "runs").glob("*/step-*"))  # the stop left a Ray checkpoint to resume from
+    assert list((tmp_path / "runs").glob("*/output/checkpoints/step-*"))  # the stop left a checkpoint to resume from
 
     outcome = run_experiment(spec, resume=run_id, progress=False)
     assert outcome.run_id == run_id and outcome.final_step == n_steps

@@ -100,7 +100,8 @@ def test_sweep_with_early_stopping_is_one_parent_with_a_child_per_trial(ray_sess
         lr, layers = child.data.tags["fotlab.train.optimizer.lr"], child.data.tags["fotlab.memory.layers"]
         assert float(lr) == float(child.data.params["sweep/train.optimizer.lr"]) and layers in ("[0]", "[1]", "[0, 1]")
         trial_name, _, varies = child.info.run_name.partition(": ")
-        assert trial_name and set(varies.split(" ")) == {f"optimizer.lr={lr}", f"memory.layers={layers}"}
+        compact = layers.replace(" ", "")
+        assert trial_name and set(varies.split(" ")) == {f"optimizer.lr={lr}", f"memory.layers={compact}"}
         assert tracking.VAL_LOSS in child.data.metrics and tracking.TRAIN_LOSS in child.data.metrics
     stopped = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "true"]
     completed = [c for c in children if c.data.tags[TAG_STOPPED_EARLY] == "false"]

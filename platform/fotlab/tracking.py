@@ -400,9 +400,11 @@ def swept_param_tags(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 def describe_params(params: Mapping[str, Any]) -> str:
-    """`optimizer.lr=0.003 memory.layers=[1]`: swept values for a run name (the last two parts of each field)."""
+    """`optimizer.lr=0.003 memory.layers=[0,1]`: swept values for a run name (the last two parts of each field;
+    values in compact JSON, so the name splits on spaces into one `field=value` per swept field)."""
     return " ".join(
-        f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()
+        f"{'.'.join(k.split('.')[-2:])}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+        for k, v in params.items()
     )
 
 
