@@ -8,7 +8,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from test_orchestrate import client_for, interrupt_after_first_checkpoint
+from test_orchestrate import client_for
+from test_orchestrate_ray import interrupt_once_fitting
 
 from fotlab import tracking
 from fotlab.orchestrate import RunInterruptedError, run_experiment
@@ -49,7 +50,7 @@ def test_3b_recipe_toy_size_interrupted_and_resumed(ray_session, tmp_path, mlflo
     n_steps = 12  # the stop request is polled every 5 steps: it lands at step 5 or 10
     spec = _toy_spec("longllama_3b_finetune.yaml", tmp_path, mlflow_uri, n_steps)
     assert spec.scaling.strategy == "fsdp" and spec.scaling.num_workers == 2
-    interrupt_after_first_checkpoint(tmp_path / "runs")
+    interrupt_once_fitting()  # the workers read the stop at their first poll (step 5), checkpoint and exit
     with pytest.raises(RunInterruptedError) as caught:
         run_experiment(spec, progress=False)
     run_id = caught.value.run_id
