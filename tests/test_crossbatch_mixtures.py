@@ -123,3 +123,42 @@ def test_without_packing_every_extra_context_is_a_negative(docs):
     batch = next(iter(make_packer(docs, 8, packing=1, seed=1)))
     counted = counted_mixture(batch, CrossBatch(3))
     assert counted == [(1, 0, 0), (2, 0, 1), (3, 0, 2)] + [(4, 0, 3)] * 5
+
+
+def test_doc_switch_inside_a_packed_span_is_not_a_positive():
+    """A hand-made batch (one stream, k = 4): document 7 fills rows 0-1, row 2 switches from 7 to 8, row 3 is 8."""
+    doc_ids = torch.tensor([[7] * 4, [7] * 4, [7, 7, 8, 8], [8] * 4])
+    crossbatch = CrossBatch(3, 4, False)
+    assert context_mixture(4, crossbatch) == [(1, 0, 0), (2, 1, 0), (3, 2, 0), (4, 3, 0)]  # formula: no switch
+    assert context_mixture(4, crossbatch, doc_ids) == [(1, 0, 0), (2, 1, 0), (3, 0, 2), (4, 0, 3)]
+
+
+@pytest.mark.parametrize("crossbatch", [CrossBatch(3, PACKING, True), CrossBatch(1, 2, True)])
+def test_counted_mixture_on_real_batches(docs, crossbatch):
+    """context_mixture(doc_ids) on real packed batches: equal to the formula for rows whose span holds one
+    document, fewer positives (and a negative instead) wherever a row or the slot's row holds a switch; every
+    positive it counts is a slot the attention really lets the row see and that holds the same document."""
+    n_switched = 0
+    packer = make_packer(docs, BATCH_SIZE, crossbatch.packing, seed=2)
+    for batch in [packer.next_batch() for _ in range(40)]:
+        formula = context_mixture(BATCH_SIZE, crossbatch)
+        counted = context_mixture(BATCH_SIZE, crossbatch, batch["doc_ids"])
+        seen = counted_mixture(batch, crossbatch)  # slots that share any document with the row
+        for b in range(BATCH_SIZE):
+            assert counted[b][0] == formula[b][0] == seen[b][0]
+            assert counted[b][1] <= min(formula[b][1], seen[b][1])
+            span = batch["doc_ids"][max(b - counted[b][0] + 1, 0) : b + 1]
+            if span.unique().numel() == 1:
+                assert counted[b] == formula[b]
+            elif counted[b] != formula[b]:
+                n_switched += 1
+    assert n_switched > 0  # 40 batches = 5120 tokens per stream: documents of 2000+ tokens do switch
+
+
+def test_paper_d1_baseline_mixture_is_positives_only():
+    """The paper's d = 1 (FOT_SPEC §2): range 1, packing 2, stepping: odd rows see the previous chunk of their own
+    document (1 positive, 0 negatives), even rows nothing extra; no row has a negative unless the span switched."""
+    assert context_mixture(8, CrossBatch(1, 2, True)) == [(1, 0, 0), (2, 1, 0)] * 4
+    assert context_mixture(8, CrossBatch(0, 2, False)) == [(1, 0, 0)] * 8  # the standard transformer: nothing
+    one_doc = torch.zeros(8, 4, dtype=torch.long) + torch.arange(4).repeat_interleave(2)[:, None]  # 4 streams
+    assert context_mixture(8, CrossBatch(1, 2, True), one_doc) == [(1, 0, 0), (2, 1, 0)] * 4

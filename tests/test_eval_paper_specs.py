@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
         "eval.perplexity.1.source.max_docs=2",
         "eval.perplexity.1.source.doc_len=512",
         "eval.perplexity.1.memory_sizes=[0,256]",
+        "eval.perplexity.2.source.max_docs=1",
+        "eval.perplexity.2.memory_sizes=[0,256]",
+        "eval.perplexity.2.max_stream_tokens=1024",
         "eval.distraction.n_contexts=[1,2]",
         "eval.distraction.n_samples=2",
         f"tracking.artifact_root={tmp_path / 'artifacts'}",
@@ -109,6 +113,7 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
         "eval/ppl_repeats_single_doc/mem_256",
         "eval/ppl_repeats_multi_doc/mem_256",
         "eval/distraction_ratio/d_2",
+        "eval/ppl_natural_single_doc/mem_256",
     }
     assert expected <= set(summary["metrics"])
     run = MlflowClient(uri).get_run(summary["run_id"])
@@ -198,3 +203,46 @@ def test_reproduce_with_a_missing_stage1_model_says_so_in_one_line(tmp_path, mon
         .splitlines()[-1]
         .startswith("reproduce: model.init_from: models:/paper_retrieval_fot/latest: cannot download")
     )
+
+
+def test_paper_baselines_stand_side_by_side():
+    """Each FoT retrieval spec has the standard transformer (no crossbatch) and the paper's d = 1 (previous context
+    only, positives only) beside it, identical except for the crossbatch settings (and the stage-1 model)."""
+    from fotlab.model.crossbatch import CrossBatch
+    from fotlab.train.crossbatch_schedule import context_mixture
+
+    for fot, standard, d1 in [
+        ("retrieval_fot", "retrieval_baseline", "retrieval_d1"),
+        ("passkey_finetune", "passkey_finetune_baseline", "passkey_finetune_d1"),
+        ("dictionary_finetune", "dictionary_finetune_baseline", "dictionary_finetune_d1"),
+    ]:
+        specs = {name: load_spec(PAPER / f"{name}.yaml") for name in (fot, standard, d1)}
+        assert specs[standard].train.crossbatch.range == 0
+        cb = specs[d1].train.crossbatch
+        mixture = context_mixture(specs[d1].train.batch_size, CrossBatch(cb.range, cb.packing, cb.stepping))
+        assert set(mixture) == {(1, 0, 0), (2, 1, 0)}  # positives only, never a negative (without doc switches)
+        strip = {"name", "description", "model", "train", "tracking"}
+        dumps = [specs[n].model_dump(exclude=strip) for n in (fot, standard, d1)]
+        assert dumps[0] == dumps[1] == dumps[2]
+        trains = [specs[n].train.model_dump(exclude={"crossbatch"}) for n in (fot, standard, d1)]
+        assert trains[0] == trains[1] == trains[2]
+
+
+def test_few_shot_spec_has_a_shipped_labelled_set_made_by_its_generator():
+    from fotlab.data.word_classes import word_class_examples
+    from fotlab.eval.few_shot import split_examples
+
+    spec = load_spec(PAPER / "few_shot_icl.yaml")
+    (cfg,) = spec.eval.few_shot
+    shipped = [json.loads(line) for line in (PAPER / "data" / "word_classes.jsonl").read_text().splitlines()]
+    assert shipped == word_class_examples() and len(shipped) == 240
+    cfg.source.path = str(PAPER / "data" / "word_classes.jsonl")  # independent of the working directory
+    queries, demos = split_examples(cfg, spec.eval.split)
+    assert len(queries) >= 20 and len({label for _, label in demos}) == 8
+    assert not {t for t, _ in queries} & {t for t, _ in demos}
+
+
+def test_passkey_specs_score_100_prompts_per_length():
+    for name in ("passkey_finetune", "passkey_finetune_baseline", "passkey_finetune_d1", "passkey_zeroshot"):
+        p = load_spec(PAPER / f"{name}.yaml").eval.passkey
+        assert p.n_trials * len(p.depths) >= 100, name

@@ -163,9 +163,10 @@ def test_greedy_answer_decodes_in_the_local_context(model, tok):
 
 
 def test_passkey_retrieval_metrics_and_heatmap(model, tok, tmp_path):
-    cfg = PasskeyEvalSpec(lengths=[256, 512], depths=[0.0, 1.0], n_trials=2)
+    cfg = PasskeyEvalSpec(lengths=[256, 512], depths=[0.0, 1.0], n_trials=2, last_context_length=64)
     r = passkey_retrieval(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert set(r.metrics) == {
+    accuracies = {k: v for k, v in r.metrics.items() if k.startswith("eval/passkey_acc/")}
+    assert set(accuracies) == {
         "eval/passkey_acc/len_256",
         "eval/passkey_acc/len_512",
         "eval/passkey_acc/len_256/depth_0",
@@ -173,8 +174,43 @@ def test_passkey_retrieval_metrics_and_heatmap(model, tok, tmp_path):
         "eval/passkey_acc/len_512/depth_0",
         "eval/passkey_acc/len_512/depth_100",
     }
-    assert all(v in (0.0, 0.5, 1.0) for v in r.metrics.values())
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in accuracies.values())
+    assert r.metrics["eval/passkey_acc_n/len_256"] == 4 and r.metrics["eval/passkey_acc_n/len_512/depth_0"] == 2
+    assert r.metrics["eval/passkey_acc_chance"] == 0.0
+    # W = 64 (debug), 59 prompt tokens local: at depth 1 the key line is in the local part; at depth 0 it is in
+    # memory at 512 tokens, but not at 256 (task sentence + key line reach into the last 59 tokens)
+    assert [row["key_in_memory"] for row in r.rows] == [0, 0, 2, 0]
+    assert r.metrics["eval/passkey_mem_acc_n/len_512"] == 2 and "eval/passkey_mem_acc/len_256" not in r.metrics
+    assert all(row["ci95_low"] <= row["accuracy"] <= row["ci95_high"] for row in r.rows)
     assert _is_png(r.figure_path) and len(r.rows) == 4
+
+
+@pytest.mark.parametrize("last_context_length", [None, 64])
+def test_prompts_counted_as_memory_have_no_key_in_the_local_part(model, tok, last_context_length):
+    """Every prompt key_in_memory counts as retrieved from memory has its whole key line (both copies of K) before
+    the local part: the local tokens, decoded, never contain the key; the others have it in the local part."""
+    from fotlab.eval.passkey import key_in_memory, local_prompt_length, passkey_trials
+
+    cfg = PasskeyEvalSpec(
+        lengths=[256, 320, 1024],
+        depths=[0.0, 0.25, 0.5, 0.75, 0.9, 1.0],
+        n_trials=3,
+        last_context_length=last_context_length,
+    )
+    n_memory = n_local = 0
+    for (L, d), keys in passkey_trials(cfg, seed=0, split="test").items():
+        for key in keys:
+            ids, answer, p = passkey_prompt(tok, L, key, d)
+            local = ids[len(ids) - local_prompt_length(model.config, len(answer), last_context_length) :]
+            local_text = tok.decode(local)
+            if key_in_memory(model.config, tok, ids, len(answer), p, last_context_length):
+                n_memory += 1
+                assert str(key) not in local_text and "pass key is " + str(key) not in local_text
+            else:
+                n_local += 1
+                info = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+                assert any(info[j:] in local_text for j in range(len(info) - 1))  # (the end of) the key line is local
+    assert n_memory > 20 and (n_local > 0) == (last_context_length == 64)  # 32 local tokens never hold the key
 
 
 # ----- distraction ----------------------------------------------------------------------------------------------
@@ -222,14 +258,18 @@ def test_distraction_ratio_sees_the_relevant_context(tok, docs, tmp_path):
 def test_dictionary_lookup_metrics_and_plot(model, tok, tmp_path):
     cfg = DictionaryEvalSpec(memory_sizes=[40, 120], n_samples=2, n_queries=3, chunk_len=32)
     r = dictionary_lookup_accuracy(model, tok, cfg, output_dir=tmp_path, seed=0)
-    assert set(r.metrics) == {
+    accuracies = {k: v for k, v in r.metrics.items() if "_n/" not in k and not k.endswith("_chance")}
+    assert set(accuracies) == {
         "eval/dict_lookup_acc/mem_40",
         "eval/dict_lookup_token_acc/mem_40",
         "eval/dict_lookup_acc/mem_120",
         "eval/dict_lookup_token_acc/mem_120",
     }
-    assert all(0.0 <= v <= 1.0 for v in r.metrics.values())
-    assert [row["values"] for row in r.rows] == [2 * 3, 2 * 3]  # 32-token chunk holds 3 queries of 10 tokens
+    assert all(0.0 <= v <= 1.0 for v in accuracies.values())
+    assert [row["trials"] for row in r.rows] == [2 * 3, 2 * 3]  # 32-token chunk holds 3 queries of 10 tokens
+    assert r.metrics["eval/dict_lookup_acc_n/mem_40"] == 6 and r.metrics["eval/dict_lookup_token_acc_n/mem_40"] == 24
+    assert r.metrics["eval/dict_lookup_token_acc_chance"] == pytest.approx(1 / 61)
+    assert r.metrics["eval/dict_lookup_acc_chance"] == pytest.approx(61.0**-4)
     assert _is_png(r.figure_path)
 
 
@@ -260,7 +300,12 @@ def test_few_shot_accuracy_metrics_and_plot(model, tok, tmp_path):
         "eval/trec_acc_std/ctx_48",
         "eval/trec_acc/ctx_200",
         "eval/trec_acc_std/ctx_200",
+        "eval/trec_acc_n/ctx_48",
+        "eval/trec_acc_n/ctx_200",
+        "eval/trec_acc_chance",
     }
+    assert r.metrics["eval/trec_acc_n/ctx_48"] == 2 * min(4, r.info["n_queries"])
+    assert r.metrics["eval/trec_acc_chance"] == pytest.approx(1 / 3)
     assert all(0.0 <= r.metrics[f"eval/trec_acc/ctx_{n}"] <= 1.0 for n in (48, 200))
     assert _is_png(r.figure_path)
 
@@ -274,8 +319,8 @@ def test_few_shot_reads_hf_dataset_with_class_labels(model, tok, tmp_path):
         {"question": datasets.Value("string"), "coarse": datasets.ClassLabel(names=["ABBR", "DESC", "NUM"])}
     )
     ds = datasets.Dataset.from_dict(
-        {"question": [f"q {i}?" for i in range(12)], "coarse": [i % 3 for i in range(12)]}, features=features
-    )
+        {"question": [f"q {i}?" for i in range(60)], "coarse": [i % 3 for i in range(60)]}, features=features
+    )  # 60: the dev tenth of the pool gives the queries
     ds.save_to_disk(str(tmp_path / "trec"))
     cfg = FewShotEvalSpec(
         name="trec",

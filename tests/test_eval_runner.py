@@ -160,6 +160,10 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     assert not (tmp_path / "none.md").exists()
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
+    # accuracies with their Wilson interval and count, chance stated; count/chance companions are no tables
+    assert "#### passkey_acc" in text and "#### passkey_acc_n" not in text and "#### passkey_acc_chance" not in text
+    passkey_rows = text[text.index("#### passkey_acc\n") :].split("\n\n")[1]
+    assert "] n=" in passkey_rows and "Chance level: 0." in text
     link = [line for line in text.splitlines() if line.startswith("![")][0]
     assert (out.parent / link[link.index("(") + 1 : -1]).is_file()
 
@@ -218,3 +222,20 @@ def test_eval_command_from_dir_and_run(model, tok, corpus, tmp_path):
     args.model = str(tmp_path / "nowhere")
     with pytest.raises(EvalError, match="not a saved model directory"):
         eval_command(args)
+
+
+def test_wilson_interval_known_values_and_report_cells():
+    from fotlab.eval.report import accuracy_cell
+    from fotlab.eval.results import wilson_interval
+
+    low, high = wilson_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)  # the textbook 95% Wilson interval of 5/10
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and round(high, 4) == 0.1611  # zero successes: a non-degenerate upper bound
+    low, high = wilson_interval(19, 20)
+    assert (round(low, 4), round(high, 4)) == (0.7639, 0.9911)
+    assert wilson_interval(242, 256)[0] < 242 / 256 < wilson_interval(242, 256)[1]
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+    assert accuracy_cell(0.5, 10) == "0.5 [0.237, 0.763] n=10"
+    assert accuracy_cell(1.25, None) == "1.25"  # perplexities and other non-accuracies: the value alone

@@ -111,11 +111,28 @@ def ppl_metric(name: str, mode: str, memory_size: int) -> str:
     return metric_name(f"{name}_{mode}", mem=memory_size)
 
 
-def passkey_metric(length: int, depth: float | None = None) -> str:
-    """Passkey accuracy at prompt length (mean over depths when depth is None, else one depth in percent)."""
+def passkey_metric(length: int, depth: float | None = None, memory_only: bool = False) -> str:
+    """Passkey accuracy at prompt length (mean over depths when depth is None, else one depth in percent); memory_only:
+    over the prompts whose key line lies in memory, not in the local part (`passkey_mem_acc`)."""
+    if memory_only:
+        return metric_name("passkey_mem_acc", len=length)
     if depth is None:
         return metric_name("passkey_acc", len=length)
     return metric_name("passkey_acc", len=length, depth=int(round(depth * 100)))
+
+
+COUNT_SUFFIX, CHANCE_SUFFIX = "_n", "_chance"
+
+
+def count_metric(accuracy_metric: str) -> str:
+    """The trial-count companion of an accuracy metric: eval/F/params -> eval/F_n/params."""
+    parts = accuracy_metric.split("/")
+    return "/".join([parts[0], parts[1] + COUNT_SUFFIX, *parts[2:]])
+
+
+def chance_metric(family: str) -> str:
+    """The chance level of an accuracy family F: eval/F_chance."""
+    return metric_name(family + CHANCE_SUFFIX)
 
 
 def distraction_metric(n_contexts: int, layer: int | None = None) -> str:

@@ -12,7 +12,8 @@ Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
   (`path` or `name`, with `config`, `data_dir`, `split`, `streaming`); hub names need network.
 - "repeat": natural text with exact long-range repeats (`fotlab.data.synthetic.repeat_document`): `n_docs`
   documents of `doc_len` characters in spans of `span_len`, cut from the ASCII files of the embedded corpus (the part
-  of it matching `glob` if given; or the files of `path` + `glob`), with `repeat_prob`, `max_gap` and `seed`.
+  of it matching `glob` if given; or the files of `path` + `glob`), with `repeat_prob`, `max_gap` and `seed`; only
+  the base files of the requested split (train for training, dev / test for evaluations; `fotlab.data.splits`).
 Synthetic token-id kinds ("dictionary_lookup", "passkey") are built in `fotlab.data.build` from the run seed.
 """
 
@@ -187,8 +188,9 @@ def load_hf(source, index=None, cache_dir=None):
     return _keep_text(ds, source, index, getattr(source, "text_field", None) or "text")
 
 
-def load_repeat(source, index=None, cache_dir=None):
-    """Repeated-span documents cut from the embedded corpus, or from the files under `path` matching `glob`."""
+def load_repeat(source, index=None, cache_dir=None, split: str = "train"):
+    """Repeated-span documents cut from the embedded corpus, or from the files under `path` matching `glob`
+    (only the files of `split`)."""
     from fotlab.data.synthetic import repeat_dataset
 
     if getattr(source, "path", None):
@@ -216,6 +218,7 @@ def load_repeat(source, index=None, cache_dir=None):
             int(getattr(source, "max_gap", 1)),
             int(getattr(source, "seed", 0)),
             cache_dir,
+            split=split,
         )
     except ValueError as exc:
         raise ValueError(f"{source_label(source, index)}: {exc}") from None
@@ -224,11 +227,16 @@ def load_repeat(source, index=None, cache_dir=None):
 RAW_LOADERS = {"local": load_local, "jsonl": load_jsonl, "parquet": load_parquet, "hf": load_hf, "repeat": load_repeat}
 
 
-def load_raw_source(source, index: int | None = None, cache_dir: str | None = None):
-    """Load one text source as a dataset with a "text" column (and "key" for the embedded corpus)."""
+def load_raw_source(source, index: int | None = None, cache_dir: str | None = None, split: str = "train"):
+    """Load one text source as a dataset with a "text" column (and "key" for the embedded corpus).
+
+    split ("train" | "dev" | "test") selects the partition of a synthetic source (repeat); natural-text sources
+    have no partition of their own (hold documents out with data.validation_docs)."""
     kind = getattr(source, "kind", "embedded")
     if kind == "embedded":
         return load_embedded(cache_dir)
     if kind not in RAW_LOADERS:
         raise ValueError(f"{source_label(source, index)}: unknown text source kind {kind!r}")
+    if kind == "repeat":
+        return load_repeat(source, index, cache_dir, split)
     return RAW_LOADERS[kind](source, index, cache_dir)

@@ -16,6 +16,10 @@ Repeated spans (text; natural text with exact long-range repeats, for learning a
   one is, with probability repeat_prob, a copy of the span `gap` spans back (gap log-uniform in 1..max_gap, so every
   octave of distance is equally common), else a fresh slice. repeat_prob 1, max_gap 1 gives one slice repeated:
   every local context of span_len tokens then has an exact copy in the previous one (cross-context copying).
+Splits (`fotlab.data.splits`): every generator takes `split` ("train" for training sources, "dev" / "test" for
+evaluations) and emits only items of that split, from that split's own random stream: dictionary definitions
+(key, value) pairs, passkeys, and the base files repeated spans are cut from. Evaluation items therefore never
+occur in training data (tests/test_leakage.py checks it over every shipped spec).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
+
+from fotlab.data.splits import DICTIONARY, PASSKEY, REPEAT, check_split, draw_in_split, item_split, split_rng
 
 DICT_VOCAB = 64
 KEY_MARK, VALUE_MARK, QUERY_MARK = 0, 1, 2
@@ -41,9 +47,16 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 # ---- dictionary lookup ----------------------------------------------------------------------------------
 def dictionary_lookup_doc(
-    rng: np.random.Generator, doc_len: int = 512, key_len: int = 4, value_len: int = 4, vocab: int = DICT_VOCAB
+    rng: np.random.Generator,
+    doc_len: int = 512,
+    key_len: int = 4,
+    value_len: int = 4,
+    vocab: int = DICT_VOCAB,
+    split: str = "train",
 ) -> tuple[list[int], list[int]]:
-    """One document: (input_ids, loss_mask), at most doc_len tokens, half definitions then half queries."""
+    """One document: (input_ids, loss_mask), at most doc_len tokens, half definitions then half queries.
+
+    Every definition (key, value) pair is of `split` (`definition_split`): values are redrawn until it is."""
     record_len = 2 + key_len + value_len
     n_records = doc_len // record_len
     if n_records < 2:
@@ -56,7 +69,7 @@ def dictionary_lookup_doc(
     while len(keys) < n_defs:
         key = tuple(int(x) for x in rng.integers(FIRST_SYMBOL, vocab, key_len))
         if key not in keys:
-            keys[key] = tuple(int(x) for x in rng.integers(FIRST_SYMBOL, vocab, value_len))
+            keys[key] = _value_in_split(rng, key, value_len, vocab, split)
     defined = list(keys.items())
     ids: list[int] = []
     mask: list[int] = []
@@ -70,10 +83,35 @@ def dictionary_lookup_doc(
     return ids, mask
 
 
-def _dictionary_rows(seed: int, n_docs: int, doc_len: int, key_len: int, value_len: int):
-    rng = np.random.Generator(np.random.PCG64([seed, 0xD1C7]))
+def definition_split(key: tuple[int, ...], value: tuple[int, ...]) -> str:
+    """The split a dictionary definition (key, value) belongs to."""
+    return item_split("dictionary", (tuple(key), tuple(value)))
+
+
+def _value_in_split(rng, key: tuple[int, ...], value_len: int, vocab: int, split: str) -> tuple[int, ...]:
+    check_split(split)
+    for _ in range(10_000):
+        value = tuple(int(x) for x in rng.integers(FIRST_SYMBOL, vocab, value_len))
+        if definition_split(key, value) == split:
+            return value
+    raise ValueError(f"dictionary_lookup: no value of split {split!r} for key {key}")
+
+
+def dictionary_records(ids: list[int], key_len: int, value_len: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(key, value) of every definition and query record in a dictionary document's ids."""
+    record_len = 2 + key_len + value_len
+    out = []
+    for s in range(0, len(ids) - record_len + 1, record_len):
+        rec = ids[s : s + record_len]
+        if rec[0] in (KEY_MARK, QUERY_MARK) and rec[1 + key_len] == VALUE_MARK:
+            out.append((tuple(rec[1 : 1 + key_len]), tuple(rec[2 + key_len :])))
+    return out
+
+
+def _dictionary_rows(seed: int, n_docs: int, doc_len: int, key_len: int, value_len: int, split: str = "train"):
+    rng = split_rng(seed, DICTIONARY, split)
     for i in range(n_docs):
-        ids, mask = dictionary_lookup_doc(rng, doc_len, key_len, value_len)
+        ids, mask = dictionary_lookup_doc(rng, doc_len, key_len, value_len, split=split)
         yield {"input_ids": ids, "loss_mask": mask, "key": f"dictionary_lookup/{i}"}
 
 
@@ -93,6 +131,13 @@ def dictionary_lookup_dataset(
 
 
 # ---- repeated spans -------------------------------------------------------------------------------------
+def repeat_file_split(path: str) -> str:
+    """The split of a base text file of repeated spans: by its last two path parts (e.g. 'Lib/json.py' ->
+    'Lib/json.py'), so the partition does not depend on where the corpus is installed."""
+    parts = str(path).replace("\\", "/").rstrip("/").split("/")
+    return item_split("repeat_file", "/".join(parts[-2:]))
+
+
 def repeat_document(
     rng: np.random.Generator,
     texts: list[str],
@@ -118,10 +163,18 @@ def repeat_document(
 
 
 def _repeat_rows(
-    paths: str, seed: int, n_docs: int, doc_len: int, span_len: int, repeat_prob: float, max_gap: int, stamp: str = ""
-):  # stamp: the files' sizes and mtimes, only for the cache key
+    paths: str,
+    seed: int,
+    n_docs: int,
+    doc_len: int,
+    span_len: int,
+    repeat_prob: float,
+    max_gap: int,
+    stamp: str = "",
+    split: str = "train",
+):  # stamp: files' sizes and mtimes (cache key)
     texts = [t for t in (_read_text(p) for p in paths.split("\n")) if len(t) >= span_len and t.isascii()]
-    rng = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
+    rng = split_rng(seed, REPEAT, split)
     for i in range(n_docs):
         yield {
             "text": repeat_document(rng, texts, doc_len, span_len, repeat_prob, max_gap),
@@ -134,6 +187,14 @@ def _read_text(path: str) -> str:
         return f.read().decode("utf-8", errors="replace")
 
 
+def repeat_base_files(paths: list[str], span_len: int, split: str = "train") -> list[str]:
+    """The sorted ASCII files of >= span_len characters among `paths` whose repeat_file_split is `split`."""
+    check_split(split)
+    return sorted(
+        p for p in paths if repeat_file_split(p) == split and os.stat(p).st_size >= span_len and _read_text(p).isascii()
+    )
+
+
 def repeat_dataset(
     paths: list[str],
     n_docs: int,
@@ -143,14 +204,20 @@ def repeat_dataset(
     max_gap: int = 1,
     seed: int = 0,
     cache_dir: str | None = None,
+    split: str = "train",
 ) -> datasets.Dataset:
-    """n_docs repeated-span documents (columns text, key) cut from the ASCII files among `paths`; deterministic."""
+    """n_docs repeated-span documents (columns text, key) cut from the ASCII files among `paths` that belong to
+    `split` (repeat_file_split); deterministic in (files, seed, split)."""
     features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
     if span_len <= 0 or doc_len < span_len:
         raise ValueError(f"repeat: doc_len={doc_len} must be >= span_len={span_len} > 0")
-    paths = sorted(paths)
-    if not any(os.stat(p).st_size >= span_len and _read_text(p).isascii() for p in paths):
-        raise ValueError(f"repeat: no ASCII base text of >= {span_len} characters among {len(paths)} files")
+    n_given = len(paths)
+    paths = repeat_base_files(paths, span_len, split)
+    if not paths:
+        raise ValueError(
+            f"repeat: no ASCII base text of >= {span_len} characters in split {split!r} among "
+            f"{n_given} files (each file belongs to one split: fotlab.data.splits)"
+        )
     stamp = hashlib.sha1(repr([(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]).encode()).hexdigest()
     kwargs = {
         "paths": "\n".join(paths),
@@ -161,6 +228,7 @@ def repeat_dataset(
         "span_len": span_len,
         "repeat_prob": repeat_prob,
         "max_gap": max_gap,
+        "split": split,
     }  # paths as one string: lists are sharded
     return datasets.Dataset.from_generator(_repeat_rows, features=features, gen_kwargs=kwargs, cache_dir=cache_dir)
 
@@ -201,13 +269,21 @@ def _n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def passkey_prompt_for_tokens(tokenizer, n_tokens: int, key: int, depth: float = 0.5) -> PasskeyPrompt:
-    """The longest passkey prompt (by filler) whose prompt tokens (no specials) fit in n_tokens."""
+def filler_chars_per_token(tokenizer) -> float:
+    """Characters per token of the filler text (an estimate used to size prompts)."""
+    sample_chars = 4000
+    return sample_chars / max(_n_tokens(tokenizer, _filler(sample_chars)), 1)
+
+
+def passkey_prompt_for_tokens(
+    tokenizer, n_tokens: int, key: int, depth: float = 0.5, chars_per_token: float | None = None
+) -> PasskeyPrompt:
+    """The longest passkey prompt (by filler) whose prompt tokens (no specials) fit in n_tokens
+    (chars_per_token: `filler_chars_per_token(tokenizer)`, computed when not given)."""
     base = _n_tokens(tokenizer, passkey_prompt(key, 0, depth).prompt)
     if base > n_tokens:
         raise ValueError(f"passkey: n_tokens={n_tokens} is below the {base} tokens of a prompt without filler")
-    sample_chars = 4000
-    chars_per_token = sample_chars / max(_n_tokens(tokenizer, _filler(sample_chars)), 1)
+    chars_per_token = chars_per_token or filler_chars_per_token(tokenizer)
     n_chars = int((n_tokens - base) * chars_per_token)
     for _ in range(32):  # shrink until it fits (the estimate is close, so this ends in a few rounds)
         excess = _n_tokens(tokenizer, passkey_prompt(key, n_chars, depth).prompt) - n_tokens
@@ -217,13 +293,19 @@ def passkey_prompt_for_tokens(tokenizer, n_tokens: int, key: int, depth: float =
     return passkey_prompt(key, n_chars, depth)
 
 
+def draw_passkey(rng: np.random.Generator, max_passkey: int, split: str = "train") -> int:
+    """A passkey uniform in [1, max_passkey] among the keys of `split` (item_split("passkey", key))."""
+    return draw_in_split(rng, 1, max_passkey + 1, "passkey", split)
+
+
 def _passkey_rows(tokenizer, seed: int, n_docs: int, doc_len: int, max_passkey: int):
-    rng = np.random.Generator(np.random.PCG64([seed, 0x9A55]))
+    rng = split_rng(seed, PASSKEY, "train")
+    chars_per_token = filler_chars_per_token(tokenizer)
     for i in range(n_docs):
-        key = int(rng.integers(1, max_passkey + 1))
+        key = draw_passkey(rng, max_passkey, "train")
         depth = float(rng.uniform(0.0, 1.0))
         answer_len = _n_tokens(tokenizer, f" {key}")
-        p = passkey_prompt_for_tokens(tokenizer, max(doc_len - answer_len, 1), key, depth)
+        p = passkey_prompt_for_tokens(tokenizer, max(doc_len - answer_len, 1), key, depth, chars_per_token)
         yield {"text": p.prompt, "answer": p.answer, "key": f"passkey/{i}"}
 
 

@@ -10,7 +10,11 @@ Protocol (per memory size m and sample, seeded):
   the cut could not be found by key whatever the memory does; aligned windows measure retrieval alone.
 - The first `n_queries` queries (at most T // record_len) then run as the local context, attending to memory.
 - Scored on value tokens with greedy argmax: `dict_lookup_acc` = whole values right (exact match of all V tokens),
-  `dict_lookup_token_acc` = value tokens right.
+  `dict_lookup_token_acc` = value tokens right; with their counts (Wilson intervals in the report) and chance
+  levels: a value token is one of the 61 symbols (chance 1/61), a whole value (1/61)^V.
+- Items come from the evaluation split (`split`: "dev" or "test", `fotlab.data.splits`): every definition is a
+  (key, value) pair of that split, drawn from that split's own stream, so no evaluated definition occurs in any
+  training dictionary (training draws "train" pairs only). `dictionary_samples` yields exactly the items scored.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult
+from fotlab.eval.results import EvalResult, accuracy_metrics, accuracy_row
 from fotlab.eval.streaming import empty_memory, model_device, progress, resolve_chunk_len, stream_to_memory
-from fotlab.names import dictionary_metric
+from fotlab.names import chance_metric, dictionary_metric
 from fotlab.spec.eval import DictionaryEvalSpec
 
 
-def dictionary_sample(rng: np.random.Generator, memory_size: int, n_queries: int, key_len: int, value_len: int):
+def dictionary_sample(
+    rng: np.random.Generator, memory_size: int, n_queries: int, key_len: int, value_len: int, split: str = "dev"
+):
     """(definition ids, query ids, value mask over query ids) for about memory_size definition tokens."""
     from fotlab.data.synthetic import dictionary_lookup_doc
 
@@ -35,7 +41,9 @@ def dictionary_sample(rng: np.random.Generator, memory_size: int, n_queries: int
     n_defs = memory_size // record_len
     if n_defs < 1:
         raise ValueError(f"dictionary lookup: memory size {memory_size} holds no {record_len}-token record")
-    ids, mask = dictionary_lookup_doc(rng, doc_len=2 * n_defs * record_len, key_len=key_len, value_len=value_len)
+    ids, mask = dictionary_lookup_doc(
+        rng, doc_len=2 * n_defs * record_len, key_len=key_len, value_len=value_len, split=split
+    )
     n_def_tokens = n_defs * record_len
     n_query_tokens = min(n_queries, n_defs) * record_len
     queries = ids[n_def_tokens : n_def_tokens + n_query_tokens]
@@ -78,6 +86,19 @@ def score_queries(model, memory, queries: list[int], value_mask: list[int], valu
     return int(hits.all(-1).sum()), int(hits.sum()), hits.shape[0]
 
 
+def dictionary_samples(cfg: DictionaryEvalSpec, chunk_len: int, seed: int = 0, split: str = "dev"):
+    """Yield (memory size, definition ids, query ids, value mask) of every sample the evaluation scores, in order:
+    cfg.n_samples dictionaries per memory size from the split's own stream (`fotlab.data.splits`)."""
+    from fotlab.data.splits import DICTIONARY, split_rng
+
+    record_len = 2 + cfg.key_len + cfg.value_len
+    n_queries = max(1, min(cfg.n_queries, chunk_len // record_len))
+    rng = split_rng(seed, DICTIONARY, split)
+    for m in cfg.memory_sizes:
+        for _ in range(cfg.n_samples):
+            yield (m, *dictionary_sample(rng, m, n_queries, cfg.key_len, cfg.value_len, split))
+
+
 def dictionary_lookup_accuracy(
     model,
     tokenizer,
@@ -87,31 +108,33 @@ def dictionary_lookup_accuracy(
     seed: int = 0,
     context_length: int | None = None,
     show_progress: bool = False,
+    split: str = "dev",
 ) -> EvalResult:
-    """Accuracy per memory size. Metrics `eval/dict_lookup_acc/mem_M` and `eval/dict_lookup_token_acc/mem_M`."""
+    """Accuracy per memory size. Metrics `eval/dict_lookup_acc/mem_M` and `eval/dict_lookup_token_acc/mem_M`
+    (+ their counts and chance levels, `fotlab.eval.results`)."""
+    from fotlab.data.synthetic import DICT_VOCAB, FIRST_SYMBOL
+
     model.eval()
     T = resolve_chunk_len(model, cfg.chunk_len, context_length)
     record_len = 2 + cfg.key_len + cfg.value_len
-    n_queries = max(1, min(cfg.n_queries, T // record_len))
     bos = [tokenizer.bos_token_id] if tokenizer is not None and tokenizer.bos_token_id is not None else []
-    rng = np.random.Generator(np.random.PCG64([seed, 0xD1C7]))
-    metrics, rows = {}, []
-    for m in progress(cfg.memory_sizes, enabled=show_progress, description="dictionary lookup"):
-        n_exact = n_tok = n_values = 0
-        for _ in range(cfg.n_samples):
-            defs, queries, value_mask = dictionary_sample(rng, m, n_queries, cfg.key_len, cfg.value_len)
-            memory = stream_records(model, record_windows(defs, record_len, T, bos), empty_memory(model))
-            exact, tok, n = score_queries(model, memory, queries, value_mask, cfg.value_len)
-            n_exact, n_tok, n_values = n_exact + exact, n_tok + tok, n_values + n
-        metrics[dictionary_metric(m)] = n_exact / n_values
-        metrics[dictionary_metric(m, per_token=True)] = n_tok / (n_values * cfg.value_len)
+    counts = {m: [0, 0, 0] for m in cfg.memory_sizes}  # exact, tokens right, values
+    samples = dictionary_samples(cfg, T, seed, split)
+    for m, defs, queries, value_mask in progress(list(samples), enabled=show_progress, description="dictionary lookup"):
+        memory = stream_records(model, record_windows(defs, record_len, T, bos), empty_memory(model))
+        for i, x in enumerate(score_queries(model, memory, queries, value_mask, cfg.value_len)):
+            counts[m][i] += x
+    token_chance = 1.0 / (DICT_VOCAB - FIRST_SYMBOL)
+    metrics = {
+        chance_metric("dict_lookup_acc"): token_chance**cfg.value_len,
+        chance_metric("dict_lookup_token_acc"): token_chance,
+    }
+    rows = []
+    for m, (n_exact, n_tok, n_values) in counts.items():
+        metrics.update(accuracy_metrics(dictionary_metric(m), n_exact, n_values))
+        metrics.update(accuracy_metrics(dictionary_metric(m, per_token=True), n_tok, n_values * cfg.value_len))
         rows.append(
-            {
-                "memory": m,
-                "accuracy": n_exact / n_values,
-                "token_accuracy": n_tok / (n_values * cfg.value_len),
-                "values": n_values,
-            }
+            {"memory": m, **accuracy_row(n_exact, n_values), "token_accuracy": n_tok / (n_values * cfg.value_len)}
         )
     series = {"value exact match": [r["accuracy"] for r in rows], "value tokens": [r["token_accuracy"] for r in rows]}
     figure = line_plot(
@@ -128,5 +151,11 @@ def dictionary_lookup_accuracy(
         metrics=metrics,
         rows=rows,
         figure_path=figure,
-        info={"chunk_len": T, "n_queries": n_queries, "seed": seed},
+        info={
+            "chunk_len": T,
+            "seed": seed,
+            "split": split,
+            "chance_exact": token_chance**cfg.value_len,
+            "chance_token": token_chance,
+        },
     )

@@ -2,8 +2,10 @@
 
 Protocol (seeded):
 - Examples (text, label) come from a jsonl / parquet file or an HF dataset (`save_to_disk` dir or hub name).
-  Integer labels are named by `label_names` or the dataset's ClassLabel names. Queries are drawn first
-  (from `query_split` when given, else held out of the same pool); demonstrations come from the rest.
+  Integer labels are named by `label_names` or the dataset's ClassLabel names. Queries come from `query_split`
+  when given; else the pool is partitioned by text (`fotlab.data.splits.item_split("few_shot", text)`): queries
+  are the examples of the evaluation split (dev / test), demonstrations the "train" examples, so a dev query is
+  never a test query, and no query is ever a demonstration. Chance = 1 / number of labels (logged).
 - Per context length N and sampling: demonstrations (`template` with text and label) are drawn at random and
   appended after `<bos>` while the block stays within N - (longest query + label) tokens; the same block serves
   every query of that sampling.
@@ -22,9 +24,9 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult
+from fotlab.eval.results import EvalResult, accuracy_metrics, accuracy_row
 from fotlab.eval.streaming import model_device, progress, stream_to_memory, window_len
-from fotlab.names import few_shot_metric
+from fotlab.names import chance_metric, few_shot_metric
 from fotlab.spec.eval import FewShotEvalSpec
 
 
@@ -116,19 +118,40 @@ def score_options(model, memory, local_ids: list[int], options: list[list[int]])
     return int(np.argmax(scores))
 
 
-def few_shot_accuracy(
-    model, tokenizer, cfg: FewShotEvalSpec, *, output_dir: str | Path, seed: int = 0, show_progress: bool = False
-) -> EvalResult:
-    """Accuracy per context length (mean and std over samplings). Metrics `eval/{name}_acc/ctx_N`, `..._acc_std`."""
-    model.eval()
-    rng = np.random.Generator(np.random.PCG64([seed, 0x1C1]))
+def split_examples(cfg: FewShotEvalSpec, split: str = "dev") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(queries, demonstrations) of the configured source for an evaluation split (module docstring)."""
+    from fotlab.data.splits import item_split
+
     pool = load_examples(cfg)
     if cfg.query_split is not None:
-        queries_all, demos = load_examples(cfg, cfg.query_split), pool
-    else:
-        order = rng.permutation(len(pool))
-        n_q = min(cfg.n_queries, len(pool) // 2)
-        queries_all, demos = [pool[int(j)] for j in order[:n_q]], [pool[int(j)] for j in order[n_q:]]
+        return load_examples(cfg, cfg.query_split), pool
+    queries = [ex for ex in pool if item_split("few_shot", ex[0]) == split]
+    demos = [ex for ex in pool if item_split("few_shot", ex[0]) == "train"]
+    if not queries or not demos:
+        raise ValueError(
+            f"few_shot {cfg.name!r}: {len(pool)} examples give {len(queries)} {split} queries and "
+            f"{len(demos)} demonstrations; both must be non-empty"
+        )
+    return queries, demos
+
+
+def few_shot_accuracy(
+    model,
+    tokenizer,
+    cfg: FewShotEvalSpec,
+    *,
+    output_dir: str | Path,
+    seed: int = 0,
+    show_progress: bool = False,
+    split: str = "dev",
+) -> EvalResult:
+    """Accuracy per context length (mean and std over samplings). Metrics `eval/{name}_acc/ctx_N`, `..._acc_std`."""
+    from fotlab.data.splits import FEW_SHOT, split_rng
+
+    model.eval()
+    rng = split_rng(seed, FEW_SHOT, split)
+    queries_all, demos = split_examples(cfg, split)
+    pool = queries_all + demos
     labels = sorted({lab for _, lab in pool + queries_all})
     demo_ids = [_ids(tokenizer, cfg.template.format(text=t, label=lab)) for t, lab in demos]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -157,16 +180,22 @@ def few_shot_accuracy(
         for (_, label), q, (_, ws) in zip(queries, q_ids, parts):
             n_right += int(labels[score_options(model, memory, tail + q, opt_ids[ws])] == label)
         acc[N].append(n_right / len(queries))
-    return _few_shot_result(cfg, acc, len(labels), output_dir)
+    return _few_shot_result(cfg, acc, len(labels), output_dir, len(queries))
 
 
-def _few_shot_result(cfg, acc, n_labels, output_dir) -> EvalResult:
-    metrics, rows = {}, []
+def _few_shot_result(cfg, acc, n_labels, output_dir, n_queries: int) -> EvalResult:
+    metrics, rows = {chance_metric(f"{cfg.name}_acc"): 1.0 / n_labels}, []
     for N, values in acc.items():
-        metrics[few_shot_metric(cfg.name, N)] = float(np.mean(values))
+        n_right = int(round(sum(values) * n_queries))
+        metrics.update(accuracy_metrics(few_shot_metric(cfg.name, N), n_right, len(values) * n_queries))
         metrics[few_shot_metric(cfg.name, N, "acc_std")] = float(np.std(values))
         rows.append(
-            {"context": N, "accuracy": float(np.mean(values)), "std": float(np.std(values)), "samplings": len(values)}
+            {
+                "context": N,
+                **accuracy_row(n_right, len(values) * n_queries),
+                "std": float(np.std(values)),
+                "samplings": len(values),
+            }
         )
     figure = line_plot(
         Path(output_dir) / f"{cfg.name}_few_shot.png",
@@ -178,5 +207,9 @@ def _few_shot_result(cfg, acc, n_labels, output_dir) -> EvalResult:
         logx=True,
     )
     return EvalResult(
-        name=f"few_shot:{cfg.name}", metrics=metrics, rows=rows, figure_path=figure, info={"n_labels": n_labels}
+        name=f"few_shot:{cfg.name}",
+        metrics=metrics,
+        rows=rows,
+        figure_path=figure,
+        info={"n_labels": n_labels, "chance": 1.0 / n_labels, "n_queries": n_queries},
     )

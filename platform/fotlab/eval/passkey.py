@@ -11,6 +11,13 @@
 - The prompt's local part is capped at W - (answer tokens - 1), so the whole answer decodes in the local context:
   the cache flushes a full local context into memory, and with last_context_length = W it would do so after
   the first answer token, leaving the layers without memory only that token to read (`local_prompt_length`).
+- Keys come from the evaluation split (`split`: "dev" / "test", `fotlab.data.splits`): passkeys of that split
+  only, from its own stream; training passkey documents use "train" keys only, so no evaluated prompt (its key)
+  occurs in training. `passkey_trials` gives exactly the (length, depth, key) triples scored.
+- Memory or local: a prompt counts as "retrieved from memory" only if the whole key line lies before the prompt's
+  local part (`key_in_memory`), i.e. it reached the model through memory alone. `eval/passkey_mem_acc/len_L`
+  is the accuracy over those prompts only (with its count); at depth 1.0 the key line sits in the local part and
+  such prompts measure local copying, not memory. Chance: one key of ~max_passkey / 10 test keys (~0).
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import heatmap
-from fotlab.eval.results import EvalResult
+from fotlab.eval.results import EvalResult, accuracy_metrics, accuracy_row
 from fotlab.eval.streaming import model_device, progress
-from fotlab.names import passkey_metric
+from fotlab.names import chance_metric, passkey_metric
 from fotlab.spec.eval import PasskeyEvalSpec
 
 
@@ -66,30 +73,71 @@ def greedy_answer(model, prompt_ids: list[int], n_new: int, last_context_length:
     return generated
 
 
-def passkey_retrieval(
-    model, tokenizer, cfg: PasskeyEvalSpec, *, output_dir: str | Path, seed: int = 0, show_progress: bool = False
-) -> EvalResult:
-    """Accuracy per (length, depth) over cfg.n_trials seeded passkeys. Metrics `eval/passkey_acc/len_L` (mean over
-    depths) and `eval/passkey_acc/len_L/depth_P` (P = depth in percent); a length x depth heatmap."""
-    model.eval()
-    rng = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
+def passkey_trials(cfg: PasskeyEvalSpec, seed: int = 0, split: str = "dev") -> dict[tuple[int, float], list[int]]:
+    """{(length, depth): the cfg.n_trials passkeys scored there}, drawn from the split's own stream."""
+    from fotlab.data.splits import PASSKEY, split_rng
+    from fotlab.data.synthetic import draw_passkey
+
+    rng = split_rng(seed, PASSKEY, split)
     cells = [(L, d) for L in cfg.lengths for d in cfg.depths]
-    keys = {cell: [int(k) for k in rng.integers(1, cfg.max_passkey + 1, cfg.n_trials)] for cell in cells}
-    acc: dict[tuple[int, float], float] = {}
-    rows = []
-    for L, d in progress(cells, enabled=show_progress, description="passkey"):
-        n_correct = 0
+    return {cell: [draw_passkey(rng, cfg.max_passkey, split) for _ in range(cfg.n_trials)] for cell in cells}
+
+
+def key_line_end(tokenizer, prompt_ids: list[int], p) -> int:
+    """Token index just after the key line ("The pass key is K. ... is the pass key.") in prompt_ids."""
+    info = f"The pass key is {p.key}. Remember it. {p.key} is the pass key."
+    end_char = p.prompt.index(info) + len(info)
+    n_bos = len(prompt_ids) - len(tokenizer(p.prompt, add_special_tokens=False)["input_ids"])
+    return n_bos + len(tokenizer(p.prompt[:end_char], add_special_tokens=False)["input_ids"])
+
+
+def key_in_memory(
+    model_config, tokenizer, prompt_ids: list[int], answer_len: int, p, last_context_length: int | None = None
+) -> bool:
+    """True if the whole key line lies before the prompt's local part, i.e. it is read from memory only."""
+    local = local_prompt_length(model_config, answer_len, last_context_length)
+    return key_line_end(tokenizer, prompt_ids, p) <= len(prompt_ids) - local
+
+
+def passkey_retrieval(
+    model,
+    tokenizer,
+    cfg: PasskeyEvalSpec,
+    *,
+    output_dir: str | Path,
+    seed: int = 0,
+    show_progress: bool = False,
+    split: str = "dev",
+) -> EvalResult:
+    """Accuracy per (length, depth) over cfg.n_trials passkeys of the split. Metrics `eval/passkey_acc/len_L`
+    (all prompts of the length), `eval/passkey_acc/len_L/depth_P` (P = depth in percent), `eval/passkey_mem_acc/
+    len_L` (prompts whose key line is in memory only), each with its count; a length x depth heatmap."""
+    model.eval()
+    keys = passkey_trials(cfg, seed, split)
+    hits: dict[tuple[int, float], list[tuple[bool, bool]]] = {}  # cell -> [(correct, key in memory)]
+    for L, d in progress(list(keys), enabled=show_progress, description="passkey"):
+        hits[(L, d)] = []
         for key in keys[(L, d)]:
-            prompt_ids, answer_ids, _ = passkey_prompt(tokenizer, L, key, d)
+            prompt_ids, answer_ids, p = passkey_prompt(tokenizer, L, key, d)
             got = greedy_answer(model, prompt_ids, len(answer_ids), cfg.last_context_length)
-            n_correct += int(got == answer_ids)
-        acc[(L, d)] = n_correct / cfg.n_trials
-        rows.append({"length": L, "depth": d, "accuracy": acc[(L, d)], "trials": cfg.n_trials})
-    metrics = {}
+            in_memory = key_in_memory(model.config, tokenizer, prompt_ids, len(answer_ids), p, cfg.last_context_length)
+            hits[(L, d)].append((got == answer_ids, in_memory))
+    acc = {cell: float(np.mean([c for c, _ in h])) for cell, h in hits.items()}
+    rows = [
+        {"length": L, "depth": d, **accuracy_row(sum(c for c, _ in h), len(h)), "key_in_memory": sum(m for _, m in h)}
+        for (L, d), h in hits.items()
+    ]
+    metrics = {chance_metric("passkey_acc"): 0.0, chance_metric("passkey_mem_acc"): 0.0}
     for L in cfg.lengths:
-        metrics[passkey_metric(L)] = float(np.mean([acc[(L, d)] for d in cfg.depths]))
+        cells = [hits[(L, d)] for d in cfg.depths]
+        metrics.update(
+            accuracy_metrics(passkey_metric(L), sum(c for h in cells for c, _ in h), sum(len(h) for h in cells))
+        )
+        from_memory = [c for h in cells for c, m in h if m]
+        if from_memory:
+            metrics.update(accuracy_metrics(passkey_metric(L, memory_only=True), sum(from_memory), len(from_memory)))
         for d in cfg.depths:
-            metrics[passkey_metric(L, d)] = acc[(L, d)]
+            metrics.update(accuracy_metrics(passkey_metric(L, d), sum(c for c, _ in hits[(L, d)]), len(hits[(L, d)])))
     grid = [[acc[(L, d)] for L in cfg.lengths] for d in cfg.depths]  # rows = depths, columns = lengths
     figure = heatmap(
         Path(output_dir) / "passkey_heatmap.png",
@@ -105,7 +153,12 @@ def passkey_retrieval(
         metrics=metrics,
         rows=rows,
         figure_path=figure,
-        info={"seed": seed, "last_context_length": cfg.last_context_length},
+        info={
+            "seed": seed,
+            "split": split,
+            "last_context_length": cfg.last_context_length,
+            "chance": f"1 in ~{cfg.max_passkey // 10} {split} keys (exact match of the key)",
+        },
     )
 
 

@@ -6,6 +6,8 @@
 A table per metric family (e.g. `ppl_multi_doc`: one row per memory size, one column per run, so FoT and its
 baseline sit side by side), then per run its training summary and eval plots (downloaded next to the markdown
 file, under `<out stem>/<run id>/`), then the paper's reference numbers (FOT_SPEC §3) for comparison.
+Accuracies whose trial counts were logged (`F_n`, `fotlab.eval.results`) are shown with their Wilson 95%
+interval, `0.945 [0.912, 0.966] n=256`, and a family's chance level (`F_chance`) is stated under its table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ PAPER_REFERENCE = """## The paper's numbers (FOT_SPEC §3)
 | dictionary lookup (37M, vocab 64, local 256, k = 32) | FoT > 92% at a 16M-token memory; baseline fails at 16K |
 | few-shot TREC (LongLLaMA-3B) | 67.0 → 73.3 from 2K to 8K context |
 """
+
+
+def _is_companion(family: str) -> bool:
+    from fotlab.names import CHANCE_SUFFIX, COUNT_SUFFIX
+
+    return family.endswith((COUNT_SUFFIX, CHANCE_SUFFIX))
+
+
+def accuracy_cell(value: float, trials: float | None) -> str:
+    """`0.945 [0.912, 0.966] n=256` (Wilson 95%) when the trial count is known, else the value alone."""
+    from fotlab.eval.results import wilson_interval
+
+    if not trials:
+        return f"{value:.4g}"
+    low, high = wilson_interval(int(round(value * trials)), int(trials))
+    return f"{value:.3g} [{low:.3g}, {high:.3g}] n={int(trials)}"
 
 
 def group_metrics(metrics: dict[str, float]) -> dict[str, list[tuple[str, float]]]:
@@ -60,21 +78,32 @@ def _run_label(run) -> str:
 def family_tables(runs) -> str:
     """One table per metric family: a row per parameter (e.g. mem_256), a column per run that has it, so a
     FoT run and its baseline sit side by side."""
+    from fotlab.names import CHANCE_SUFFIX, COUNT_SUFFIX
+
     per_run = [(run, group_metrics(run.data.metrics)) for run in runs]
-    families = sorted({fam for _, groups in per_run for fam in groups})
+    families = sorted({fam for _, groups in per_run for fam in groups if not _is_companion(fam)})
     lines = []
     for fam in families:
-        cols = [(run, dict(groups[fam])) for run, groups in per_run if fam in groups]
-        params = sorted({p for _, values in cols for p in values}, key=_sort_key)
+        cols = [
+            (run, dict(groups[fam]), dict(groups.get(fam + COUNT_SUFFIX, [])))
+            for run, groups in per_run
+            if fam in groups
+        ]
+        params = sorted({p for _, values, _ in cols for p in values}, key=_sort_key)
         lines += [
             f"#### {fam}",
             "",
-            "| " + " | ".join([fam, *[_run_label(r) for r, _ in cols]]) + " |",
+            "| " + " | ".join([fam, *[_run_label(r) for r, _, _ in cols]]) + " |",
             "|" + "---|" * (len(cols) + 1),
         ]
         for param in params:
-            cells = [f"{values[param]:.4g}" if param in values else "" for _, values in cols]
+            cells = [
+                accuracy_cell(values[param], counts.get(param)) if param in values else "" for _, values, counts in cols
+            ]
             lines.append("| " + " | ".join([param, *cells]) + " |")
+        chance = {v for _, groups in per_run for _, v in groups.get(fam + CHANCE_SUFFIX, [])}
+        if chance:
+            lines += ["", f"Chance level: {', '.join(f'{c:.3g}' for c in sorted(chance))}."]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -85,6 +114,8 @@ def summary_table(runs) -> str:
     lines = ["| run | family | first | last | change |", "|---|---|---|---|---|"]
     for run in runs:
         for fam, items in group_metrics(run.data.metrics).items():
+            if _is_companion(fam):
+                continue
             items = [(p, v) for p, v in items if "/" not in p and "layer_" not in p]  # curves, not sub-cells
             if len(items) < 2:
                 continue

@@ -54,6 +54,7 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
 
     show = eval_spec.progress
     common = dict(output_dir=out, show_progress=show)
+    split = eval_spec.split
     jobs: list[tuple[str, Callable[[], EvalResult]]] = []
     for p in eval_spec.perplexity:
         jobs.append(
@@ -65,7 +66,12 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
             )
         )
     if eval_spec.passkey is not None:
-        jobs.append(("passkey", lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, seed=seed, **common)))
+        jobs.append(
+            (
+                "passkey",
+                lambda: passkey_retrieval(model, tokenizer, eval_spec.passkey, seed=seed, split=split, **common),
+            )
+        )
     if eval_spec.distraction is not None:
         d = eval_spec.distraction
         jobs.append(
@@ -81,12 +87,20 @@ def _jobs(eval_spec: EvalSpec, model, tokenizer, out: Path, seed: int, context_l
             (
                 "dictionary_lookup",
                 lambda: dictionary_lookup_accuracy(
-                    model, tokenizer, eval_spec.dictionary_lookup, seed=seed, context_length=context_length, **common
+                    model,
+                    tokenizer,
+                    eval_spec.dictionary_lookup,
+                    seed=seed,
+                    context_length=context_length,
+                    split=split,
+                    **common,
                 ),
             )
         )
     for f in eval_spec.few_shot:
-        jobs.append((f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, seed=seed, **common)))
+        jobs.append(
+            (f"few_shot:{f.name}", lambda f=f: few_shot_accuracy(model, tokenizer, f, seed=seed, split=split, **common))
+        )
     return jobs
 
 
@@ -126,7 +140,9 @@ def run_evaluations(
     described: set[str] = set()
 
     def docs_of(source):
-        docs = load_documents(source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir)
+        docs = load_documents(
+            source, tokenizer, validation_docs=validation_docs, cache_dir=cache_dir, split=eval_spec.split
+        )
         record = describe_documents(
             docs,
             name=f"eval-{source.kind}",

@@ -64,7 +64,9 @@ class EvalSourceSpec(RepeatSourceFields):
         "validation",
         description=(
             "'validation': the experiment's held-out validation documents (data.validation_docs); 'embedded': the "
-            "built-in offline corpus; 'local': a directory of text files (path + glob); 'jsonl' / 'parquet': a file "
+            "files of the built-in offline corpus in eval.split's file partition (never those 'repeat' training "
+            "sources cut from; a model trained on the embedded corpus itself saw them: use 'validation'); "
+            "'local': a directory of text files (path + glob); 'jsonl' / 'parquet': a file "
             "with a text field; 'hf': a Hugging Face dataset (name, config, split); 'repeat': max_docs synthetic "
             "documents with exact long-range repeats (doc_len, span_len, repeat_prob, max_gap, seed)."
         ),
@@ -142,7 +144,12 @@ class PasskeyEvalSpec(_Strict):
         min_length=1,
         description="Passkey depth as a fraction of the filler placed before it (0..1).",
     )
-    n_trials: int = Field(2, ge=1, description="Prompts (distinct random passkeys) per (length, depth) cell.")
+    n_trials: int = Field(
+        2,
+        ge=1,
+        description="Prompts (random passkeys of the eval split) per (length, depth) "
+        "cell; prompts per length = n_trials x len(depths) (100+ for reported numbers).",
+    )
     last_context_length: int | None = Field(
         None,
         ge=1,
@@ -221,6 +228,16 @@ class EvalSpec(_Strict):
     """Evaluations run after training and by `fotlab eval` (each section optional)."""
 
     enabled: bool = Field(True, description="Run the evaluations below (False skips them all).")
+    split: Literal["dev", "test"] = Field(
+        "dev",
+        description=(
+            "Which held-out partition the synthetic evaluation items come from (fotlab.data.splits): dictionary "
+            "definitions, passkeys, the base files of 'repeat' sources, few-shot queries. Both are disjoint from "
+            "training data (training only draws 'train' items). 'dev': for choosing variants (learning rate, data, "
+            "steps, d) -- every exploratory run; 'test': only for the numbers you report, never for choosing. "
+            "Sources of kind 'validation' are the held-out documents of data.validation_docs in either case."
+        ),
+    )
     perplexity: list[PerplexityEvalSpec] = Field(
         default_factory=list, description="Perplexity-vs-memory evaluations (one per source)."
     )

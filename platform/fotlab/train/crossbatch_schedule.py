@@ -60,15 +60,21 @@ def crossbatch_for_step(step: int, cb: CrossBatchSpec, *, seed: int = 0, batch_s
     return CrossBatch(range=int(new_range), packing=cb.packing, stepping=cb.stepping, backend=cb.backend)
 
 
-def context_mixture(batch_size: int, crossbatch: CrossBatch) -> list[tuple[int, int, int]]:
+def context_mixture(batch_size: int, crossbatch: CrossBatch, doc_ids=None) -> list[tuple[int, int, int]]:
     """Per entry b: (contexts seen, positives, negatives) under doc-aware packing.
 
-    contexts = allowed[b] (own context included); among the extra slots c = 1 .. allowed[b]-1, slot c holds the
-    same document when c <= b mod k (an earlier chunk of the same stream) and another document otherwise.
+    contexts = allowed[b] (own context included). Without doc_ids, the formula for packed spans that never switch
+    document: among the extra slots c = 1 .. allowed[b]-1, slot c holds the same document when c <= b mod k (an
+    earlier chunk of the same stream) and another document otherwise.
     Example (packing 4, range 3, stepping), b mod 4 = 0..3 far from the batch start: (1,0,0) (3,1,1) (4,2,1) (4,3,0).
+    With doc_ids ((B, T) document id per token, `DocPacker(with_doc_ids=True)`), counted on that batch: slot c is
+    a positive only if rows b - c and b each hold one single document and it is the same one; a slot whose span
+    switched document (either row holds a document boundary) is not a positive, so it counts as a negative.
     """
     k = crossbatch.packing
     allowed = allowed_contexts(batch_size, crossbatch.n_contexts, k, crossbatch.stepping).tolist()
+    if doc_ids is not None:
+        return _counted_mixture(allowed, doc_ids)
     mixture = []
     for b, n_seen in enumerate(allowed):
         n_positives = min(n_seen - 1, b % k)
@@ -76,7 +82,19 @@ def context_mixture(batch_size: int, crossbatch: CrossBatch) -> list[tuple[int, 
     return mixture
 
 
-def mixture_fractions(batch_size: int, crossbatch: CrossBatch) -> dict[tuple[int, int, int], float]:
+def _counted_mixture(allowed: list[int], doc_ids) -> list[tuple[int, int, int]]:
+    rows = [sorted({int(x) for x in row}) for row in doc_ids.tolist()]
+    if len(rows) != len(allowed):
+        raise ValueError(f"doc_ids has {len(rows)} rows for a batch of {len(allowed)}")
+    single = [row[0] if len(row) == 1 else None for row in rows]  # the row's document, None at a switch
+    mixture = []
+    for b, n_seen in enumerate(allowed):
+        n_positives = sum(1 for c in range(1, n_seen) if single[b] is not None and single[b - c] == single[b])
+        mixture.append((n_seen, n_positives, n_seen - 1 - n_positives))
+    return mixture
+
+
+def mixture_fractions(batch_size: int, crossbatch: CrossBatch, doc_ids=None) -> dict[tuple[int, int, int], float]:
     """Fraction of entries per (contexts, positives, negatives) triple, e.g. for logging a run's mixture."""
-    counts = Counter(context_mixture(batch_size, crossbatch))
+    counts = Counter(context_mixture(batch_size, crossbatch, doc_ids))
     return {triple: count / batch_size for triple, count in sorted(counts.items())}
