@@ -210,14 +210,15 @@ class FoTMemoryAttention(FoTAttention):
             scale=None,
         )  # (B, H, T, Dh)
         if ctx.memory_mass is not None and memory is not None:
-            self._record_mass(ctx, q, k_all, mem_k, mem_valid)
+            self._record_mass(ctx.memory_mass, ctx, q, k_all, mem_k, mem_valid)
         return self.merge(out), k, v
 
-    def _record_mass(self, ctx: SegmentContext, q, k_all, mem_k, mem_valid) -> None:
-        """Attention mass per memory source of these (already rotated) queries and keys, into ctx.memory_mass."""
+    def _record_mass(self, probe: MemoryMassProbe, ctx: SegmentContext, q, k_all, mem_k, mem_valid) -> None:
+        """Attention mass per memory source of these (already rotated) queries and keys, into `probe`
+        (ctx.memory_mass)."""
         from fotlab.model.memory_attention import memory_attention_mass
 
-        probe, cfg = ctx.memory_mass, self.config
+        cfg = self.config
         probe.mass[self.layer_idx] = memory_attention_mass(
             q,
             k_all,

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from fotlab.errors import SpecError
 from fotlab.spec.models import ExperimentSpec
@@ -112,7 +113,7 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _error_line(err: dict, root: type[BaseModel]) -> str:
+def _error_line(err: ErrorDetails, root: type[BaseModel]) -> str:
     loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",)))]
     msg = err["msg"].removeprefix("Value error, ")
     field = _dotted(loc)

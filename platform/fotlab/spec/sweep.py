@@ -63,6 +63,8 @@ class ParamSpace(StrictModel):
         """Extreme values (used to check the field accepts the whole range)."""
         if self.type in ("choice", "grid"):
             return list(self.values or [])
+        if self.low is None or self.high is None:  # `_bounds` requires both; a model_construct()ed space may not
+            raise ValueError(f"low and high: required for type {self.type!r}")
         if self.type == "int":
             return [int(self.low), int(self.high)]
         return [self.low, self.high]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fotlab.train.runtime import Runtime, TrainError
+
+if TYPE_CHECKING:
+    from fotlab.model import FoTForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def val_batches(bundle: DataBundle, spec, runtime: Runtime) -> list[dict[str, to
     return [packer.next_batch() for _ in range(spec.train.eval_batches)]
 
 
-def build_model(spec, tokenizer, device: torch.device) -> torch.nn.Module:
+def build_model(spec, tokenizer, device: torch.device) -> FoTForCausalLM:
     """The FoT model the spec describes, on `device`, in train mode (see module docstring)."""
     from fotlab.model import FoTForCausalLM, preset_config
     from fotlab.spec import model_overrides
@@ -120,7 +123,7 @@ def build_model(spec, tokenizer, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+def enable_activation_checkpointing(model: FoTForCausalLM) -> None:
     """Recompute decoder-layer activations in backward (non-reentrant; the model keeps memory gradients exact)."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable({"use_reentrant": False})

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from fotlab import names as M
+from fotlab.model import FoTForCausalLM
 from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
 from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
@@ -87,8 +88,12 @@ class _Run:
     last_step: tuple[float, float, int] = (0.0, 0.0, 0)  # (lr, grad_norm, crossbatch range) of the last step
 
     @property
-    def bare_model(self) -> torch.nn.Module:
-        return unwrap_model(self.model)
+    def bare_model(self) -> FoTForCausalLM:
+        """The FoT model `build_model` built, inside `runtime.wrap_model`'s wrapper (FSDP2 shards it in place)."""
+        model = unwrap_model(self.model)
+        if not isinstance(model, FoTForCausalLM):
+            raise TrainError(f"runtime.wrap_model: returned a {type(model).__name__} that does not wrap the FoT model")
+        return model
 
 
 def train(spec, runtime: Runtime, hooks: TrainHooks | None = None) -> TrainResult:
@@ -114,16 +119,17 @@ def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
         return _build_sharded(spec, runtime, hooks, data, precision)
     model = build_model(spec, data.tokenizer, runtime.device)
     logger.info("model: %.2fM parameters, mem_layers %s", count_parameters(model) / 1e6, model.config.mem_layers)
-    checkpoint, trainer_state, rank_state = None, None, None
+    resume: tuple[Path, dict[str, Any], dict[str, Any]] | None = None  # (checkpoint, trainer state, rank state)
     if runtime.resume_from is not None:
         checkpoint = _resumable(runtime.resume_from, sharded=False)
-        trainer_state, rank_state = load_checkpoint(checkpoint, model=model, rank=runtime.rank)
+        resume = (checkpoint, *load_checkpoint(checkpoint, model=model, rank=runtime.rank))
     wrapped = runtime.wrap_model(model)
     check_replicated(wrapped)
     optimizer = build_optimizer(wrapped, spec.train.optimizer)
     scheduler = build_scheduler(optimizer, spec.train.schedule, spec.train.steps)
     run = _Run(spec, runtime, hooks, data, wrapped, optimizer, scheduler, precision)
-    if checkpoint is not None:
+    if resume is not None:
+        checkpoint, trainer_state, rank_state = resume
         load_optimizer_state(checkpoint, optimizer, scheduler)
         data.train_packer.load_state_dict(rank_state["packer"])
         _resumed(run, checkpoint, trainer_state, rank_state)
@@ -240,11 +246,12 @@ def _evaluate(run: _Run, crossbatch) -> None:
     run.last_eval_step = run.step
     if not batches:
         return
-    kwargs = dict(device=run.runtime.device, precision=run.precision)
-    model = run.bare_model
-    val_loss = evaluate_loss(model, batches, crossbatch=crossbatch, **kwargs)
+    model, device, precision = run.bare_model, run.runtime.device, run.precision
+    val_loss = evaluate_loss(model, batches, crossbatch=crossbatch, device=device, precision=precision)
     if crossbatch.range:
-        no_xbatch = evaluate_loss(model, batches, crossbatch=replace(crossbatch, range=0), **kwargs)
+        no_xbatch = evaluate_loss(
+            model, batches, crossbatch=replace(crossbatch, range=0), device=device, precision=precision
+        )
     else:
         no_xbatch = val_loss
     val_loss = mean_over_ranks(val_loss, run.runtime.device)
@@ -293,7 +300,7 @@ def _finish(run: _Run) -> None:
         _evaluate(run, crossbatch_at(run.spec, run.step - 1))
     if run.last_checkpoint_step != run.step:
         _checkpoint(run)
-    final = gather_full_model(run.model, run.runtime.rank) if run.runtime.sharded else run.bare_model
-    if run.runtime.is_main:
+    final = gather_full_model(run.bare_model, run.runtime.rank) if run.runtime.sharded else run.bare_model
+    if run.runtime.is_main and final is not None:  # not None on rank 0
         save_final_model(final, run.data.tokenizer, run.runtime.model_dir)
     run.runtime.barrier()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from fotlab.train.checkpoint import fsync_path, replace_dir
 from fotlab.train.crossbatch_schedule import crossbatch_for_step
 from fotlab.train.runtime import TrainError
 from fotlab.train.steps import bf16_supported
+
+if TYPE_CHECKING:
+    from fotlab.model import FoTForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def save_final_model(model: torch.nn.Module, tokenizer, model_dir: Path) -> Path:
+def save_final_model(model: FoTForCausalLM, tokenizer, model_dir: Path) -> Path:
     """Write model (safetensors) + tokenizer into `model_dir` atomically (temp dir in the same parent, renamed)."""
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ SCHEDULES = ("constant", "inverse_sqrt", "cosine")
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group (ndim >= 2) and a non-decayed one (norms, biases)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():  # parameters() de-duplicates tied weights
         if not param.requires_grad:
             continue

@@ -23,7 +23,9 @@ def seed_everything(seed: int) -> None:
 def capture_rng_state() -> dict[str, Any]:
     """The current state of every global RNG, as weights_only-loadable values."""
     py_version, py_words, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True gives the tuple form for the global (MT19937) generator
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python_version": py_version,
         "python_words": torch.tensor(py_words, dtype=torch.int64),  # (625,)

@@ -40,6 +40,26 @@ def _default_barrier() -> None:
         torch.distributed.barrier()
 
 
+class _DeviceField:
+    """A dataclass field that is always a `torch.device` and is given one or its name ("cpu", "cuda:0").
+
+    A descriptor-typed field (see the `dataclasses` docs): `__set__` converts, so `Runtime(device="cpu").device`
+    is `torch.device("cpu")`, and type checkers take `__set__`'s value type for the `__init__` parameter and
+    `__get__`'s return type for the attribute.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = f"_{name}"
+
+    def __get__(self, obj: object | None, objtype: type | None = None) -> torch.device:
+        if obj is None:  # dataclasses reads the class attribute once: the field's default
+            return torch.device("cpu")
+        return getattr(obj, self._attr)
+
+    def __set__(self, obj: object, value: str | torch.device) -> None:
+        setattr(obj, self._attr, torch.device(value))
+
+
 @dataclasses.dataclass(kw_only=True)
 class Runtime:
     """Where and how this worker trains (resolved by the caller, passed down unchanged).
@@ -47,7 +67,8 @@ class Runtime:
     Attributes:
         output_dir: this run's folder; the loop writes `checkpoints/` and `model/` below it. With several ranks
             it must be the same (shared) folder for all of them.
-        device: torch device for this worker ("cpu", "cuda:0", ...).
+        device: torch device for this worker; a `torch.device` or its name ("cpu", "cuda:0", ...), always a
+            `torch.device` once set.
         rank / world_size: this worker's index and the number of data-parallel workers.
         resume_from: a checkpoint dir (`.../checkpoints/step-00000100`) or a checkpoints root (the newest
             complete checkpoint in it is used); None starts fresh.
@@ -61,7 +82,7 @@ class Runtime:
     """
 
     output_dir: Path
-    device: str | torch.device = "cpu"
+    device: _DeviceField = _DeviceField()
     rank: int = 0
     world_size: int = 1
     resume_from: Path | None = None
@@ -71,7 +92,6 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
-        self.device = torch.device(self.device)
         if self.resume_from is not None:
             self.resume_from = Path(self.resume_from)
         if not 0 <= self.rank < self.world_size:

@@ -23,11 +23,17 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from fotlab.train.runtime import TrainError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import ValueType
+
+    from fotlab.model import FoTForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +83,6 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, settings: FsdpSetti
     if settings.bf16 and device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if settings.cpu_offload and device.type == "cuda" else OffloadPolicy()
-    kwargs = dict(mp_policy=mp, offload_policy=offload)
     # A decoder layer returns its raw (k, v) as transposed views; FoT only concatenates them (out of place), so
     # FSDP2's warning about in-place ops on views does not apply and would repeat on every step.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFoTDecoderLayer\) returned a view")
@@ -85,8 +90,8 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, settings: FsdpSetti
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
         reshard = settings.reshard_after_forward and i < len(layers) - 1
-        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=settings.reshard_after_forward, **kwargs)
+        fully_shard(layer, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, reshard_after_forward=settings.reshard_after_forward, mp_policy=mp, offload_policy=offload)
     return model
 
 
@@ -143,15 +148,16 @@ def build_sharded_model(spec, tokenizer, runtime, build_full: Callable) -> torch
     return wrapped
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, ValueType]:
     """The whole model's weights on CPU, on rank 0 (an empty dict elsewhere); called on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gather_full_model(model: torch.nn.Module, rank: int) -> torch.nn.Module | None:
-    """A plain (unsharded, CPU) copy of a sharded model on rank 0, None elsewhere; called on every rank."""
+def gather_full_model(model: FoTForCausalLM, rank: int) -> FoTForCausalLM | None:
+    """A plain (unsharded, CPU) copy of a sharded model (FSDP2 shards it in place) on rank 0, None elsewhere;
+    called on every rank."""
     from fotlab.model import FoTForCausalLM
 
     state = full_state_dict(model)

@@ -70,8 +70,9 @@ def _global_count(n_local: int, device: torch.device) -> tuple[int, int]:
 def _clip(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Clip gradients to `max_norm` (no clipping when None/<=0) and return the total norm before clipping."""
     limit = float(max_norm) if max_norm and max_norm > 0 else float("inf")
-    if hasattr(model, "clip_grad_norm_"):  # FSDP computes the norm over shards
-        return model.clip_grad_norm_(limit)
+    clip_sharded = getattr(model, "clip_grad_norm_", None)
+    if clip_sharded is not None:  # FSDP computes the norm over shards
+        return clip_sharded(limit)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over all shards
@@ -98,9 +99,10 @@ def train_step(
     n_loss, n_ranks = _global_count(n_loss_local, device)
     scale = n_ranks / max(n_loss, 1)  # DDP averages gradients over ranks
     loss_sum = 0.0
+    no_sync = getattr(model, "no_sync", None)  # DDP's: no gradient all-reduce before the last micro-batch
     for i, mb in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if is_last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if is_last or no_sync is None else no_sync()
         with sync:
             with autocast_context(device, precision):
                 logits = model(mb["input_ids"], crossbatch=crossbatch).logits  # (B, T, V)
