@@ -100,7 +100,7 @@ def test_dockerfile_bases_are_pinned_ray_2_60_py311_images():
     text = (REPO / "Dockerfile").read_text()
     assert "ARG RAY_IMAGE=rayproject/ray:2.60.0-py311\n" in text
     froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
-    assert froms == ["${RAY_IMAGE}-cpu", "${RAY_IMAGE}-gpu", "base-${VARIANT}"]
+    assert froms == ["${RAY_IMAGE}-cpu", "${RAY_IMAGE}-gpu", "${RAY_IMAGE}-cpu", "base-${VARIANT}"]  # cpu, gpu, tpu
     assert ":latest" not in text and "TORCH_VERSION=2.13.0" in text
 
 
