@@ -8,7 +8,7 @@ import sys
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from fotlab.eval.results import metric_name, passkey_metric, ppl_metric
+from fotlab.names import metric_name, passkey_metric, ppl_metric
 from fotlab.spec.eval import EvalSpec, PasskeyEvalSpec, PerplexityEvalSpec
 
 

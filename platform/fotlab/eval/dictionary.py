@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult, dictionary_metric
+from fotlab.eval.results import EvalResult
 from fotlab.eval.streaming import empty_memory, model_device, progress, resolve_chunk_len, stream_to_memory
+from fotlab.names import dictionary_metric
 from fotlab.spec.eval import DictionaryEvalSpec
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult, distraction_metric
+from fotlab.eval.results import EvalResult
 from fotlab.eval.streaming import empty_memory, frame_documents, model_device, progress, resolve_chunk_len
 from fotlab.model import MemoryMassProbe
+from fotlab.names import distraction_metric
 from fotlab.spec.eval import DistractionEvalSpec
 
 

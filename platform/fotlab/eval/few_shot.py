@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult, few_shot_metric
+from fotlab.eval.results import EvalResult
 from fotlab.eval.streaming import model_device, progress, stream_to_memory, window_len
+from fotlab.names import few_shot_metric
 from fotlab.spec.eval import FewShotEvalSpec
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from fotlab.eval.plots import heatmap
-from fotlab.eval.results import EvalResult, passkey_metric
+from fotlab.eval.results import EvalResult
 from fotlab.eval.streaming import model_device, progress
+from fotlab.names import passkey_metric
 from fotlab.spec.eval import PasskeyEvalSpec
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fotlab.eval.plots import line_plot
-from fotlab.eval.results import EvalResult, ppl_metric
+from fotlab.eval.results import EvalResult
 from fotlab.eval.streaming import (
     TokenScores,
     empty_memory,
@@ -35,6 +35,7 @@ from fotlab.eval.streaming import (
     resolve_chunk_len,
     shifted_targets,
 )
+from fotlab.names import ppl_metric
 from fotlab.spec.eval import PerplexityEvalSpec, perplexity_key
 
 
