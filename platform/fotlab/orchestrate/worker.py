@@ -42,12 +42,13 @@ class WorkerHooks:
         self.channel = config.channel
         self._last_report_step = 0
         self._n_stop_polls = 0
+        self.logged_through = 0  # a resumed run re-trains the steps after its checkpoint: logged already
         self.run = run
         self.live = LiveMetrics.for_worker(config, rank)  # Prometheus, through ray.util.metrics
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self.live.on_log(step, metrics)
-        if self.rank == 0:
+        if self.rank == 0 and step > self.logged_through:
             self.run.log_metrics(metrics, step)
             if self.channel is not None:
                 self.channel.push(step, metrics)
@@ -122,6 +123,8 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     run = TrackedRun(config.tracking_uri, config.run_id, experiment_id="")
     hooks = WorkerHooks(config, run, rank, world_size, device)
     resume_from = resume_dir(Path(config.output_dir))
+    if resume_from is not None and rank == 0:  # after a crash (an exception, SIGKILL, a Ray restart)
+        hooks.logged_through = run.last_step(names.TRAIN_LOSS)
     wrap_model, sharded = wrap_model_fn(spec, world_size, device)
     runtime = Runtime(
         output_dir=Path(config.output_dir),
