@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -71,40 +70,72 @@ def test_exception_mid_run_fails_resumably_and_resume_logs_each_step_once(
     assert resumed.info.status == "FINISHED" and tracking.TAG_ERROR not in resumed.data.tags
 
 
+# `fotlab run` in a child process whose training loop parks (sleeps) in step `argv[1]` after writing the file
+# `argv[2]`: the test SIGKILLs it there, with the steps before it logged and a checkpoint behind them.
+PARKING_FOTLAB = """
+import sys, time
+from pathlib import Path
+from fotlab.train import loop
+park_at, parked = int(sys.argv[1]), Path(sys.argv[2])
+real_step = loop.train_step
+def step(*args, **kwargs):
+    if kwargs["step"] == park_at:
+        parked.write_text("parked")
+        time.sleep(3600)
+    return real_step(*args, **kwargs)
+loop.train_step = step
+sys.argv = ["fotlab", *sys.argv[3:]]
+from fotlab.cli import entry
+entry()
+"""
+
+
 @pytest.mark.timeout(420)
 def test_sigkilled_fotlab_run_resumes_into_the_same_run(tiny_corpus, tmp_path, mlflow_uri):
-    """A real `fotlab run` killed with SIGKILL once its first checkpoint is on disk (the MLflow run is left
-    RUNNING, steps after the checkpoint already logged), then `fotlab run SPEC --resume RUN_ID`."""
-    n_steps = 30
-    storage = tmp_path / "runs"
+    """A real `fotlab run` killed with SIGKILL mid-run (the MLflow run is left RUNNING, steps 5-6 logged after the
+    checkpoint of step 4), then `fotlab run SPEC --resume RUN_ID`."""
+    n_steps, park_at = 10, 7
     spec_file = tmp_path / "tiny.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps)))
-    command = [sys.executable, "-m", "fotlab.cli", "run", str(spec_file), "--json"]
+    data = tiny_spec_dict(tiny_corpus, tmp_path, mlflow_uri, steps=n_steps, checkpoint_every=4)
+    spec_file.write_text(yaml.safe_dump(data))
+    run_args = ["run", str(spec_file), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    deadline = time.monotonic() + 300
-    while not checkpoints(storage) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL: no handler, no MLflow status update, no final checkpoint
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    parked = tmp_path / "parked"
+    with (tmp_path / "killed.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PARKING_FOTLAB, str(park_at), str(parked), *run_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+        deadline = time.monotonic() + 300
+        while not parked.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL: no handler runs, no MLflow status update, no last checkpoint
+        proc.wait(timeout=60)
+    assert parked.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    assert [p.name for p in checkpoints(tmp_path / "runs")] == ["step-00000004"]
     client = client_for(mlflow_uri)
     (killed,) = client.search_runs([client.get_experiment_by_name("orch-test").experiment_id])
     run_id = killed.info.run_id
     assert killed.info.status == "RUNNING"  # nothing could mark it: --resume must take it over
-    logged = metric_steps(client, run_id)
-    assert logged and max(logged) < n_steps
+    assert metric_steps(client, run_id) == [1, 2, 3, 4, 5, 6]
 
     resumed = subprocess.run(
-        [*command, "--resume", run_id], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+        [sys.executable, "-m", "fotlab.cli", *run_args, "--resume", run_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert result["run_id"] == run_id and result["status"] == "FINISHED" and result["final_step"] == n_steps
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert metric_steps(client, run_id) == list(range(1, n_steps + 1))  # each step exactly once
+    assert run.info.status == "FINISHED" and tracking.TAG_ERROR not in run.data.tags
+    assert metric_steps(client, run_id) == list(range(1, n_steps + 1))  # steps 5-6 trained twice, logged once
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run
 
 
