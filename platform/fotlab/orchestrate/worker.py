@@ -8,6 +8,8 @@ Design choices:
   (train -> log model -> register -> evaluations; rank 0 logs).
 - Checkpoints are fotlab's (`fotlab.train.checkpoint`, kept per `train.keep_checkpoints`) in the run's output
   folder; Ray's reports carry metrics only (see `trainer.run_config`), and a restart resumes from that folder.
+  A resume after a crash (`--resume`, a Ray restart) re-trains the steps between that checkpoint and the
+  crash: rank 0 does not log them to MLflow again (one metric point per step).
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
   all ranks call `ray.train.report` together (every `report_every` steps and at each checkpoint).
 - A stop request from the driver (Ctrl-C) is checked every `STOP_POLL_STEPS` steps and agreed on by all ranks
