@@ -8,6 +8,8 @@ Design choices:
   (train -> log model -> register -> evaluations; rank 0 logs).
 - Checkpoints are fotlab's (`fotlab.train.checkpoint`, kept per `train.keep_checkpoints`) in the run's output
   folder; Ray's reports carry metrics only (see `trainer.run_config`), and a restart resumes from that folder.
+  A resume after a crash (`--resume`, a Ray restart) re-trains the steps between that checkpoint and the
+  crash: rank 0 does not log them to MLflow again (one metric point per step).
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
   all ranks call `ray.train.report` together (every `report_every` steps and at each checkpoint).
 - A stop request from the driver (Ctrl-C) is checked every `STOP_POLL_STEPS` steps and agreed on by all ranks
@@ -42,12 +44,13 @@ class WorkerHooks:
         self.channel = config.channel
         self._last_report_step = 0
         self._n_stop_polls = 0
+        self.logged_through = 0  # a resumed run re-trains the steps after its checkpoint: logged already
         self.run = run
         self.live = LiveMetrics.for_worker(config, rank)  # Prometheus, through ray.util.metrics
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self.live.on_log(step, metrics)
-        if self.rank == 0:
+        if self.rank == 0 and step > self.logged_through:
             self.run.log_metrics(metrics, step)
             if self.channel is not None:
                 self.channel.push(step, metrics)
@@ -122,6 +125,8 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     run = TrackedRun(config.tracking_uri, config.run_id, experiment_id="")
     hooks = WorkerHooks(config, run, rank, world_size, device)
     resume_from = resume_dir(Path(config.output_dir))
+    if resume_from is not None and rank == 0:  # after a crash (an exception, SIGKILL, a Ray restart)
+        hooks.logged_through = run.last_step(names.TRAIN_LOSS)
     wrap_model, sharded = wrap_model_fn(spec, world_size, device)
     runtime = Runtime(
         output_dir=Path(config.output_dir),
