@@ -23,6 +23,7 @@ TOKENS_PER_S = "train/tokens_per_s"  # input tokens per second of step time, all
 STEP_TIME_S = "train/step_time_s"  # mean seconds per optimizer step
 CROSSBATCH_RANGE = "train/crossbatch_range"  # range of the last step of the window
 TOKENS_SEEN = "train/tokens_seen"  # input tokens consumed so far, all ranks together
+SKIPPED_STEPS = "train/skipped_steps"  # steps dropped for a NaN/inf loss so far (train.nonfinite: skip)
 CHECKPOINT_TIME_S = "train/checkpoint_time_s"  # seconds the last checkpoint took to write (all ranks, barriers)
 VAL_LOSS = "val/loss"  # validation loss with the crossbatch of the current step
 VAL_PPL = "val/ppl"  # exp(val/loss)
