@@ -46,7 +46,6 @@ PROMPT_COLUMN = "prompt"  # pyfunc input: one prompt per row
 COMPLETION_COLUMN = "completion"  # pyfunc output: its greedy completion
 DEFAULT_MAX_NEW_TOKENS = 32
 PYFUNC_LOADER = "fotlab.serving"  # the module MLflow imports to load the model (`_load_pyfunc`)
-REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")  # config.json keys that ask for code outside fotlab
 
 TRAIN_TIME_S = "time/train_s"  # wall time of training (pipeline)
 EVAL_TIME_S = "time/eval_s"  # wall time of the spec's evaluations (pipeline)

@@ -164,7 +164,7 @@ def find_resumable(path: Path) -> Path:
         if problem is None:
             return candidate
         logger.warning(
-            "checkpoint %s is incomplete or corrupt (%s); not resuming from it, trying the previous one",
+            "checkpoint %s is incomplete (%s); not resuming from it, trying the previous one",
             candidate,
             problem,
         )
