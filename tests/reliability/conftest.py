@@ -47,12 +47,3 @@ def tiny_spec(tiny_corpus, tmp_path, mlflow_uri):
         return write_tiny_spec(tiny_corpus, tmp_path, mlflow_uri, name, **train)
 
     return write
-
-
-def only_run(uri: str):
-    """The single MLflow run in the store at `uri`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return run

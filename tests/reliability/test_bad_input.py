@@ -193,6 +193,7 @@ CASES: dict[str, tuple[Callable[[Path, dict], list[str]], str]] = {
     "data-path-missing": (validate(lambda s: edit(s, "data.sources.0.path", "/nonexistent/corpus")), "/nonexistent"),
     "data-empty-dir": (_data_run({}, kind="local", glob="*.txt"), "data"),
     "data-jsonl-no-text-field": (_data_run({"a.jsonl": b'{"body": "hello"}\n' * 8}, kind="jsonl"), "text"),
+    "data-binary-files": (_data_run({"a.txt": bytes(range(256)) * 40}, kind="local", glob="*.txt"), "sources[0]"),
     "data-jsonl-not-json": (_data_run({"a.jsonl": b"this is not json\n" * 8}, kind="jsonl"), "sources[0]"),
     "data-parquet-no-text-field": (
         lambda tmp, spec: [
