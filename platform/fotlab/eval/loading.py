@@ -52,5 +52,7 @@ def load_model_and_tokenizer(model_dir: Path, spec, device: str | None = None):
 
 
 def _first_line(exc: BaseException) -> str:
+    if "ignore_mismatched_sizes" in str(exc):  # transformers' shape mismatch: its report went to the log above
+        return "the weights' shapes do not match config.json"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
