@@ -8,22 +8,32 @@ Run: pytest tests/reliability/test_nonfinite_loss.py
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fotlab import names as M
-from fotlab.cli import main
 
 pytestmark = pytest.mark.slow
 HUGE_LR = {"lr": 1e30}
 
 
+def fotlab_run(spec: Path) -> tuple[int, str]:
+    """`fotlab run SPEC` as a real subprocess (the console script): (exit status, stderr)."""
+    fotlab = Path(sys.executable).with_name("fotlab")
+    done = subprocess.run(
+        [str(fotlab), "run", str(spec), "--no-progress"], capture_output=True, text=True, timeout=250, cwd=spec.parent
+    )
+    return done.returncode, done.stderr
+
+
 @pytest.mark.timeout(300)
-def test_stop_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_spec, tmp_path, mlflow_uri, capsys):
+def test_stop_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_spec, tmp_path, mlflow_uri):
     spec = tiny_spec(optimizer=HUGE_LR)
-    code = main(["run", str(spec), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err = fotlab_run(spec)
     lines = [line for line in err.splitlines() if line.startswith("fotlab run:")]
     assert code == 1 and len(lines) == 1, err[-3000:]
     assert "Traceback" not in err
@@ -37,10 +47,9 @@ def test_stop_fails_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_spec
 
 
 @pytest.mark.timeout(300)
-def test_skip_drops_the_updates_and_counts_them(tiny_spec, mlflow_uri, capsys):
+def test_skip_drops_the_updates_and_counts_them(tiny_spec, mlflow_uri):
     spec = tiny_spec(optimizer=HUGE_LR, nonfinite="skip")
-    code = main(["run", str(spec), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err = fotlab_run(spec)
     assert code == 0, err[-3000:]
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
