@@ -23,6 +23,7 @@ TOKENS_PER_S = "train/tokens_per_s"  # input tokens per second of step time, all
 STEP_TIME_S = "train/step_time_s"  # mean seconds per optimizer step
 CROSSBATCH_RANGE = "train/crossbatch_range"  # range of the last step of the window
 TOKENS_SEEN = "train/tokens_seen"  # input tokens consumed so far, all ranks together
+SKIPPED_STEPS = "train/skipped_steps"  # steps dropped for a NaN/inf loss so far (train.nonfinite: skip)
 CHECKPOINT_TIME_S = "train/checkpoint_time_s"  # seconds the last checkpoint took to write (all ranks, barriers)
 VAL_LOSS = "val/loss"  # validation loss with the crossbatch of the current step
 VAL_PPL = "val/ppl"  # exp(val/loss)
@@ -45,7 +46,6 @@ PROMPT_COLUMN = "prompt"  # pyfunc input: one prompt per row
 COMPLETION_COLUMN = "completion"  # pyfunc output: its greedy completion
 DEFAULT_MAX_NEW_TOKENS = 32
 PYFUNC_LOADER = "fotlab.serving"  # the module MLflow imports to load the model (`_load_pyfunc`)
-REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code")  # config.json keys that ask for code outside fotlab
 
 TRAIN_TIME_S = "time/train_s"  # wall time of training (pipeline)
 EVAL_TIME_S = "time/eval_s"  # wall time of the spec's evaluations (pipeline)

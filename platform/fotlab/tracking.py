@@ -29,6 +29,8 @@ from typing import Any
 
 import fotlab
 from fotlab.errors import FotlabError
+from fotlab.errors import RemoteCodeError as RemoteCodeError  # re-exported: the MLflow Model path raises it
+from fotlab.errors import check_no_remote_code as check_no_remote_code
 
 # The metric and tag names live in fotlab.names (imports nothing, shared with train/eval/CLI); re-exported here.
 from fotlab.names import (  # noqa: F401
@@ -41,7 +43,6 @@ from fotlab.names import (  # noqa: F401
     LR,
     PROMPT_COLUMN,
     PYFUNC_LOADER,
-    REMOTE_CODE_KEYS,
     STEP_TIME_S,
     SUMMARY_METRICS,
     TAG_ERROR,
@@ -344,22 +345,6 @@ def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str
     training for the page and the links on it, whatever the switch says."""
     page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
     return f"{base_url.rstrip('/')}/{page}?{UI_TRAINING_VIEW}"
-
-
-class RemoteCodeError(TrackingError):
-    """A model directory that asks for custom code (auto_map / trust_remote_code): fotlab never runs it."""
-
-
-def check_no_remote_code(model_dir: str | Path) -> None:
-    """Raise `RemoteCodeError` when the directory's config.json asks for code outside fotlab/transformers."""
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    asked = [key for key in REMOTE_CODE_KEYS if config.get(key)]
-    if asked:
-        raise RemoteCodeError(
-            f"{config_file}: asks for custom code ({', '.join(asked)}); fotlab loads only its own "
-            "model classes and never runs code shipped with a model"
-        )
 
 
 def save_mlflow_model(model_dir: str | Path, dst: str | Path, *, mlflow_model=None) -> None:

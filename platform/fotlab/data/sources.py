@@ -239,4 +239,9 @@ def load_raw_source(source, index: int | None = None, cache_dir: str | None = No
         raise ValueError(f"{source_label(source, index)}: unknown text source kind {kind!r}")
     if kind == "repeat":
         return load_repeat(source, index, cache_dir, split)
-    return RAW_LOADERS[kind](source, index, cache_dir)
+    try:
+        return RAW_LOADERS[kind](source, index, cache_dir)
+    except datasets.exceptions.DatasetGenerationError as exc:  # a file `datasets` cannot parse (bad JSON, ...)
+        cause = exc.__cause__ or exc
+        detail = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise ValueError(f"{source_label(source, index)}: cannot read it: {detail}") from None

@@ -34,7 +34,12 @@ def load_model_and_tokenizer(model_dir: Path, spec, device: str | None = None):
 
     model_dir = Path(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = FoTForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
+    try:
+        model = FoTForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
+    except FotlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError, pickle errors: one line
+        raise EvalError(f"--model {model_dir}: cannot load the model: {_first_line(exc)}") from None
     if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
         from fotlab.data import load_pretrained_tokenizer
 
@@ -44,3 +49,10 @@ def load_model_and_tokenizer(model_dir: Path, spec, device: str | None = None):
 
         tokenizer = build_tokenizer(spec.data.tokenizer, data_spec=spec.data)
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    if "ignore_mismatched_sizes" in str(exc):  # transformers' shape mismatch: its report went to the log above
+        return "the weights' shapes do not match config.json"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

@@ -8,6 +8,10 @@ Design choices:
   (index json) or not. Key names are HF LLaMA's, so no renaming; stale RoPE buffers (`rotary_emb.inv_freq`) are
   dropped (fotlab computes RoPE tables on the fly).
 - Any keyword that is a FoTConfig field is a config override; the rest go to transformers' `from_pretrained`.
+- No code shipped with a model ever runs: `trust_remote_code=True` is refused, and so is a fotlab (or unknown)
+  directory whose config asks for custom code (`auto_map`, `trust_remote_code`). A LongLLaMA directory's
+  `auto_map` names its own modelling files; they are not used (fotlab's classes load its weights), so it passes.
+  A `model_type` fotlab cannot load is refused with one line instead of a config built from foreign fields.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from fotlab.errors import RemoteCodeError, check_no_remote_code
 from fotlab.model.configuration import FoTConfig
 
 FOREIGN_MODEL_TYPES = ("longllama", "llama")
@@ -51,10 +56,16 @@ def fot_config_from_dict(config_dict: dict, **overrides) -> FoTConfig:
 def load_pretrained(cls, path, *args, **kwargs) -> PreTrainedModel:
     """`cls.from_pretrained` for fotlab, LongLLaMA and HF LLaMA directories (see module docstring)."""
     overrides, kwargs = split_overrides(kwargs)
+    if kwargs.pop("trust_remote_code", False):
+        raise RemoteCodeError(f"{path}: trust_remote_code=True is refused; fotlab never runs code shipped with a model")
     config = kwargs.pop("config", None)
     if config is None:
         config_dict, _ = PretrainedConfig.get_config_dict(str(path))
         model_type = config_dict.get("model_type", "fot")
+        if model_type not in FOREIGN_MODEL_TYPES:
+            check_no_remote_code(path)
+        if model_type not in ("fot", *FOREIGN_MODEL_TYPES):
+            raise ValueError(f"{path}: model_type {model_type!r} is not one fotlab loads (fot, longllama, llama)")
         config = fot_config_from_dict(config_dict, **overrides)
     else:
         model_type = "fot"

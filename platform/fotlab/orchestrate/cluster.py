@@ -2,7 +2,9 @@
 
 Design choices:
 - Local by default, one pinned cluster per host: ``ray.init()`` attaches to the cluster ``ray start --head`` runs
-  on this host (or $RAY_ADDRESS) when there is one, else starts a local cluster for this driver. ``address``
+  on this host (or $RAY_ADDRESS) when there is one, else starts a local cluster for this driver. A recorded
+  cluster that is dead (its head SIGKILLed or rebooted) is noticed in seconds and replaced by a local cluster,
+  with one warning line; a dead $RAY_ADDRESS stops the run with one line. ``address``
   names a cluster explicitly (``ray://HEAD:10001``, ``HEAD:6379``). Two clusters on one host confuse Train V2.
 - If Ray is already initialised in this process (tests share one session), it is reused: two clusters on one host
   confuse Train V2's placement-group cleaner.
@@ -55,7 +57,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> st
         return ray.get_runtime_context().gcs_address
     kwargs = dict(address=address, namespace="fotlab", log_to_driver=True)
     if address is None:
-        kwargs.update(num_cpus=num_cpus)
+        kwargs.update(address=_local_address(), num_cpus=num_cpus)
     try:
         _check_reachable(address)
         ray.init(**kwargs)
@@ -87,6 +89,47 @@ def start_train_coordinator() -> None:
             logger.debug("could not start Ray Train's autoscaling coordinator early: %s", err)
 
     threading.Thread(target=create, name="fotlab-train-coordinator", daemon=True).start()
+
+
+def _local_address() -> str | None:
+    """What a local ``ray.init`` should be given: None (Ray's own choice: $RAY_ADDRESS, else the cluster
+    ``ray start --head`` recorded in its temp folder, else a new local cluster), or "local" when the recorded
+    cluster is dead.
+
+    A ``ray start --head`` that died (SIGKILL, a crash, a reboot) leaves its address in
+    ``<ray temp dir>/ray_current_cluster``; ``ray.init()`` would then retry "Failed to connect to GCS" for minutes.
+    A dead $RAY_ADDRESS is the user's explicit choice: that stops the run with one line saying what to do.
+    """
+    from ray._common.utils import get_ray_address_file
+
+    env_address = os.environ.get("RAY_ADDRESS")
+    if env_address:
+        try:
+            _check_reachable(env_address, timeout_s=2.0)
+        except ConnectionError as err:
+            raise ConnectionError(
+                f"RAY_ADDRESS={env_address} names a Ray cluster that is not running ({err}); start it again, "
+                "or unset RAY_ADDRESS to run on a local cluster"
+            ) from None
+        return None
+    record = get_ray_address_file(None)
+    try:
+        with open(record) as handle:
+            recorded = handle.read().strip()
+    except OSError:
+        return None  # no cluster recorded: Ray starts a local one
+    try:
+        _check_reachable(recorded, timeout_s=2.0)
+    except ConnectionError as err:
+        logger.warning(
+            "the Ray cluster recorded in %s (%s) is dead (%s); starting a local cluster for this run "
+            "(`ray stop` clears the stale record)",
+            record,
+            recorded,
+            err,
+        )
+        return "local"
+    return None
 
 
 def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:

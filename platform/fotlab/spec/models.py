@@ -286,6 +286,11 @@ class TrainSpec(StrictModel):
     eval_batches: int = Field(4, gt=0, description="Validation batches per evaluation.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/inf loss or gradient norm: stop (the run fails naming the step; checkpoints kept) "
+        "or skip the step's update (counted as train/skipped_steps).",
+    )
 
 
 class FsdpSpec(StrictModel):

@@ -5,12 +5,16 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`):
     optimizer.pt         optimizer.state_dict()
     scheduler.pt         lr scheduler state_dict()
     rank-00000.pt        per-rank state: RNG states, data position (packer), crossbatch schedule state
-    trainer_state.json   step, last metrics, world size — written LAST: a dir without it is incomplete
+    trainer_state.json   step, last metrics, world size and the manifest (`files`: every other file's size and
+                         sha256) — written LAST: a dir without it is incomplete
 
 Atomicity: everything is written into `.tmp-step-00000100/` next to the final dir, each file fsync'ed, then
 the dir is renamed into place (`os.replace`) and the parent fsync'ed. A crash at any point leaves either the
 old set of checkpoints or the new complete one; hidden `.tmp-*` leftovers are never picked up and are
-removed by the next save. Every rank writes its own rank file into the same temp dir (shared `output_dir`);
+removed by the next save. Integrity: `find_resumable` checks a checkpoint's files against its manifest before
+anything is loaded (a missing, truncated or altered file) and falls back to the previous complete checkpoint
+with a warning naming the bad one; the same manifest guards the sharded DCP format.
+Every rank writes its own rank file into the same temp dir (shared `output_dir`);
 rank 0 writes the shared files and does the rename. Files are read back with safetensors and
 `torch.load(weights_only=True)` only.
 
@@ -25,6 +29,7 @@ The folder must therefore be on storage all workers share (a local path, NFS or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trainer_state.json carries the file manifest (sizes and sha256)
+MANIFEST_KEY = "files"
 
 
 def step_dir_name(step: int) -> str:
@@ -92,6 +98,79 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """{name: {"bytes": size, "sha256": hex}} for every file of a checkpoint dir except the state file."""
+    return {
+        f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in sorted(Path(directory).iterdir())
+        if f.is_file() and f.name != STATE_FILE
+    }
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (no marker, unreadable marker, a file missing, truncated or altered
+    against the manifest), or None. A manifest entry that is a plain int (DCP checkpoints before sha256) checks
+    the size only; a checkpoint without a manifest (format 1) cannot be checked and passes."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE} (the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    for name, entry in (state.get(MANIFEST_KEY) or {}).items():
+        expected = entry if isinstance(entry, dict) else {"bytes": entry}
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
+        if "sha256" in expected and file_sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (altered on disk)"
+    return None
+
+
+def _candidates(path: Path) -> list[Path]:
+    """Checkpoint dirs to try, newest first: `path` itself (a step dir) and its older siblings, or the step
+    dirs under a checkpoints root (complete or not)."""
+    path = Path(path)
+    is_step = _STEP_DIR.match(path.name) or (path / STATE_FILE).is_file()
+    root, newest = (path.parent, path) if is_step else (path, None)
+    steps = (
+        sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True)
+        if root.is_dir()
+        else []
+    )
+    if newest is not None:
+        steps = [newest] + [p for p in steps if p.name < newest.name]
+    return steps
+
+
+def find_resumable(path: Path) -> Path:
+    """The newest intact checkpoint at `path` (a step dir or a checkpoints root); incomplete or corrupt ones are
+    skipped with a warning naming them. Raises FileNotFoundError when none is intact."""
+    for candidate in _candidates(Path(path)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        logger.warning(
+            "checkpoint %s is incomplete (%s); not resuming from it, trying the previous one",
+            candidate,
+            problem,
+        )
+    raise FileNotFoundError(f"resume_from: no complete checkpoint at {path}")
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
     if keep <= 0:
@@ -134,7 +213,8 @@ def save_checkpoint(
         _torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
     barrier()
     if rank == 0:
-        state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
+        manifest = file_manifest(tmp_dir)
+        state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state, MANIFEST_KEY: manifest}
         (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         fsync_path(tmp_dir / STATE_FILE)
         fsync_path(tmp_dir)

@@ -7,13 +7,15 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`, same names 
                                    so a checkpoint written by N ranks resumes on M)
     scheduler.pt                   lr scheduler state_dict (rank 0)
     rank-00000.pt ...              per-rank state: RNG states, data position (packer)
-    trainer_state.json             step, metrics, world size, `format: "dcp"` and a manifest (every other
-                                   file's name and size) — written LAST: it is the completion marker
+    trainer_state.json             step, metrics, world size, `format: "dcp"` and the manifest (every other
+                                   file's size and sha256, `checkpoint.file_manifest`) — written LAST: it is
+                                   the completion marker
 
 Atomicity: every rank writes into `.tmp-step-00000100/` (DCP fsyncs its files); after a barrier rank 0 writes
 the manifest, renames the dir into place and prunes old checkpoints (`train.keep_checkpoints`).
 `find_resumable` walks the checkpoints newest first and takes the first one whose manifest matches the files on
-disk; a dir without its marker, with a missing or truncated file, is skipped with a warning that names it.
+disk; a dir without its marker, with a missing, truncated or altered file, is skipped with a warning that names
+it (both formats share that check: `fotlab.train.checkpoint`).
 
 Resuming at another world size: model and optimizer reshard through DCP exactly; the lr scheduler is global.
 Each rank's RNG state comes from rank `r % old_world_size`; the data position cannot map document for
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,11 @@ from typing import Any
 import torch
 
 from fotlab.train.checkpoint import (
+    MANIFEST_KEY,
     STATE_FILE,
+    checkpoint_problem,
+    file_manifest,
+    find_resumable,
     fsync_path,
     list_checkpoints,
     prune_checkpoints,
@@ -45,7 +50,6 @@ from fotlab.train.checkpoint import (
 logger = logging.getLogger(__name__)
 
 FORMAT = "dcp"
-_STEP_DIR = re.compile(r"^step-\d{8}$")
 
 
 def is_dcp_checkpoint(path: Path) -> bool:
@@ -57,58 +61,6 @@ def is_dcp_checkpoint(path: Path) -> bool:
         return json.loads(state_file.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
-
-
-def _manifest(directory: Path) -> dict[str, int]:
-    return {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.is_file() and f.name != STATE_FILE}
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` cannot be resumed from (no marker, unreadable marker, missing / truncated file), or None."""
-    path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        return f"no {STATE_FILE} (the save did not finish)"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as err:
-        return f"{STATE_FILE} is unreadable ({err})"
-    for name, size in (state.get("files") or {}).items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-    return None
-
-
-def _candidates(path: Path) -> list[Path]:
-    """Checkpoint dirs to try, newest first: `path` itself (a step dir) and its older siblings, or the step
-    dirs under a checkpoints root (complete or not)."""
-    path = Path(path)
-    is_step = _STEP_DIR.match(path.name) or (path / STATE_FILE).is_file()
-    root, newest = (path.parent, path) if is_step else (path, None)
-    steps = (
-        sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), reverse=True)
-        if root.is_dir()
-        else []
-    )
-    if newest is not None:
-        steps = [newest] + [p for p in steps if p.name < newest.name]
-    return steps
-
-
-def find_resumable(path: Path) -> Path:
-    """The newest complete checkpoint at `path` (a step dir or a checkpoints root); incomplete ones are skipped
-    with a warning naming them. Raises FileNotFoundError when none is complete."""
-    for candidate in _candidates(Path(path)):
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            return candidate
-        logger.warning(
-            "checkpoint %s is incomplete (%s); not resuming from it, trying the previous one", candidate, problem
-        )
-    raise FileNotFoundError(f"resume_from: no complete checkpoint at {path}")
 
 
 def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -150,7 +102,7 @@ def save_dcp_checkpoint(
         fsync_path(tmp_dir / "scheduler.pt")
     barrier()
     if rank == 0:
-        state = {"format": FORMAT, "step": step, **trainer_state, "files": _manifest(tmp_dir)}
+        state = {"format": FORMAT, "step": step, **trainer_state, MANIFEST_KEY: file_manifest(tmp_dir)}
         (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
         fsync_path(tmp_dir / STATE_FILE)
         fsync_path(tmp_dir)

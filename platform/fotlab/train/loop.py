@@ -191,13 +191,19 @@ def _fit(run: _Run) -> bool:
             device=run.runtime.device,
             precision=run.precision,
             grad_clip=train_spec.grad_clip,
+            nonfinite=train_spec.nonfinite,
         )
         lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
         run.step += 1
         window = run.window
-        window.loss_sum += stats.loss
-        window.n_steps += 1
+        if stats.skipped:
+            run.metrics[M.SKIPPED_STEPS] = run.metrics.get(M.SKIPPED_STEPS, 0.0) + 1
+            logger.warning("step %d: loss %s, grad norm %s; update skipped (train.nonfinite: skip)", run.step,
+                           stats.loss, stats.grad_norm)  # fmt: skip
+        else:
+            window.loss_sum += stats.loss
+            window.n_steps += 1
         window.step_time_s += time.perf_counter() - started
         window.n_tokens += stats.n_input_tokens * run.runtime.world_size
         run.tokens_seen += stats.n_input_tokens * run.runtime.world_size
@@ -217,21 +223,25 @@ def _fit(run: _Run) -> bool:
 def _report_train(run: _Run, lr: float, grad_norm: float, crossbatch_range: int) -> None:
     window, device = run.window, run.runtime.device
     logged = {
-        M.TRAIN_LOSS: mean_over_ranks(window.loss_sum / window.n_steps, device),
         M.LR: lr,
-        M.GRAD_NORM: grad_norm,
         M.TOKENS_PER_S: window.n_tokens / max(window.step_time_s, 1e-9),
-        M.STEP_TIME_S: window.step_time_s / window.n_steps,
         M.CROSSBATCH_RANGE: float(crossbatch_range),
         M.TOKENS_SEEN: float(run.tokens_seen),
     }
+    if window.n_steps:  # all ranks agree (skips are decided together): no step of the window was skipped-only
+        logged[M.TRAIN_LOSS] = mean_over_ranks(window.loss_sum / window.n_steps, device)
+        logged[M.STEP_TIME_S] = window.step_time_s / window.n_steps
+    if math.isfinite(grad_norm):
+        logged[M.GRAD_NORM] = grad_norm
+    if M.SKIPPED_STEPS in run.metrics:
+        logged[M.SKIPPED_STEPS] = run.metrics[M.SKIPPED_STEPS]
     run.window = _Window()
     run.metrics.update(logged)
     logger.info(
         "step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d",
         run.step,
         run.spec.train.steps,
-        logged[M.TRAIN_LOSS],
+        logged.get(M.TRAIN_LOSS, math.nan),
         lr,
         grad_norm,
         logged[M.TOKENS_PER_S],
@@ -294,7 +304,7 @@ def _checkpoint(run: _Run) -> Path:
 def _finish(run: _Run) -> None:
     """Unreported train metrics (early stop), final validation (unless just done), final checkpoint (unless just
     written), HF model + tokenizer."""
-    if run.window.n_steps:
+    if run.window.n_tokens:
         _report_train(run, *run.last_step)
     if run.last_eval_step != run.step and run.step > 0:
         _evaluate(run, crossbatch_at(run.spec, run.step - 1))

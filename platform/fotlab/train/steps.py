@@ -6,13 +6,16 @@
   Under DDP (gradients averaged over ranks) the scale is multiplied by world_size to keep that exact.
 - Targets come already shifted from the packer (targets[b, t] = token after input_ids[b, t]).
 - Non-final micro-steps run under `model.no_sync()` when the model has it (DDP), so gradients are all-reduced once.
-- A NaN/inf loss or gradient norm raises `LossNotFiniteError` naming the step; nothing is skipped silently.
+- A NaN/inf loss or gradient norm raises `LossNotFiniteError` naming the step (`train.nonfinite: stop`), or with
+  `train.nonfinite: skip` the step's update is dropped (gradients zeroed, no optimizer step) and the step is
+  returned as skipped, for the loop to count; all ranks decide together (a NaN on one rank skips everywhere).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +34,7 @@ class StepStats:
     grad_norm: float
     n_loss_tokens: int
     n_input_tokens: int
+    skipped: bool = False  # non-finite loss or gradient norm under `train.nonfinite: skip`: no update was made
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -88,11 +92,12 @@ def train_step(
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
     grad_clip: float | None = 1.0,
+    nonfinite: str = "stop",
 ) -> StepStats:
     """Forward/backward over `micro_batches` (one optimizer step), clip, `optimizer.step()`, zero grads.
 
     `step` is the 1-based number of the step being taken (for error messages). The lr scheduler is the
-    caller's: call its `.step()` afterwards.
+    caller's: call its `.step()` afterwards. `nonfinite` is "stop" (raise) or "skip" (module docstring).
     """
     micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
     n_loss_local = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
@@ -107,20 +112,35 @@ def train_step(
             with autocast_context(device, precision):
                 logits = model(mb["input_ids"], crossbatch=crossbatch).logits  # (B, T, V)
             micro_sum = token_ce_sum(logits, mb["targets"])
-            if not torch.isfinite(micro_sum):
+            if not torch.isfinite(micro_sum) and nonfinite == "stop":
                 raise LossNotFiniteError(
                     f"step {step}: loss is {micro_sum.item()} (micro-batch {i + 1}/{len(micro_batches)}); "
-                    "stopping instead of skipping — lower the lr, check the data, or try fp32"
+                    "stopping (train.nonfinite: stop) — lower the lr, check the data, try fp32, "
+                    "or set train.nonfinite: skip"
                 )
             (micro_sum * scale).backward()
         loss_sum += micro_sum.item()
     grad_norm = _clip(model, grad_clip)
+    n_inputs = sum(mb["input_ids"].numel() for mb in micro_batches)
+    stats = StepStats(loss_sum / max(n_loss_local, 1), float(grad_norm), n_loss_local, n_inputs)
+    if nonfinite == "skip" and _any_rank_nonfinite(stats.loss, stats.grad_norm, device):
+        optimizer.zero_grad(set_to_none=True)
+        return dataclasses.replace(stats, skipped=True)
     if not torch.isfinite(grad_norm):
         raise LossNotFiniteError(f"step {step}: gradient norm is {grad_norm.item()}; stopping")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_inputs = sum(mb["input_ids"].numel() for mb in micro_batches)
-    return StepStats(loss_sum / max(n_loss_local, 1), float(grad_norm), n_loss_local, n_inputs)
+    return stats
+
+
+def _any_rank_nonfinite(loss: float, grad_norm: float, device: torch.device) -> bool:
+    """Whether the loss or gradient norm is NaN/inf on any rank (one all-reduce when a process group exists)."""
+    bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bad
+    flag = torch.tensor([int(bad)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @torch.no_grad()
