@@ -193,6 +193,10 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "scaling.use_tpu", "use_gpu and use_tpu are both true; pick one"
     if sc.topology is not None and not sc.use_tpu:
         yield "scaling.topology", "only applies with scaling.use_tpu: true"
+    if sc.use_tpu and spec.train.framework != "jax":
+        yield "scaling.use_tpu", "TPU training runs the JAX path; set train.framework: jax"
+    if spec.train.framework == "jax" and spec.train.optimizer.name != "adamw":
+        yield "train.optimizer.name", "train.framework jax supports adamw only"
     if spec.tracking.register_model and not spec.tracking.log_model:
         yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 
