@@ -161,6 +161,10 @@ def build_trainer(
         checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
         logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
     )
+    if spec.train.framework == "jax":  # the JAX/TPU path (fotlab.jax.ray_trainer)
+        from fotlab.jax.ray_trainer import build_jax_trainer
+
+        return build_jax_trainer(spec, config, run_config)
     return TorchTrainer(
         train_worker,
         train_loop_config=config,
