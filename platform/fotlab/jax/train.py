@@ -152,7 +152,7 @@ def _fit(run: _JaxRun) -> bool:
         params, opt_state, loss, norm = _compiled(run, "train", cb)(run.state["params"], run.state["opt_state"],
                                                                       ids, targets)
         run.state = {"params": params, "opt_state": opt_state}
-        loss, norm = float(loss), float(norm)
+        loss, norm = scalar(loss), scalar(norm)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise LossNotFiniteError(f"step {run.step + 1}: loss {loss}, gradient norm {norm}; stopping")
         run.step += 1
@@ -171,6 +171,11 @@ def _fit(run: _JaxRun) -> bool:
             logger.info("stop requested at step %d", run.step)
             return True
     return False
+
+
+def scalar(x) -> float:
+    """A replicated scalar as a float (also when other processes hold copies: read this process's one)."""
+    return float(np.asarray(x.addressable_data(0)))
 
 
 def _lr(run: _JaxRun, step: int) -> float:
@@ -205,7 +210,7 @@ def validation_loss(run: _JaxRun, cb: JaxCrossBatch, batches) -> float:
         ids = global_batch(batch["input_ids"].numpy().astype(np.int32), run.mesh)
         targets = global_batch(batch["targets"].numpy().astype(np.int32), run.mesh)
         s, c = fn(run.state["params"], ids, targets)
-        total, count = total + float(s), count + int(c)
+        total, count = total + scalar(s), count + int(scalar(c))
     return total / max(count, 1)
 
 
