@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama")
+BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama", "train_step_jax")
 MODULES = {"prefill_longllama": "longllama_ref"}  # benchmark name -> module under benchmarks/ (default: same name)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
