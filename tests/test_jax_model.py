@@ -122,6 +122,17 @@ def test_hf_llama_dir_and_save_round_trip(tmp_path):
     assert all(np.array_equal(again[k], v.numpy()) for k, v in reloaded.state_dict().items())
 
 
+def test_jax_package_imports_no_torch_ray_or_mlflow():
+    """ARCHITECTURE: fotlab.jax imports nothing from torch at module level (nor Ray / MLflow / transformers)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fotlab.jax.model, fotlab.jax.train, fotlab.jax.weights, fotlab.jax.ray_trainer; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'mlflow', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_allowed_contexts_match_torch():
     for B, n, k, stepping in [(8, 4, 4, True), (8, 7, 4, True), (6, 3, 2, False), (4, 9, 1, True)]:
         assert allowed_contexts(B, n, k, stepping).tolist() == torch_allowed(B, n, k, stepping).tolist()

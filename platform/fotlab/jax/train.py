@@ -193,8 +193,9 @@ def _any_process(flag: bool) -> bool:
 def _report_train(run: _JaxRun, M) -> None:
     loss_sum, n_steps, seconds, n_tokens = run.window
     lr, norm, xrange = run.last_step
-    logged = {M.LOSS: loss_sum / n_steps, M.LR: lr, M.GRAD_NORM: norm, M.TOKENS_PER_S: n_tokens / max(seconds, 1e-9),
-              M.STEP_TIME_S: seconds / n_steps, M.CROSSBATCH_RANGE: float(xrange), M.TOKENS_SEEN: float(run.tokens_seen)}
+    logged = {M.LOSS: loss_sum / n_steps, M.LR: lr, M.GRAD_NORM: norm,
+              M.TOKENS_PER_S: n_tokens / max(seconds, 1e-9), M.STEP_TIME_S: seconds / n_steps,
+              M.CROSSBATCH_RANGE: float(xrange), M.TOKENS_SEEN: float(run.tokens_seen)}
     run.window = [0.0, 0, 0.0, 0]
     run.metrics.update(logged)
     logger.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s xbatch %d", run.step, run.spec.train.steps,
