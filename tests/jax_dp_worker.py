@@ -3,7 +3,10 @@ train step on CPU. Every process builds the same debug-preset weights and the sa
 its own rows (process r: rows r*8/n ...), runs one jitted train step on a ("data", "model") mesh spanning all
 processes, and process 0 prints loss, gradient norm and a checksum of the updated weights as one JSON line.
 
-    python tests/jax_dp_worker.py PORT N_PROCESSES PROCESS_ID
+    python tests/jax_dp_worker.py PORT N_PROCESSES PROCESS_ID [MODEL_PARALLEL]
+
+MODEL_PARALLEL > 1 (with XLA_FLAGS=--xla_force_host_platform_device_count=N for N CPU devices) shards the weights
+over a "model" mesh axis of that size (sharding.py), data over the rest.
 """
 
 import json
@@ -13,7 +16,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def main(port: int, n_proc: int, proc_id: int) -> None:
+def main(port: int, n_proc: int, proc_id: int, model_parallel: int = 1) -> None:
     import jax
     import numpy as np
 
@@ -36,7 +39,7 @@ def main(port: int, n_proc: int, proc_id: int) -> None:
     targets = rng.integers(0, 96, (2, 8, 16)).astype(np.int32)
     targets[:, :, :2] = -100
     rows = slice(proc_id * 8 // n_proc, (proc_id + 1) * 8 // n_proc)
-    mesh = make_mesh()
+    mesh = make_mesh(model_parallel)
     params = _place(params, param_shardings(params, mesh))
     spec = SimpleNamespace(train=SimpleNamespace(
         steps=1, grad_clip=1.0, schedule=SimpleNamespace(name="constant", warmup_steps=0, min_lr_ratio=0.0),
@@ -48,10 +51,11 @@ def main(port: int, n_proc: int, proc_id: int) -> None:
     new_params, _, loss, norm = step(params, opt_state, global_batch(ids[:, rows], mesh, True),
                                      global_batch(targets[:, rows], mesh, True))
     checksum = sum(float(np.asarray(x.addressable_data(0), np.float64).sum()) for x in jax.tree.leaves(new_params))
+    sharded = [str(x.sharding.spec) for x in jax.tree.leaves(new_params) if any(x.sharding.spec)]
     if proc_id == 0:
         print(json.dumps({"loss": scalar(loss), "grad_norm": scalar(norm), "checksum": checksum,
-                          "devices": len(jax.devices())}), flush=True)
+                          "devices": len(jax.devices()), "n_sharded_params": len(sharded)}), flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(*(int(a) for a in sys.argv[1:]))

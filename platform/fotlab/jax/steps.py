@@ -101,7 +101,11 @@ def make_eval_sum(config: JaxFoTConfig, crossbatch: JaxCrossBatch, precision: st
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
 def checkpoint_manager(root: Path, keep: int):
+    import logging
+
     import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save/restore step at INFO
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, step_prefix=STEP_PREFIX, step_format_fixed_length=8,
                                            create=True)
