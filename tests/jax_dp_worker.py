@@ -50,7 +50,10 @@ def main(port: int, n_proc: int, proc_id: int, model_parallel: int = 1) -> None:
     step = S.make_train_step(config, optimizer, cb, "fp32")
     new_params, _, loss, norm = step(params, opt_state, global_batch(ids[:, rows], mesh, True),
                                      global_batch(targets[:, rows], mesh, True))
-    checksum = sum(float(np.asarray(x.addressable_data(0), np.float64).sum()) for x in jax.tree.leaves(new_params))
+    def whole(x):  # the full array: gathered from local shards, or this process's replica (data-parallel run)
+        return np.asarray(x if x.is_fully_addressable else x.addressable_data(0), np.float64)
+
+    checksum = sum(float(whole(x).sum()) for x in jax.tree.leaves(new_params))
     sharded = [str(x.sharding.spec) for x in jax.tree.leaves(new_params) if any(x.sharding.spec)]
     if proc_id == 0:
         print(json.dumps({"loss": scalar(loss), "grad_norm": scalar(norm), "checksum": checksum,
