@@ -122,3 +122,7 @@ def test_spec_framework_field():
         parse_spec({"name": "x", "scaling": {"use_tpu": True, "topology": "2x4"}})
     spec = parse_spec({"name": "x", "train": {"framework": "jax"}, "scaling": {"use_tpu": True, "topology": "2x4"}})
     assert spec.scaling.use_tpu
+    with pytest.raises(FotlabError, match="scaling.num_workers"):
+        parse_spec({"name": "x", "train": {"framework": "jax"}, "scaling": {"num_workers": 2}})
+    with pytest.raises(FotlabError, match="train.optimizer.name"):
+        parse_spec({"name": "x", "train": {"framework": "jax", "optimizer": {"name": "adafactor"}}})

@@ -195,8 +195,14 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "scaling.topology", "only applies with scaling.use_tpu: true"
     if sc.use_tpu and spec.train.framework != "jax":
         yield "scaling.use_tpu", "TPU training runs the JAX path; set train.framework: jax"
-    if spec.train.framework == "jax" and spec.train.optimizer.name != "adamw":
-        yield "train.optimizer.name", "train.framework jax supports adamw only"
+    if spec.train.framework == "jax":
+        if spec.train.optimizer.name != "adamw":
+            yield "train.optimizer.name", "train.framework jax supports adamw only"
+        if sc.use_gpu:
+            yield "scaling.use_gpu", "train.framework jax runs on TPU or CPU; use train.framework torch for GPUs"
+        if sc.num_workers > 1 and not sc.use_tpu:
+            yield "scaling.num_workers", ("train.framework jax on CPU runs one worker (Ray initialises "
+                                          "jax.distributed only for TPU workers)")
     if spec.tracking.register_model and not spec.tracking.log_model:
         yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 
