@@ -286,6 +286,10 @@ class TrainSpec(StrictModel):
     eval_batches: int = Field(4, gt=0, description="Validation batches per evaluation.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
+    framework: Literal["torch", "jax"] = Field(
+        "torch",
+        description="Training framework: torch (PyTorch, DDP/FSDP) or jax (fotlab.jax; required for scaling.use_tpu).",
+    )
 
 
 class FsdpSpec(StrictModel):
