@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# re-exported: the eval modules import their metric names from here (the lint pass had dropped them)
 from fotlab.names import EVAL_PREFIX as PREFIX  # noqa: F401
+from fotlab.names import (  # noqa: F401
+    dictionary_metric,
+    distraction_metric,
+    few_shot_metric,
+    metric_name,
+    passkey_metric,
+    ppl_metric,
+)
 
 
 # ----- result --------------------------------------------------------------------------------------------------
