@@ -140,3 +140,25 @@ def test_spec_framework_field():
         parse_spec({"name": "x", "train": {"framework": "jax"}, "scaling": {"num_workers": 2}})
     with pytest.raises(FotlabError, match="train.optimizer.name"):
         parse_spec({"name": "x", "train": {"framework": "jax", "optimizer": {"name": "adafactor"}}})
+
+
+@pytest.mark.parametrize(
+    "section, field, value",
+    [
+        ("scaling", "strategy", "fsdp"),
+        ("scaling", "use_gpu", True),
+        ("memory", "retrieval", "topk"),
+        ("memory", "capacity", 256),
+        ("model", "qk_norm", True),
+    ],
+)
+def test_spec_refuses_what_the_jax_loop_lacks(section, field, value):
+    raw = {"name": "x", "train": {"framework": "jax"}, section: {field: value}}
+    if (section, field) == ("memory", "retrieval"):
+        raw["memory"]["topk"] = 4
+    if field == "strategy":
+        raw["scaling"]["num_workers"] = 1
+    with pytest.raises(FotlabError, match=f"{section}.{field}"):
+        parse_spec(raw)
+    raw["train"]["framework"] = "torch"  # the same field is fine for the PyTorch loop
+    parse_spec(raw)
