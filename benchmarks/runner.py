@@ -27,7 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("prefill", "train_step", "retrieval", "overhead", "growth", "prefill_longllama", "fsdp_memory")
+BENCHMARKS = (
+    "prefill",
+    "train_step",
+    "retrieval",
+    "overhead",
+    "growth",
+    "prefill_longllama",
+    "fsdp_memory",
+    "train_step_jax",
+)
 MODULES = {
     "prefill_longllama": "longllama_ref",
     "fsdp_memory": "sharded_memory",

@@ -13,10 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds the `benchmarks` package
 
-from benchmarks import growth, models, naive, prefill, retrieval, runner, train_step
+from benchmarks import growth, models, naive, prefill, retrieval, runner, train_step, train_step_jax
 
 
-@pytest.mark.parametrize("module", [retrieval, train_step])
+@pytest.mark.parametrize("module", [retrieval, train_step, train_step_jax])
 def test_tiny_cases_run_in_process(module):
     for case in runner.collect_cases([module.__name__.split(".")[-1]], "tiny"):
         metrics = module.run(case.params)

@@ -37,18 +37,17 @@ class PipelineResult:
 def run_pipeline(
     spec, run: TrackedRun, runtime, hooks=None, *, model_dir: Path | None = None, console=None
 ) -> PipelineResult:
-    """Train `spec` (`fotlab.train.train` with `runtime` and `hooks`), then on rank 0: the model logged into `run`
-    (`tracking.log_model`) and registered (`tracking.register_model`), and the spec's evaluations logged.
+    """Train `spec` (its framework's loop, `train_function`, with `runtime` and `hooks`), then on rank 0: the model
+    logged into `run` (`tracking.log_model`) and registered (`tracking.register_model`), and the spec's evaluations
+    logged.
 
     `model_dir` skips training and evaluates that saved model (a reproduction's evaluations repaired later).
     A run stopped early (a stop request) skips the rest: it resumes later and finishes then.
     """
-    from fotlab.train import train
-
     t0 = time.time()
     datasets = []
     if model_dir is None:
-        trained = train(spec, runtime, hooks)
+        trained = train_function(spec)(spec, runtime, hooks)
         result = PipelineResult(
             trained.final_step,
             numeric_metrics(trained.metrics),
@@ -85,6 +84,18 @@ def run_pipeline(
     result.metrics.update(run.log_metrics(timings, step=result.final_step))
     run.link_metrics(result.final_step)  # the evaluations' metrics belong to the logged model too
     return result
+
+
+def train_function(spec):
+    """The training loop of `spec.train.framework`: `fotlab.train.train` (PyTorch) or `fotlab.jax.train.train`
+    (JAX; same Runtime / TrainHooks / TrainResult contract, so everything after training is shared)."""
+    if spec.train.framework == "jax":
+        from fotlab.jax.train import train as jax_train
+
+        return jax_train
+    from fotlab.train import train
+
+    return train
 
 
 def evaluate(

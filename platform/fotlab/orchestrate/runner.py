@@ -163,7 +163,7 @@ def run_experiment(
         raise RunInterruptedError(f"run {record.run_id} aborted; {resume_hint}", record.run_id) from err
     except BaseException as err:
         cause = root_error(err)
-        resumable = has_checkpoint(record)
+        resumable = has_checkpoint(record, spec.train.framework)
         record.fail(cause, resumable=resumable)
         hint = f"; {resume_hint}" if resumable else ""
         raise RunFailedError(
@@ -174,7 +174,7 @@ def run_experiment(
     finally:
         if channel is not None:
             channel.close()
-    return close_run(record, result, resume_hint)
+    return close_run(record, result, resume_hint, spec.train.framework)
 
 
 def _open_record_while_ray_starts(spec, address: str | None):
@@ -264,14 +264,14 @@ def root_error(err: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else err
 
 
-def has_checkpoint(record: run_record.RunRecord) -> bool:
+def has_checkpoint(record: run_record.RunRecord, framework: str = "torch") -> bool:
     """True when the run left a checkpoint to resume from (fotlab's checkpoints in the workers' output folder)."""
     from fotlab.orchestrate.worker import resume_dir
 
-    return resume_dir(output_dir_for(record.storage_path, record.ray_run_name)) is not None
+    return resume_dir(output_dir_for(record.storage_path, record.ray_run_name), framework) is not None
 
 
-def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutcome:
+def close_run(record: run_record.RunRecord, result, resume_hint: str, framework: str = "torch") -> RunOutcome:
     """Log final metrics and mark the MLflow run FINISHED (or KILLED when the workers stopped early)."""
     value = result.return_value or {}
     metrics = tracking.numeric_metrics(value.get("metrics") or result.metrics or {})
@@ -283,13 +283,13 @@ def close_run(record: run_record.RunRecord, result, resume_hint: str) -> RunOutc
             record.run_id,
         )
     record.finish(metrics, final_step)
-    checkpoint = _latest_checkpoint(value.get("checkpoint_dir"))
+    checkpoint = _latest_checkpoint(value.get("checkpoint_dir"), framework)
     model_dir = Path(value["model_dir"]) if value.get("model_dir") else None
     return RunOutcome(record.run_id, "FINISHED", model_dir, metrics, checkpoint, record.run_name, final_step)
 
 
-def _latest_checkpoint(checkpoint_dir: str | None) -> str | None:
-    from fotlab.train.checkpoint import latest_checkpoint
+def _latest_checkpoint(checkpoint_dir: str | None, framework: str) -> str | None:
+    from fotlab.orchestrate.worker import latest_checkpoint_in
 
-    latest = latest_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
+    latest = latest_checkpoint_in(Path(checkpoint_dir), framework) if checkpoint_dir else None
     return str(latest) if latest is not None else None

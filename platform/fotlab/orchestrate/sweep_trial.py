@@ -149,17 +149,16 @@ def _train_here(
     import torch
 
     from fotlab.orchestrate.pipeline import run_pipeline
-    from fotlab.orchestrate.worker import resume_dir
-    from fotlab.train.checkpoint import resolve_checkpoint
+    from fotlab.orchestrate.worker import latest_checkpoint_in, resume_dir
     from fotlab.train.runtime import Runtime, TrainHooks
 
     resources = context.resources
     torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
     device = "cuda" if resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     reporter = TrialReporter(run, context.sweep.metric, spec.train.steps, logged_up_to)
-    resume_from = resume_dir(output_dir)
+    resume_from = resume_dir(output_dir, spec.train.framework)
     if resume_from is not None:
-        run.set_tags({TAG_RESUMED_FROM: str(resolve_checkpoint(resume_from))})
+        run.set_tags({TAG_RESUMED_FROM: str(latest_checkpoint_in(resume_from, spec.train.framework))})
     runtime = Runtime(output_dir=output_dir, device=device, resume_from=resume_from)
     result = run_pipeline(spec, run, runtime, TrainHooks(reporter.on_log))
     close_child_run(run, result.metrics, result.final_step)

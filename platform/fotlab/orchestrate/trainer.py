@@ -1,12 +1,16 @@
-"""The one builder of the Ray Train trainer: a spec + a frozen `WorkerConfig` -> a Train V2 `TorchTrainer`.
+"""The one builder of the Ray Train trainer: a spec + a frozen `WorkerConfig` -> a Train V2 `TorchTrainer` (or a
+`JaxTrainer` for `train.framework: jax`).
 
     config = WorkerConfig(spec=spec, run_id=run.run_id, tracking_uri=run.uri, output_dir="runs/x/output")
     trainer = build_trainer(train_worker, config, run_name="x", storage_path="runs")
 
 `fotlab run` (`runner`) and multi-worker sweep trials (`sweep_trial`) both build their trainer here, so every
-`scaling`, `storage` and `failure` field of a spec means the same in both. Other trainer kinds (a JAX trainer
-selected by a future `train.framework` field) plug in as one more branch in `build_trainer`, beside
-`_torch_trainer`; the worker function and its typed config stay the caller's.
+`scaling`, `storage` and `failure` field of a spec means the same in both. The trainer kind is one branch in
+`build_trainer` on `train.framework` (`_torch_trainer`, `_jax_trainer`); the worker function and its typed config
+stay the caller's (`worker.train_worker` serves both frameworks).
+JAX: on TPU (`scaling.use_tpu`, `topology`, `accelerator_type`) Ray reserves the slice, sets JAX_PLATFORMS=tpu
+and calls `jax.distributed.initialize` on every worker (one per TPU host); on CPU it does not, so a CPU JAX run
+has one worker (the spec checks refuse more, `fotlab.spec.checks`).
 """
 
 from __future__ import annotations
@@ -112,12 +116,11 @@ def build_trainer(
     (rerunning with the same two continues that Ray run). `callbacks`: Ray Train callbacks (a sweep trial's
     `TuneReportCallback`)."""
     spec = config.spec
-    return _torch_trainer(
-        worker_fn,
-        config,
-        scaling_config(spec.scaling),
-        run_config(spec, run_name, storage_path, callbacks, quiet=config.quiet),
-    )
+    scaling = scaling_config(spec.scaling)
+    run = run_config(spec, run_name, storage_path, callbacks, quiet=config.quiet)
+    if spec.train.framework == "jax":
+        return _jax_trainer(worker_fn, config, scaling, run)
+    return _torch_trainer(worker_fn, config, scaling, run)
 
 
 def _torch_trainer(worker_fn, config: WorkerConfig, scaling, run):
@@ -129,3 +132,9 @@ def _torch_trainer(worker_fn, config: WorkerConfig, scaling, run):
         run_config=run,
         torch_config=TorchConfig(backend="nccl" if config.spec.scaling.use_gpu else "gloo"),
     )
+
+
+def _jax_trainer(worker_fn, config: WorkerConfig, scaling, run):
+    from ray.train.v2.jax import JaxTrainer
+
+    return JaxTrainer(functools.partial(worker_fn, config), scaling_config=scaling, run_config=run)

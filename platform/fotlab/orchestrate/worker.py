@@ -12,8 +12,11 @@ Design choices:
   crash: rank 0 does not log them to MLflow again (one metric point per step).
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
   all ranks call `ray.train.report` together (every `report_every` steps and at each checkpoint).
+- One worker function for both `train.framework`s: a JAX run (Ray's `JaxTrainer`, see `trainer.build_trainer`)
+  differs only in its torch device (CPU) and in having no model wrapper; the loop itself comes from the pipeline.
 - A stop request from the driver (Ctrl-C) is checked every `STOP_POLL_STEPS` steps and agreed on by all ranks
-  (all-reduce), so every rank stops after the same step and writes one last checkpoint.
+  (all-reduce; a JAX run has no torch process group, its loop all-gathers the flag over JAX processes), so every
+  rank stops after the same step and writes one last checkpoint.
 """
 
 from __future__ import annotations
@@ -84,12 +87,23 @@ def _report_metrics(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"step": int(step), **numeric_metrics(metrics)}
 
 
-def resume_dir(output_dir: Path) -> Path | None:
+def resume_dir(output_dir: Path, framework: str = "torch") -> Path | None:
     """This run's checkpoints root when it holds one (a `--resume`, or Ray restarting failed workers), else None."""
+    root = Path(output_dir) / "checkpoints"
+    return root if latest_checkpoint_in(root, framework) is not None else None
+
+
+def latest_checkpoint_in(root: Path, framework: str = "torch") -> Path | None:
+    """The newest complete checkpoint under the checkpoints root `root` of a `train.framework` run (fotlab.train's
+    `step-*` folders, or the JAX loop's orbax `step_*` ones), or None."""
+    if framework == "jax":
+        from fotlab.jax.steps import latest_step, step_path
+
+        step = latest_step(root)
+        return None if step is None else step_path(root, step)
     from fotlab.train.checkpoint import latest_checkpoint
 
-    root = Path(output_dir) / "checkpoints"
-    return root if latest_checkpoint(root) is not None else None
+    return latest_checkpoint(Path(root))
 
 
 def wrap_model_fn(spec, n_workers: int, device: torch.device):
@@ -108,34 +122,38 @@ def wrap_model_fn(spec, n_workers: int, device: torch.device):
 def train_worker(config: WorkerConfig) -> dict[str, Any]:
     """`train_loop_per_worker` of the trainer (`trainer.build_trainer`): the pipeline on this worker.
 
+    Both frameworks run here (the pipeline picks the loop from `spec.train.framework`). A JAX worker never asks
+    Ray for a torch device (on a TPU worker that would need torch_tpu): its torch side (data pipeline,
+    evaluations on the saved `model/`) runs on CPU, and JAX picks its own devices.
     Returns (rank 0's value becomes `Result.return_value`): final_step, metrics, model_dir, stopped_early.
     """
     import ray.train
-    import ray.train.torch
 
     from fotlab.orchestrate.pipeline import run_pipeline
     from fotlab.train.runtime import Runtime, TrainHooks
 
     spec = config.spec
+    jax = spec.train.framework == "jax"
     if config.quiet:
         quiet_worker_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = torch.device("cpu") if jax else _torch_device()
     run = TrackedRun(config.tracking_uri, config.run_id, experiment_id="")
     hooks = WorkerHooks(config, run, rank, world_size, device)
-    resume_from = resume_dir(Path(config.output_dir))
+    resume_from = resume_dir(Path(config.output_dir), spec.train.framework)
     if resume_from is not None and rank == 0:  # after a crash (an exception, SIGKILL, a Ray restart)
         hooks.logged_through = run.last_step(names.TRAIN_LOSS)
-    wrap_model, sharded = wrap_model_fn(spec, world_size, device)
+    placement: dict[str, Any] = {}  # the JAX loop places its arrays itself (fotlab.jax.sharding)
+    if not jax:
+        placement["wrap_model"], placement["sharded"] = wrap_model_fn(spec, world_size, device)
     runtime = Runtime(
         output_dir=Path(config.output_dir),
         device=device,
         rank=rank,
         world_size=world_size,
         resume_from=resume_from,
-        wrap_model=wrap_model,
-        sharded=sharded,
+        **placement,
     )
     result = run_pipeline(spec, run, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
     return {
@@ -148,6 +166,12 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     }
 
 
+def _torch_device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
 def quiet_worker_logs() -> None:
     """Keep this worker's console to warnings: the driver's live display already shows step, loss and tokens/s.
 
@@ -156,6 +180,7 @@ def quiet_worker_logs() -> None:
     "ray.train" (so `LoggingConfig` misses it).
     """
     logging.getLogger("fotlab.train").setLevel(logging.WARNING)
+    logging.getLogger("fotlab.jax").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars, one line each under Ray

@@ -230,12 +230,41 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "tracking.register_model", "registers the logged model, but tracking.log_model is false"
 
 
+def _framework_problems(spec) -> Iterator[Problem]:
+    """`train.framework: jax` (fotlab.jax): what the JAX loop does not have; TPUs only through it. Crossbatch
+    rules are the framework's common ones (`_crossbatch_problems`); shapes a preset sets are checked when the JAX
+    model is built (`fotlab.jax.model.JaxFoTConfig.from_dict`)."""
+    sc, jax = spec.scaling, spec.train.framework == "jax"
+    if sc.use_tpu and not jax:
+        yield "scaling.use_tpu", "TPU training runs the JAX path; set train.framework: jax"
+    if not jax:
+        return
+    if spec.train.optimizer.name != "adamw":
+        yield "train.optimizer.name", "train.framework jax supports adamw only"
+    if sc.use_gpu:
+        yield "scaling.use_gpu", "train.framework jax runs on TPU or CPU; use train.framework torch for GPUs"
+    if sc.num_workers > 1 and not sc.use_tpu:
+        yield (
+            "scaling.num_workers",
+            "train.framework jax on CPU runs one worker (Ray initialises jax.distributed only for TPU workers)",
+        )
+    if sc.strategy == "fsdp":
+        yield "scaling.strategy", "fsdp is the PyTorch path; train.framework jax shards over its own device mesh"
+    if spec.memory.retrieval not in (None, "dense"):
+        yield "memory.retrieval", f"train.framework jax has dense memory retrieval only (got {spec.memory.retrieval!r})"
+    if spec.memory.capacity is not None:
+        yield "memory.capacity", "train.framework jax has no memory capacity limit; leave it unset"
+    if spec.model.qk_norm:
+        yield "model.qk_norm", "train.framework jax has no qk_norm"
+
+
 def problems(spec, check_paths: bool = True) -> Iterator[Problem]:
-    """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling + tracking)."""
+    """Every cross-field problem of `spec`, in a fixed order (model, crossbatch, data, scaling, framework)."""
     yield from _model_problems(spec, check_paths)
     yield from _crossbatch_problems(spec)
     yield from _data_problems(spec, check_paths)
     yield from _scaling_problems(spec)
+    yield from _framework_problems(spec)
 
 
 def first_problem(spec, check_paths: bool = True) -> Problem | None:

@@ -291,6 +291,10 @@ class TrainSpec(StrictModel):
         description="A NaN/inf loss or gradient norm: stop (the run fails naming the step; checkpoints kept) "
         "or skip the step's update (counted as train/skipped_steps).",
     )
+    framework: Literal["torch", "jax"] = Field(
+        "torch",
+        description="Training framework: torch (PyTorch, DDP/FSDP) or jax (fotlab.jax; required for scaling.use_tpu).",
+    )
 
 
 class FsdpSpec(StrictModel):
