@@ -253,6 +253,7 @@ def test_a_sweep_trial_and_fotlab_run_leave_the_same_mlflow_run_layout(ray_sessi
         "fotlab.storage_path",
         "fotlab.resumable",
     }
+    own |= {f"fotlab.{k.removeprefix('sweep/')}" for k in trial.data.params if k.startswith("sweep/")}  # swept fields
     fotlab_tags = [{k for k in r.data.tags if k.startswith("fotlab.") and k not in own} for r in (trial, run)]
     assert fotlab_tags[0] == fotlab_tags[1] and tracking.TAG_REGISTERED_VERSION in fotlab_tags[0]
     assert (trial.data.tags[tracking.TAG_KIND], run.data.tags[tracking.TAG_KIND]) == ("trial", "run")
@@ -260,6 +261,8 @@ def test_a_sweep_trial_and_fotlab_run_leave_the_same_mlflow_run_layout(ray_sessi
     assert {"eval/ppl_single_doc/mem_32", tracking.TRAIN_TIME_S, tracking.EVAL_TIME_S} <= set(run.data.metrics)
     for r in (trial, run):
         top = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"spec.yaml", "model", "eval"} <= top, top
+        assert {"spec.yaml", "eval"} <= top, top
+        (output,) = r.outputs.model_outputs  # the model: an MLflow Model of the run, linked to its final metrics
+        assert client.get_logged_model(output.model_id).metrics
     versions = client.search_model_versions("name='layout_model'")
     assert {v.run_id for v in versions} == {trial.info.run_id, run.info.run_id}
