@@ -126,9 +126,10 @@ def stop_after_first_checkpoint(monkeypatch, storage: Path, signum: int) -> list
     the stop lands mid-run however fast or busy the machine is. Returns the list that receives that step."""
     from fotlab.train import loop
 
-    if signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        # A shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt:
-        # give this process Python's usual Ctrl-C behaviour (call from the main thread).
+    if signum == signal.SIGINT:
+        # Python's usual Ctrl-C behaviour (KeyboardInterrupt), whatever this process inherited or an earlier test
+        # left: a shell's background job starts with SIGINT ignored, and Ray Tune's fit (the sweep tests) installs
+        # its own handler. Called from the main thread.
         signal.signal(signal.SIGINT, signal.default_int_handler)
     real_step, sent_at = loop.train_step, []
 

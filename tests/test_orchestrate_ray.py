@@ -93,8 +93,8 @@ def interrupt_once_fitting() -> threading.Thread:
     while Ray still starts the worker: the stop request waits in the channel and the worker reads it at its first
     stop poll (step 5), then checkpoints and exits, on any machine. (A Ctrl-C sent after the first checkpoint raced
     the worker to the end of its steps.)"""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # see test_orchestrate.stop_after_first_checkpoint
+    # Python's Ctrl-C, whatever was inherited or left (see test_orchestrate.stop_after_first_checkpoint)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fitting() -> bool:
         return any(t.name == "fotlab-fit" for t in threading.enumerate())

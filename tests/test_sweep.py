@@ -282,6 +282,7 @@ def test_a_sweep_trials_trainer_carries_the_scaling_storage_and_failure_of_its_s
         set=[
             "scaling.num_workers=4",
             "scaling.use_tpu=true",
+            "train.framework=jax",  # TPU training runs the JAX path
             "scaling.topology=2x2",
             "scaling.accelerator_type=TPU-V6E",
             "scaling.resources_per_worker={TPU: 1}",
