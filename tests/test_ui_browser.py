@@ -134,7 +134,7 @@ def test_run_opens_in_the_training_view_with_charts_model_and_data(logged_run, t
         assert "| ui-check-train (0123456789abcdef) | training |" in page
         charts = render(link.replace("?", "/model-metrics?"), tmp_path)
         assert "| train | (2) |" in charts and "| val | (1) |" in charts  # a chart per metric, grouped
-        assert "browser-run (eval/ppl_single_doc/mem_0)" in charts
+        assert "| eval/ppl_single_doc | (1) |" in charts  # the evaluation's metric gets its own chart section
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(30)
