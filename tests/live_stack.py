@@ -2,7 +2,8 @@
 
 Every process is started in its own session (process group) on 127.0.0.1 with free ports and its own folders
 under one temporary directory, and `Stack.close()` ends them by process group (then any straggler whose command line
-names this stack's folder, by pid). Nothing here attaches to a process it did not start; `ray stop` is never used.
+names this stack's folder, by pid). Nothing here attaches to a process it did not start, and nothing stops Ray
+clusters by name (that would end other sessions' clusters too).
 
     stack = Stack(tmp_path); head = stack.ray_head(env); stack.ray_node(head, env); ...; stack.close()
 """

@@ -213,17 +213,22 @@ def save_checkpoint(
         _torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
     barrier()
     if rank == 0:
-        manifest = file_manifest(tmp_dir)
-        state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state, MANIFEST_KEY: manifest}
-        (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        fsync_path(tmp_dir / STATE_FILE)
-        fsync_path(tmp_dir)
-        replace_dir(tmp_dir, final_dir)
-        fsync_path(root)
-        prune_checkpoints(root, keep)
+        commit_checkpoint(tmp_dir, final_dir, {"format_version": FORMAT_VERSION, "step": step, **trainer_state}, keep)
         logger.info("checkpoint step %d -> %s", step, final_dir)
     barrier()
     return final_dir
+
+
+def commit_checkpoint(tmp_dir: Path, final_dir: Path, state: dict[str, Any], keep: int) -> None:
+    """Make a fully written checkpoint count (rank 0, both formats): the trainer state with the manifest of every
+    other file is written LAST and synced, the folder renamed into place, then older checkpoints pruned."""
+    state = {**state, MANIFEST_KEY: file_manifest(tmp_dir)}
+    (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    fsync_path(tmp_dir / STATE_FILE)
+    fsync_path(tmp_dir)
+    replace_dir(tmp_dir, final_dir)
+    fsync_path(final_dir.parent)
+    prune_checkpoints(final_dir.parent, keep)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

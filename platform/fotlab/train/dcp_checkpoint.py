@@ -35,15 +35,12 @@ from typing import Any
 import torch
 
 from fotlab.train.checkpoint import (
-    MANIFEST_KEY,
     STATE_FILE,
     checkpoint_problem,
-    file_manifest,
+    commit_checkpoint,
     find_resumable,
     fsync_path,
     list_checkpoints,
-    prune_checkpoints,
-    replace_dir,
     step_dir_name,
 )
 
@@ -102,13 +99,7 @@ def save_dcp_checkpoint(
         fsync_path(tmp_dir / "scheduler.pt")
     barrier()
     if rank == 0:
-        state = {"format": FORMAT, "step": step, **trainer_state, MANIFEST_KEY: file_manifest(tmp_dir)}
-        (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        fsync_path(tmp_dir / STATE_FILE)
-        fsync_path(tmp_dir)
-        replace_dir(tmp_dir, final_dir)
-        fsync_path(root)
-        prune_checkpoints(root, keep)
+        commit_checkpoint(tmp_dir, final_dir, {"format": FORMAT, "step": step, **trainer_state}, keep)
         logger.info("sharded checkpoint step %d -> %s", step, final_dir)
     barrier()
     return final_dir
