@@ -216,7 +216,9 @@ class TrackedRun:
         """Log a saved model directory (HF format: config.json, *.safetensors, tokenizer files) as an MLflow Model
         (MLflow 3's logged-model entity: a pyfunc whose files are that directory, see `fotlab.serving`), an output
         of this run at `step`; the run's metrics at `step` (the final metrics and evaluations) are linked to it.
-        Returns the model id (`models:/<id>`), also kept as `self.model_id` for `register_model`."""
+        Returns the model id (`models:/<id>`), also kept as `self.model_id` for `register_model`.
+        A run that logged its model at `step` already (a worker restarted during the evaluations) keeps that one:
+        one model per run."""
         import tempfile
 
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -227,6 +229,11 @@ class TrackedRun:
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
         mlflow_client = self.client
         run = mlflow_client.get_run(self.run_id)
+        earlier = _model_output_at(run, int(step))
+        if earlier is not None:
+            self.model_id = earlier
+            self.link_metrics(int(step))
+            return earlier
         logged = mlflow_client.create_logged_model(
             run.info.experiment_id,
             name=name,
@@ -278,6 +285,11 @@ class TrackedRun:
             mlflow_client.get_registered_model(name)
         except MlflowException:
             mlflow_client.create_registered_model(name)
+        earlier = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
+        if earlier:  # registered before a worker restart: one version per run
+            version = max(earlier, key=lambda v: int(v.version))
+            self.set_tags({TAG_REGISTERED_VERSION: f"{name}/{version.version}"})
+            return str(version.version)
         model_id = self.model_id or logged_model_id(self.uri, self.run_id)
         if model_id is not None:
             # The source is the model's artifact location, not `models:/<id>`: MLflow's sqlite registry resolves a
@@ -600,6 +612,12 @@ def logged_model_id(uri: str, run_id: str) -> str | None:
     outputs = client(uri).get_run(run_id).outputs
     models = list(outputs.model_outputs) if outputs is not None and outputs.model_outputs else []
     return models[-1].model_id if models else None
+
+
+def _model_output_at(run, step: int) -> str | None:
+    """The id of the MLflow Model `run` (an MLflow Run) logged as an output at `step`, or None."""
+    outputs = run.outputs.model_outputs if run.outputs is not None and run.outputs.model_outputs else []
+    return next((o.model_id for o in reversed(outputs) if o.step == step), None)
 
 
 LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
