@@ -66,6 +66,12 @@ def http_get(url: str, timeout_s: float = 5.0) -> bytes:
 
 
 @dataclasses.dataclass
+class RayNode:
+    proc: subprocess.Popen
+    temp_dir: Path
+
+
+@dataclasses.dataclass
 class RayHead:
     gcs_address: str
     dashboard_url: str
@@ -95,7 +101,8 @@ class Stack:
 
     # -- Ray -------------------------------------------------------------------------------------------------------
     def _node_ports(self) -> list[str]:
-        base = random.randrange(30000, 39000, 200)  # own worker-port range, away from Ray's default 10002-19999
+        # own worker-port range: away from Ray's default 10002-19999 and below the ephemeral ports free_port() hands out
+        base = random.randrange(20000, 32000, 200)
         return [
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
@@ -132,12 +139,18 @@ class Stack:
         proc, log = self.start("ray-head", cmd, env)
         url = f"http://127.0.0.1:{dashboard_port}"
         wait_for(lambda: http_get(f"{url}/api/gcs_healthz"), "the Ray head", 180, proc, log)
-        return RayHead(f"127.0.0.1:{gcs_port}", url, metrics_port, temp_dir)
+        head = RayHead(f"127.0.0.1:{gcs_port}", url, metrics_port, temp_dir)
+        wait_for(lambda: self.alive_nodes(head) == 1, "the Ray head's node", 180, proc, log)
+        return head
 
-    def ray_node(self, head: RayHead, env: dict[str, str], num_cpus: int = 1, own_temp_dir: bool = True) -> None:
-        """A second node on this host. With ``own_temp_dir`` (what a real second machine has) it does not share the
-        head's session folder, whose runtime_resources/ the two nodes' runtime-env agents would both manage."""
-        temp = [f"--temp-dir={head.temp_dir}-node"] if own_temp_dir else []
+    def ray_node(
+        self, head: RayHead, env: dict[str, str], num_cpus: int = 1, own_temp_dir: bool = True, name: str = "node"
+    ) -> RayNode:
+        """Another node on this host, `name` naming its log and its temp dir. With ``own_temp_dir`` (what a real
+        second machine has) it does not share the head's session folder, whose runtime_resources/ the two nodes'
+        runtime-env agents would both manage."""
+        temp_dir = Path(f"{head.temp_dir}-{name}") if own_temp_dir else head.temp_dir
+        alive_before = self.alive_nodes(head)
         cmd = [
             str(BIN / "ray"),
             "start",
@@ -145,16 +158,33 @@ class Stack:
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}",
-            *temp,
+            *([f"--temp-dir={temp_dir}"] if own_temp_dir else []),
             *self._node_ports(),
         ]
-        proc, log = self.start("ray-node", cmd, env)
+        proc, log = self.start(f"ray-{name}", cmd, env)
+        wait_for(lambda: self.alive_nodes(head) > alive_before, f"the Ray node {name!r}", 180, proc, log)
+        return RayNode(proc, temp_dir)
 
-        def two_nodes() -> bool:
-            nodes = json.loads(http_get(f"{head.dashboard_url}/nodes?view=summary"))["data"]["summary"]
-            return sum(n["raylet"]["state"] == "ALIVE" for n in nodes) >= 2
+    @staticmethod
+    def alive_nodes(head: RayHead) -> int:
+        nodes = json.loads(http_get(f"{head.dashboard_url}/nodes?view=summary"))["data"]["summary"]
+        return sum(n["raylet"]["state"] == "ALIVE" for n in nodes)
 
-        wait_for(two_nodes, "the second Ray node", 180, proc, log)
+    def kill_node(self, node: RayNode) -> None:
+        """SIGKILL every process of `node` (a node lost with its machine): every descendant of its `ray start`
+        (raylet, agents, and the Ray workers, whose process titles no longer name the node's folder), its process
+        group, then anything still naming the node's own temp dir."""
+        import psutil
+
+        with _ignore_gone():
+            tree = psutil.Process(node.proc.pid).children(recursive=True)
+        with _ignore_gone():
+            os.killpg(node.proc.pid, signal.SIGKILL)
+        for child in tree:
+            with _ignore_gone():
+                child.kill()
+        _kill_processes_naming(f"{node.temp_dir}/")
+        node.proc.wait(timeout=30)
 
     # -- PostgreSQL + MLflow -----------------------------------------------------------------------------------------
     def postgres(self) -> str:
@@ -250,13 +280,18 @@ class Stack:
         marker = str(getattr(self, "_ray_temp", "") or "")
         if not marker:
             return
-        for pid_dir in Path("/proc").glob("[0-9]*"):
-            with _ignore_gone():
-                if marker in (pid_dir / "cmdline").read_bytes().decode(errors="replace"):
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
+        _kill_processes_naming(marker)
         if os.environ.get("FOTLAB_KEEP_STACK") != "1":  # keep the Ray logs for a look after a failure
-            shutil.rmtree(marker, ignore_errors=True)
-            shutil.rmtree(f"{marker}-node", ignore_errors=True)
+            for folder in [Path(marker), *Path(marker).parent.glob(f"{Path(marker).name}-*")]:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _kill_processes_naming(marker: str) -> None:
+    """SIGKILL every process whose command line contains `marker` (a folder only this stack's processes name)."""
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        with _ignore_gone():
+            if marker in (pid_dir / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
 
 
 class _ignore_gone:
@@ -264,4 +299,7 @@ class _ignore_gone:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, (ProcessLookupError, FileNotFoundError, PermissionError))
+        import psutil
+
+        gone = (ProcessLookupError, FileNotFoundError, PermissionError, psutil.NoSuchProcess)
+        return exc_type is not None and issubclass(exc_type, gone)
