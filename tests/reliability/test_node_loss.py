@@ -2,10 +2,13 @@
 127.0.0.1, one CPU each, their own temp dirs) runs a 2-worker DDP `fotlab run --address`, one worker per node; once
 the run has written its first checkpoint, every process of the second node is SIGKILLed (its process group and the
 Ray workers that left it), as when a machine disappears. With `failure.max_failures: 1` Ray Train restarts the
-worker group from the run's last checkpoint once two workers fit again: the test brings up a replacement node
-(what an autoscaler or KubeRay does) and the run finishes FINISHED in the same MLflow run with one metric point per
-step. Both nodes share this host's filesystem, which stands in for the shared storage (NFS) a real multi-node
-resume needs (docs/reliability.md).
+worker group from the run's last checkpoint:
+- fixed size (`scaling.num_workers: 2`): once two workers fit again; the test brings up a replacement node (what an
+  autoscaler or KubeRay does);
+- elastic (`scaling.min_workers: 1`): at once, on the one node left.
+Either way the run finishes FINISHED in the same MLflow run with one metric point per step. Both nodes share this
+host's filesystem, which stands in for the shared storage (NFS) a real multi-node resume needs
+(docs/reliability.md).
 Run: pytest -s tests/reliability/test_node_loss.py
 """
 
@@ -37,13 +40,16 @@ def first_checkpoint(storage: Path) -> Path | None:
 
 
 @pytest.mark.timeout(600)
-def test_a_lost_node_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("elastic", [False, True], ids=["replacement-node", "elastic"])
+def test_a_lost_node_costs_a_restart_not_the_run(tiny_corpus, tmp_path, elastic):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tiny_spec_dict(
         tiny_corpus, tmp_path, uri, num_workers=2, steps=N_STEPS, checkpoint_every=CHECKPOINT_EVERY, eval_every=10
     )
     data["failure"] = {"max_failures": MAX_FAILURES}
     data["tracking"]["system_metrics"] = False
+    if elastic:
+        data["scaling"]["min_workers"] = 1
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
     storage = tmp_path / "runs"
@@ -72,12 +78,15 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(tin
         killed_at = time.monotonic()
         at_kill = [p.name for p in sorted(storage.glob("*/output/checkpoints/step-*"))]
         lost = wait_until(lambda: stack.alive_nodes(head) == 1, 120)
-        time.sleep(5)  # the run waits for two CPUs: nothing can start on one node
-        assert driver.poll() is None, "the run ended on one node without the replacement"
-        stack.ray_node(head, env, name="replacement")
-        replaced_at = time.monotonic()
+        if elastic:
+            how = "no replacement node"
+        else:
+            time.sleep(5)  # the run waits for two CPUs: nothing can start on one node
+            assert driver.poll() is None, "the run ended on one node without the replacement"
+            stack.ray_node(head, env, name="replacement")
+            how = f"a replacement node joined {time.monotonic() - killed_at:.1f} s after the kill"
         out, _ = driver.communicate(timeout=420)
-        finished_at = time.monotonic()
+        finished_s = time.monotonic() - killed_at
         assert driver.returncode == 0, driver_log.read_text()[-3000:]
         result = json.loads(out.strip().splitlines()[-1])
     finally:
@@ -90,13 +99,16 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_in_the_same_mlflow_run(tin
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the restart continued this run
     losses = sorted(m.step for m in client.get_metric_history(result["run_id"], names.TRAIN_LOSS))
     assert losses == list(range(1, N_STEPS + 1)), losses  # every step once, the replayed ones too
-    restarts = driver_log.read_text().count("[FailurePolicy] RETRY")
+    text = driver_log.read_text()
+    resized = "resuming 2-rank checkpoint on 1 ranks" in text
+    assert resized == elastic  # elastic: the restart ran on one worker; fixed: on two again
     print(
-        f"\nR2 measured: second node SIGKILLed once checkpoint {checkpoint.name} was written (checkpoints then: "
-        f"{at_kill}); Ray marked it dead after {lost:.1f} s; the run waited for two CPUs; a replacement node "
-        f"joined {replaced_at - killed_at:.1f} s after the kill; the run finished {finished_at - replaced_at:.1f} s "
-        f"later: FINISHED, same MLflow run, {len(losses)} train/loss points for {N_STEPS} steps (none twice); "
-        f"{restarts} Ray Train retry decision(s) in the driver log"
+        f"\nR2 measured: {'elastic (min_workers 1)' if elastic else 'fixed size (2 workers)'}: second node "
+        f"SIGKILLed once checkpoint {checkpoint.name} was written (checkpoints then: {at_kill}); Ray marked it dead "
+        f"after {lost:.1f} s; {how}; the run finished {finished_s:.1f} s after the kill "
+        f"{'on 1 worker' if resized else 'on 2 workers'}: FINISHED, same MLflow run, {len(losses)} train/loss "
+        f"points for {N_STEPS} steps (none twice); {text.count('[FailurePolicy] RETRY')} Ray Train retry "
+        "decision(s) in the driver log"
     )
 
 

@@ -75,7 +75,7 @@ def worker_group(scaling, overlay: str, image: str) -> dict[str, Any]:
     group: dict[str, Any] = {
         "groupName": f"{overlay}-workers",
         "replicas": scaling.num_workers,
-        "minReplicas": scaling.num_workers,
+        "minReplicas": scaling.min_workers or scaling.num_workers,  # elastic runs go on with fewer
         "maxReplicas": scaling.num_workers,
         "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
     }

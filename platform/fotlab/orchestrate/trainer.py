@@ -72,10 +72,14 @@ def storage_filesystem(kind: str | None):
 
 
 def scaling_config(scaling):
-    """`ray.train.ScalingConfig` from the spec's `scaling` section (workers, GPU, TPU slice, accelerator)."""
+    """`ray.train.ScalingConfig` from the spec's `scaling` section (workers, elastic range, GPU, TPU slice,
+    accelerator)."""
     from ray.train import ScalingConfig
 
-    kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu)
+    workers: int | tuple[int, int] = scaling.num_workers
+    if scaling.min_workers is not None and scaling.min_workers < scaling.num_workers:
+        workers = (scaling.min_workers, scaling.num_workers)  # Ray Train's elastic worker group
+    kwargs: dict[str, Any] = dict(num_workers=workers, use_gpu=scaling.use_gpu)
     if scaling.resources_per_worker:
         kwargs["resources_per_worker"] = dict(scaling.resources_per_worker)
     if scaling.use_tpu:

@@ -219,6 +219,10 @@ def _scaling_problems(spec) -> Iterator[Problem]:
         yield "scaling.topology", "only applies with scaling.use_tpu: true"
     if sc.fsdp is not None and sc.strategy != "fsdp":
         yield "scaling.fsdp", f"only applies with scaling.strategy: fsdp (strategy is {sc.strategy})"
+    if sc.min_workers is not None and not 1 <= sc.min_workers <= sc.num_workers:
+        yield "scaling.min_workers", f"must be between 1 and scaling.num_workers ({sc.num_workers})"
+    if sc.min_workers is not None and sc.use_tpu:
+        yield "scaling.min_workers", "elastic training is not supported on TPU slices (a slice runs whole)"
     if sc.strategy == "fsdp" and sc.num_workers == 0:
         yield "scaling.strategy", "fsdp needs Ray Train workers (num_workers >= 1); num_workers 0 runs in-process"
     if sc.fsdp is not None and sc.fsdp.cpu_offload and not sc.use_gpu:

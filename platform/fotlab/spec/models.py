@@ -314,6 +314,13 @@ class ScalingSpec(StrictModel):
     """Ray Train scaling (ray.train.ScalingConfig)."""
 
     num_workers: int = Field(1, ge=0, description="Training workers (0 = run in the driver process, for tests).")
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Elastic training: after a lost worker or node, restart with as few as this many workers "
+        "instead of waiting for num_workers to fit again (and grow back when they do). Each worker keeps "
+        "train.batch_size, so the global batch follows the worker count. None = always num_workers.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Ray resources per worker, e.g. {CPU: 2} (None = Ray's default)."

@@ -253,7 +253,8 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load checkpoint `path` into `model` (and `optimizer` / `scheduler` when given), in place.
 
-    Returns (trainer_state, rank_state) for this rank. Weights go through safetensors, the rest through
+    Returns (trainer_state, rank_state) for this rank (that of rank `rank % saved world size` when the checkpoint
+    was written by another number of ranks). Weights go through safetensors, the rest through
     `torch.load(weights_only=True)`. The optimizer can also be loaded later with `load_optimizer_state` (after
     the model has been wrapped for DDP/FSDP and the optimizer built over the wrapped parameters).
     """
@@ -263,11 +264,10 @@ def load_checkpoint(
     load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     if optimizer is not None or scheduler is not None:
         load_optimizer_state(path, optimizer, scheduler)
-    rank_file = path / f"rank-{rank:05d}.pt"
+    saved_world = int(trainer_state.get("world_size", 1))
+    rank_file = path / f"rank-{rank % saved_world:05d}.pt"  # another world size: `restore_packer` says what changes
     if not rank_file.is_file():
-        raise FileNotFoundError(
-            f"{rank_file} missing: checkpoint was written by {trainer_state.get('world_size')} rank(s)"
-        )
+        raise FileNotFoundError(f"{rank_file} missing: checkpoint was written by {saved_world} rank(s)")
     rank_state = torch.load(rank_file, weights_only=True)
     return trainer_state, rank_state
 
@@ -279,3 +279,25 @@ def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer | None, sc
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+
+def restore_packer(packer, saved: dict[str, Any], saved_world_size: int, world_size: int) -> None:
+    """Put this rank's packer at the saved data position: exactly when the world size is unchanged. Else (an
+    elastic restart, a resume on another number of workers) the position cannot map document for document (each
+    rank packs its own stream), so every rank starts a fresh stream for its new rank and skips its share of the
+    global batches drawn so far, with a warning; the global batch is now batch_size x the new world size."""
+    if saved_world_size == world_size:
+        packer.load_state_dict(saved)
+        return
+    drawn = int(saved["step"]) * saved_world_size
+    skip = drawn // world_size
+    logger.warning(
+        "resuming %d-rank checkpoint on %d ranks: data position is approximate (each rank skips %d "
+        "batches of its new stream, %d global batches were drawn)",
+        saved_world_size,
+        world_size,
+        skip,
+        drawn,
+    )
+    for _ in range(skip):
+        packer.next_batch()

@@ -18,9 +18,8 @@ disk; a dir without its marker, with a missing, truncated or altered file, is sk
 it (both formats share that check: `fotlab.train.checkpoint`).
 
 Resuming at another world size: model and optimizer reshard through DCP exactly; the lr scheduler is global.
-Each rank's RNG state comes from rank `r % old_world_size`; the data position cannot map document for
-document (each rank packs its own stream), so every rank starts a fresh stream for its new rank and skips the
-same number of global batches the old ranks had drawn (logged as a warning).
+Each rank's RNG state comes from rank `r % old_world_size`; the data position is approximate
+(`fotlab.train.checkpoint.restore_packer`, shared with the replicated format).
 """
 
 from __future__ import annotations
@@ -129,32 +128,11 @@ def load_dcp_checkpoint(
     return trainer_state, rank_state
 
 
-def restore_packer(packer, saved: dict[str, Any], saved_world_size: int, world_size: int) -> None:
-    """Put this rank's packer at the saved data position: exactly when the world size is unchanged, else by
-    skipping the global number of batches drawn so far (module docstring)."""
-    if saved_world_size == world_size:
-        packer.load_state_dict(saved)
-        return
-    drawn = int(saved["step"]) * saved_world_size
-    skip = drawn // world_size
-    logger.warning(
-        "resuming %d-rank checkpoint on %d ranks: data position is approximate (each rank skips %d "
-        "batches of its new stream, %d global batches were drawn)",
-        saved_world_size,
-        world_size,
-        skip,
-        drawn,
-    )
-    for _ in range(skip):
-        packer.next_batch()
-
-
 __all__ = [
     "find_resumable",
     "checkpoint_problem",
     "is_dcp_checkpoint",
     "save_dcp_checkpoint",
     "load_dcp_checkpoint",
-    "restore_packer",
     "list_checkpoints",
 ]

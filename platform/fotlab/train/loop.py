@@ -39,7 +39,7 @@ from fotlab import names as M
 from fotlab.model import FoTForCausalLM
 from fotlab.train import dcp_checkpoint as dcp_ckpt
 from fotlab.train.build import DataBundle, build_data, build_model, count_parameters, val_batches
-from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from fotlab.train.checkpoint import load_checkpoint, load_optimizer_state, restore_packer, save_checkpoint
 from fotlab.train.loop_support import (
     any_rank,
     check_replicated,
@@ -131,7 +131,7 @@ def _build(spec, runtime: Runtime, hooks: TrainHooks) -> _Run:
     if resume is not None:
         checkpoint, trainer_state, rank_state = resume
         load_optimizer_state(checkpoint, optimizer, scheduler)
-        data.train_packer.load_state_dict(rank_state["packer"])
+        restore_packer(data.train_packer, rank_state["packer"], int(trainer_state["world_size"]), runtime.world_size)
         _resumed(run, checkpoint, trainer_state, rank_state)
     return run
 
@@ -168,9 +168,7 @@ def _build_sharded(spec, runtime: Runtime, hooks: TrainHooks, data: DataBundle, 
         trainer_state, rank_state = dcp_ckpt.load_dcp_checkpoint(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=runtime.rank
         )
-        dcp_ckpt.restore_packer(
-            data.train_packer, rank_state["packer"], int(trainer_state["world_size"]), runtime.world_size
-        )
+        restore_packer(data.train_packer, rank_state["packer"], int(trainer_state["world_size"]), runtime.world_size)
         _resumed(run, checkpoint, trainer_state, rank_state)
     return run
 
