@@ -336,6 +336,16 @@ def test_trainer_configs_come_from_the_spec(tmp_path):
         config.run_id = "other"
 
 
+def test_min_workers_makes_the_worker_group_elastic():
+    from fotlab.orchestrate.trainer import scaling_config
+
+    fixed = parse_spec({"name": "x", "scaling": {"num_workers": 4}}, check_paths=False)
+    elastic = parse_spec({"name": "x", "scaling": {"num_workers": 4, "min_workers": 2}}, check_paths=False)
+    assert scaling_config(fixed.scaling).num_workers == 4
+    config = scaling_config(elastic.scaling)
+    assert config.num_workers == (2, 4) and config.elasticity_enabled
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_run_json_reports_a_failed_run_too(tiny_corpus, tmp_path, mlflow_uri):

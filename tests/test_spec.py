@@ -175,6 +175,8 @@ def _models_in(annotation) -> list[type[BaseModel]]:
         ),
         ({"name": "x", "scaling": {"use_gpu": True, "use_tpu": True}}, "scaling.use_tpu", "pick one"),
         ({"name": "x", "scaling": {"topology": "4x4"}}, "scaling.topology", "use_tpu: true"),
+        ({"name": "x", "scaling": {"num_workers": 2, "min_workers": 3}}, "scaling.min_workers", "between 1 and"),
+        ({"name": "x", "scaling": {"num_workers": 2, "min_workers": 0}}, "scaling.min_workers", "greater than"),
         (
             {"name": "x", "eval": {"perplexity": [{"source": {"kind": "local", "path": "/no/such/eval-dir"}}]}},
             "eval.perplexity[0].source.path",
