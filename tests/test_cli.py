@@ -251,3 +251,28 @@ def test_ui_serves_the_store_on_localhost(populated_store, tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["run"], "fotlab run: error: the following arguments are required: SPEC"),
+        (["run", "spec.yaml", "--frob"], "fotlab run: error: unrecognized arguments: --frob"),
+        (["frob"], "fotlab: error: argument COMMAND: invalid choice: 'frob'"),
+        ([], "fotlab: error: the following arguments are required: COMMAND"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_1(argv, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.count("\n") == 1 and err.startswith(named), err
+    assert "--help`" in err  # says where the usage is
+
+
+def test_help_and_version_still_exit_0(capsys):
+    for argv in (["--help"], ["run", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 0, argv
+    assert "SPEC" in capsys.readouterr().out

@@ -35,6 +35,22 @@ def test_jsonl_with_text_field(tmp_path):
         load_raw_source(SourceSpec(kind="jsonl", path=str(path), text_field="body"), cache_dir=str(tmp_path / "c"))
 
 
+def test_a_source_whose_documents_hold_no_text_is_an_error(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name, text in {"a.txt": "", "b.txt": "  \n\t\n", "c.txt": ""}.items():
+        (root / name).write_text(text)
+    with pytest.raises(ValueError, match=r"sources\[0\] .*: the 3 files matching '\*\.txt' hold no text"):
+        load_raw_source(SourceSpec(kind="local", path=str(root), glob="*.txt"), 0, cache_dir=str(tmp_path / "c"))
+    (root / "d.txt").write_text("one real document")  # a few empty files beside real ones are fine
+    ds = load_raw_source(SourceSpec(kind="local", path=str(root), glob="*.txt"), 0, cache_dir=str(tmp_path / "c"))
+    assert len(ds) == 4
+    path = tmp_path / "blank.jsonl"
+    path.write_text(json.dumps({"text": " "}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match=r"its 2 documents \(field 'text'\) hold no text"):
+        load_raw_source(SourceSpec(kind="jsonl", path=str(path)), 0, cache_dir=str(tmp_path / "c"))
+
+
 def test_parquet_directory(tmp_path):
     (tmp_path / "pq").mkdir()
     pd.DataFrame({"text": TEXTS[:2]}).to_parquet(tmp_path / "pq" / "a.parquet")

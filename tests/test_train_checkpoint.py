@@ -109,8 +109,8 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         _save(tmp_path, 10, rank_state={"packer": Unpicklable()})
-    # The failed save left only a hidden temp dir; the previous checkpoint is untouched and still the latest.
-    assert (tmp_path / ".tmp-step-00000010").is_dir()
+    # The failed save removed its hidden temp dir; the previous checkpoint is untouched and still the latest.
+    assert not (tmp_path / ".tmp-step-00000010").exists()
     assert not (tmp_path / "step-00000010").exists()
     assert latest_checkpoint(tmp_path) == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
@@ -163,3 +163,47 @@ def test_sharded_models_are_refused_up_front():
             check_replicated(sharded)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_save_removes_what_interrupted_saves_left_behind(tmp_path):
+    _save(tmp_path, 1)
+    for leftover in (".tmp-step-00000002", ".tmp-step-00000005"):  # a crash (or a full disk on another rank)
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"\0" * 100)
+    _save(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]
+
+
+def _enospc() -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def _raised(error: BaseException, context: BaseException | None = None) -> BaseException:
+    """`error` as raised while handling `context` (so `__context__` is set as Python sets it)."""
+    try:
+        try:
+            if context is not None:
+                raise context
+        finally:
+            raise error
+    except BaseException as caught:  # noqa: BLE001
+        return caught
+
+
+def test_is_disk_full_sees_every_shape_a_full_disk_takes():
+    """The shapes measured on a real full tmpfs (train/disk_full.py): Python's OSError, safetensors' message,
+    torch.save's RuntimeError over a Python file (OSError in __context__), DCP's per-rank failures."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fotlab.train.disk_full import is_disk_full
+
+    zip_writer = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    torch_save = _raised(RuntimeError(zip_writer), _enospc())
+    assert is_disk_full(_enospc())
+    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert is_disk_full(torch_save)
+    assert is_disk_full(CheckpointException("save", {0: (torch_save, None)}))
+    assert not is_disk_full(RuntimeError(zip_writer))
+    assert not is_disk_full(_raised(ValueError("bad value"), OSError(13, "Permission denied")))

@@ -9,7 +9,8 @@ Design choices:
 - argparse only; every heavy import (mlflow, ray, torch) happens inside the handler that needs it, so
   `fotlab --help` and `fotlab validate` start fast.
 - User mistakes (`FotlabError`: bad spec, unknown run, missing file) end with ONE line on stderr and exit 1;
-  anything else is a bug and keeps its traceback.
+  anything else is a bug and keeps its traceback. Usage mistakes (a missing argument, an unknown flag or command)
+  do the same (`FotlabArgumentParser`), where argparse's own would print its usage block and exit 2.
 - `run`, `eval`, `sweep`, `submit` live in `fotlab.orchestrate` (`<verb>_command`, see `_cmd_orchestrate`).
 """
 
@@ -19,14 +20,30 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from fotlab.errors import FotlabError
 
 EXIT_USER_ERROR = 1
 
 
+class FotlabArgumentParser(argparse.ArgumentParser):
+    """argparse with fotlab's user-error contract: a usage mistake is one line on stderr naming it and how to get
+    help, exit status 1. `--help` and `--version` still print and exit 0. Subcommand parsers are of this class too
+    (`add_subparsers` makes them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """`<prog>: error: <message> (see `<prog> --help`)` on stderr, exit 1."""
+    print(f"{prog}: error: {' '.join(message.split())} (see `{prog} --help`)", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def _add_spec_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
-    p.add_argument("spec", help="experiment spec (YAML)")
+    p.add_argument("spec", metavar="SPEC", help="experiment spec (YAML)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -41,7 +58,7 @@ def _add_spec_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `fotlab` argument parser (subcommand -> handler in `args.handler`)."""
-    parser = argparse.ArgumentParser(prog="fotlab", description="Focused Transformer experiment platform.")
+    parser = FotlabArgumentParser(prog="fotlab", description="Focused Transformer experiment platform.")
     parser.add_argument("--version", action="version", version=f"fotlab {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -63,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_orchestrate)
 
     p = sub.add_parser("sweep", help="hyper-parameter sweep on Ray Tune")
-    p.add_argument("spec", help="sweep spec (YAML)")
+    p.add_argument("spec", metavar="SWEEP_SPEC", help="sweep spec (YAML)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep")
     p.add_argument("--address", help="Ray cluster address to attach to (default: a local cluster)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
@@ -214,7 +231,9 @@ def _cmd_orchestrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fotlab` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # what parse_args reports, but naming the command whose --help lists the right flags
+        usage_error(f"{parser.prog} {args.command}", f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except FotlabError as exc:

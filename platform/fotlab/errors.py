@@ -20,6 +20,11 @@ class SpecError(FotlabError, ValueError):
     """An experiment spec that cannot be loaded or does not validate: `<file>: <dotted.field>: <what is wrong>`."""
 
 
+class DiskFullError(FotlabError):
+    """A checkpoint, the final model or its MLflow copy did not fit on its filesystem (ENOSPC / EDQUOT): the partial
+    write was removed, what was there before is intact, and the run resumes once space is freed."""
+
+
 class RemoteCodeError(FotlabError):
     """A model directory that asks for custom code (auto_map / trust_remote_code): fotlab never runs it."""
 

@@ -1,5 +1,5 @@
-"""R8: a catalogue of malformed inputs (specs, CLI arguments, data, model directories, MLflow references), each
-through the real CLI (`fotlab.cli.main` in process, a few through the `fotlab` console script): exit status 1, one
+"""R8: a catalogue of malformed inputs (specs, CLI arguments and usage, data, model directories, MLflow references),
+each through the real CLI (`fotlab.cli.main` in process, a few through the `fotlab` console script): exit status 1, one
 line on stderr naming what is wrong, no traceback, and nothing left behind (no MLflow run RUNNING, no checkpoint).
 Run: pytest tests/reliability/test_bad_input.py
 """
@@ -185,6 +185,11 @@ CASES: dict[str, tuple[Callable[[Path, dict], list[str]], str]] = {
         run(lambda s: edit(s, "scaling.num_workers", 1), "--address", "127.0.0.1:9"),
         "127.0.0.1:9",
     ),  # fmt: skip
+    "cli-missing-argument": (lambda tmp, spec: ["run"], "SPEC"),
+    "cli-missing-option": (lambda tmp, spec: ["eval", write(tmp, spec)], "--model"),
+    "cli-unknown-flag": (run(lambda s: s, "--frobnicate"), "--frobnicate"),
+    "cli-unknown-command": (lambda tmp, spec: ["frobnicate", write(tmp, spec)], "frobnicate"),
+    "cli-bad-int": (lambda tmp, spec: ["runs", "list", "--limit", "many"], "--limit"),
     "runs-show-unknown": (
         lambda tmp, spec: ["runs", "show", "0123456789abcdef", "--uri", spec["tracking"]["uri"]],
         "0123456789abcdef",
@@ -192,6 +197,10 @@ CASES: dict[str, tuple[Callable[[Path, dict], list[str]], str]] = {
     # --- data
     "data-path-missing": (validate(lambda s: edit(s, "data.sources.0.path", "/nonexistent/corpus")), "/nonexistent"),
     "data-empty-dir": (_data_run({}, kind="local", glob="*.txt"), "data"),
+    "data-all-empty-files": (
+        _data_run({"a.txt": b"", "b.txt": b"  \n\t\n", "c.txt": b""}, kind="local", glob="*.txt"),
+        "the 3 files matching '*.txt' hold no text",
+    ),  # fmt: skip
     "data-jsonl-no-text-field": (_data_run({"a.jsonl": b'{"body": "hello"}\n' * 8}, kind="jsonl"), "text"),
     "data-binary-files": (_data_run({"a.txt": bytes(range(256)) * 40}, kind="local", glob="*.txt"), "sources[0]"),
     "data-jsonl-not-json": (_data_run({"a.jsonl": b"this is not json\n" * 8}, kind="jsonl"), "sources[0]"),
@@ -261,7 +270,7 @@ def test_bad_input_gives_one_line_and_exit_1(case, tiny_corpus, tmp_path, capsys
         fotlab = Path(sys.executable).with_name("fotlab")
         done = subprocess.run([str(fotlab), *argv], capture_output=True, text=True, timeout=110, cwd=tmp_path)
         code, err = done.returncode, done.stderr
-        lines = [line for line in err.splitlines() if line.startswith("fotlab ")]
+        lines = [line for line in err.splitlines() if line.startswith(("fotlab ", "fotlab:"))]
     assert code == 1, f"exit {code}: {err[-2000:]}"
     assert "Traceback" not in err, err[-3000:]
     assert len(lines) == 1, err[-3000:]

@@ -240,8 +240,29 @@ def load_raw_source(source, index: int | None = None, cache_dir: str | None = No
     if kind == "repeat":
         return load_repeat(source, index, cache_dir, split)
     try:
-        return RAW_LOADERS[kind](source, index, cache_dir)
+        ds = RAW_LOADERS[kind](source, index, cache_dir)
     except datasets.exceptions.DatasetGenerationError as exc:  # a file `datasets` cannot parse (bad JSON, ...)
         cause = exc.__cause__ or exc
         detail = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
         raise ValueError(f"{source_label(source, index)}: cannot read it: {detail}") from None
+    _check_has_text(ds, source, index)
+    return ds
+
+
+def _check_has_text(ds, source, index: int | None) -> None:
+    """Raise when no document of a loaded source holds any text (every file or row empty or whitespace only): a
+    corpus of nothing would otherwise train on end-of-document tokens alone. Reads up to the first document with
+    text; a streamed source is not read ahead (its documents come later)."""
+    if not isinstance(ds, datasets.Dataset):
+        return
+    for batch in ds.select_columns(["text"]).iter(batch_size=1024):
+        if any(text and not text.isspace() for text in batch["text"]):
+            return
+    kind = getattr(source, "kind", None)
+    if len(ds) == 0:
+        raise ValueError(f"{source_label(source, index)}: holds no documents")
+    if kind == "local":
+        what = f"the {len(ds)} files matching {getattr(source, 'glob', None) or '**/*.txt'!r}"
+    else:
+        what = f"its {len(ds)} documents (field {getattr(source, 'text_field', None) or 'text'!r})"
+    raise ValueError(f"{source_label(source, index)}: {what} hold no text (empty or whitespace only)")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from fotlab import names
+from fotlab.errors import DiskFullError
 from fotlab.tracking import TrackedRun, numeric_metrics
 
 
@@ -64,7 +65,7 @@ def run_pipeline(
         return result
     run.log_datasets(datasets)  # what training read (dataset inputs: digest, documents, tokens)
     if spec.tracking.log_model and model_dir is None:
-        run.log_model_dir(result.model_dir, step=result.final_step)  # an MLflow Model, linked to the final metrics
+        _log_model(run, result)  # an MLflow Model, linked to the final metrics
         if spec.tracking.register_model:
             result.registered_version = run.register_model(spec.tracking.register_model)
     t1 = time.time()
@@ -84,6 +85,37 @@ def run_pipeline(
     result.metrics.update(run.log_metrics(timings, step=result.final_step))
     run.link_metrics(result.final_step)  # the evaluations' metrics belong to the logged model too
     return result
+
+
+def _log_model(run: TrackedRun, result: PipelineResult) -> None:
+    """`run.log_model_dir` of the trained model; an artifact store that is full becomes one `DiskFullError` naming
+    what is kept (the saved model, the last checkpoint), so the run fails resumable like a full checkpoint disk."""
+    from fotlab.train.checkpoint import intact_note
+    from fotlab.train.disk_full import is_disk_full, no_space
+
+    try:
+        run.log_model_dir(result.model_dir, step=result.final_step)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        store = _local_artifact_dir(run)
+        where = f" ({store}): {no_space(store)}" if store else ": no space left on device"
+        kept = f"; {intact_note(result.checkpoint_dir, 'the last checkpoint')}" if result.checkpoint_dir else ""
+        raise DiskFullError(
+            f"the model could not be copied into the MLflow artifact store{where}; it is saved in {result.model_dir}"
+            f"{kept}"
+        ) from err
+
+
+def _local_artifact_dir(run: TrackedRun) -> Path | None:
+    """The run's artifact folder when the artifact store is a local folder (file://), else None."""
+    from urllib.parse import urlparse
+
+    try:
+        uri = urlparse(run.info().info.artifact_uri)
+    except Exception:  # noqa: BLE001 - only the message's detail depends on it
+        return None
+    return Path(uri.path) if uri.scheme in ("", "file") else None
 
 
 def train_function(spec):

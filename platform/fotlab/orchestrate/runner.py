@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fotlab import tracking
-from fotlab.errors import FotlabError
+from fotlab.errors import DiskFullError, FotlabError
 from fotlab.orchestrate import run_record
 from fotlab.orchestrate.channel import ChannelHandle
 from fotlab.orchestrate.progress import LiveProgress
@@ -166,6 +166,8 @@ def run_experiment(
         resumable = has_checkpoint(record, spec.train.framework)
         record.fail(cause, resumable=resumable)
         hint = f"; {resume_hint}" if resumable else ""
+        if resumable and isinstance(cause, DiskFullError):
+            hint = f"; once space is freed, {resume_hint}"
         raise RunFailedError(
             f"run {record.run_id} FAILED: {tracking.one_line(cause)} "
             f"(details: `fotlab runs show {record.run_id}`){hint}",

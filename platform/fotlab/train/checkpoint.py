@@ -11,12 +11,14 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`):
 Atomicity: everything is written into `.tmp-step-00000100/` next to the final dir, each file fsync'ed, then
 the dir is renamed into place (`os.replace`) and the parent fsync'ed. A crash at any point leaves either the
 old set of checkpoints or the new complete one; hidden `.tmp-*` leftovers are never picked up and are
-removed by the next save. Integrity: `find_resumable` checks a checkpoint's files against its manifest before
-anything is loaded (a missing, truncated or altered file) and falls back to the previous complete checkpoint
-with a warning naming the bad one; the same manifest guards the sharded DCP format.
-Every rank writes its own rank file into the same temp dir (shared `output_dir`);
-rank 0 writes the shared files and does the rename. Files are read back with safetensors and
-`torch.load(weights_only=True)` only.
+removed by the next save. A save that fails (a full disk above all) removes its own temp dir at once and raises,
+a full disk as one `DiskFullError` that names what is still intact (train/disk_full.py); older checkpoints are
+pruned only after the new one is in place, so a failed save never costs the previous one.
+Integrity: `find_resumable` checks a checkpoint's files against its manifest before anything is loaded (a
+missing, truncated or altered file) and falls back to the previous complete checkpoint with a warning naming
+the bad one; the same manifest guards the sharded DCP format.
+Every rank writes its own rank file into the same temp dir (shared `output_dir`); rank 0 writes the shared files
+and does the rename. Files are read back with safetensors and `torch.load(weights_only=True)` only.
 
 Retention: these checkpoints are the only ones a run keeps, and `train.keep_checkpoints` (applied by
 `save_checkpoint`, `prune_checkpoints`) is the only retention policy. Ray Train's and Ray Tune's `CheckpointConfig`
@@ -42,9 +44,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from fotlab.train.disk_full import folder_bytes, no_space, removed_if_failed
+
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_TMP_DIR = re.compile(r"^\.tmp-step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 2  # 2: trainer_state.json carries the file manifest (sizes and sha256)
 MANIFEST_KEY = "files"
@@ -63,9 +68,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-    fsync_path(path)
+def torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` into a file opened here (a full disk then surfaces as OSError(ENOSPC) in the error's context,
+    where torch's own file writer reports a bare RuntimeError), flushed to disk."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -199,24 +208,58 @@ def save_checkpoint(
     """
     root = Path(root)
     final_dir = root / step_dir_name(step)
-    tmp_dir = root / f".tmp-{step_dir_name(step)}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftover of an interrupted save
-        tmp_dir.mkdir()
-    barrier()
-    _torch_save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
-    if rank == 0:
-        save_model(model, str(tmp_dir / "model.safetensors"))
-        fsync_path(tmp_dir / "model.safetensors")
-        _torch_save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
-        _torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
-    barrier()
-    if rank == 0:
-        commit_checkpoint(tmp_dir, final_dir, {"format_version": FORMAT_VERSION, "step": step, **trainer_state}, keep)
-        logger.info("checkpoint step %d -> %s", step, final_dir)
+    tmp_dir = start_save(root, step, rank)
+    with removed_if_failed(tmp_dir, lambda: disk_full_message(root, step, rank), remove=rank == 0):
+        barrier()
+        torch_save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
+        if rank == 0:
+            save_model(model, str(tmp_dir / "model.safetensors"))
+            fsync_path(tmp_dir / "model.safetensors")
+            torch_save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
+            torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
+        barrier()
+        if rank == 0:
+            state = {"format_version": FORMAT_VERSION, "step": step, **trainer_state}
+            commit_checkpoint(tmp_dir, final_dir, state, keep)
+            logger.info("checkpoint step %d -> %s", step, final_dir)
     barrier()
     return final_dir
+
+
+def start_save(root: Path, step: int, rank: int) -> Path:
+    """The temp dir checkpoint `step` is written into (both formats); rank 0 creates it after removing what
+    interrupted saves left behind (they would hold on to the space this save needs)."""
+    tmp_dir = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        with removed_if_failed(tmp_dir, lambda: disk_full_message(root, step)):
+            root.mkdir(parents=True, exist_ok=True)
+            for leftover in root.iterdir():
+                if _TMP_DIR.match(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            tmp_dir.mkdir()
+    return tmp_dir
+
+
+def disk_full_message(root: Path, step: int, rank: int = 0) -> str:
+    """What a full disk cost while writing checkpoint `step` under `root` (said after rank 0 removed the temp dir;
+    another rank leaves that to rank 0 or to the next save)."""
+    previous = latest_checkpoint(root)
+    needed = folder_bytes(previous) if previous is not None else None
+    removed = "the partial write was removed" if rank == 0 else "the partial write is removed by the next save"
+    return (
+        f"checkpoint {step_dir_name(step)} could not be written to {root}: {no_space(root, needed)}; {removed}; "
+        f"{intact_note(root, 'the previous checkpoint')}"
+    )
+
+
+def intact_note(root: Path, label: str) -> str:
+    """`<label> step-00000002 is intact` after checking the newest checkpoint under `root` against its manifest
+    (or that it is damaged, or that there is none)."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return "there is no earlier checkpoint"
+    problem = checkpoint_problem(latest)
+    return f"{label} {latest.name} is intact" if problem is None else f"{label} {latest.name} is damaged ({problem})"
 
 
 def commit_checkpoint(tmp_dir: Path, final_dir: Path, state: dict[str, Any], keep: int) -> None:

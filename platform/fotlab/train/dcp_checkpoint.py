@@ -12,7 +12,9 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step-00000100/`, same names 
                                    the completion marker
 
 Atomicity: every rank writes into `.tmp-step-00000100/` (DCP fsyncs its files); after a barrier rank 0 writes
-the manifest, renames the dir into place and prunes old checkpoints (`train.keep_checkpoints`).
+the manifest, renames the dir into place and prunes old checkpoints (`train.keep_checkpoints`). A failed save
+(a full disk: one `DiskFullError`, train/disk_full.py) leaves no temp dir behind on rank 0's side and never
+costs the previous checkpoint, as in the replicated format.
 `find_resumable` walks the checkpoints newest first and takes the first one whose manifest matches the files on
 disk; a dir without its marker, with a missing, truncated or altered file, is skipped with a warning that names
 it (both formats share that check: `fotlab.train.checkpoint`).
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,14 @@ from fotlab.train.checkpoint import (
     STATE_FILE,
     checkpoint_problem,
     commit_checkpoint,
+    disk_full_message,
     find_resumable,
-    fsync_path,
     list_checkpoints,
+    start_save,
     step_dir_name,
+    torch_save,
 )
+from fotlab.train.disk_full import removed_if_failed
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +88,17 @@ def save_dcp_checkpoint(
 
     root = Path(root)
     final_dir = root / step_dir_name(step)
-    tmp_dir = root / f".tmp-{step_dir_name(step)}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftover of an interrupted save
-        tmp_dir.mkdir()
-    barrier()
-    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp_dir))
-    torch.save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
-    fsync_path(tmp_dir / f"rank-{rank:05d}.pt")
-    if rank == 0:
-        torch.save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
-        fsync_path(tmp_dir / "scheduler.pt")
-    barrier()
-    if rank == 0:
-        commit_checkpoint(tmp_dir, final_dir, {"format": FORMAT, "step": step, **trainer_state}, keep)
-        logger.info("sharded checkpoint step %d -> %s", step, final_dir)
+    tmp_dir = start_save(root, step, rank)
+    with removed_if_failed(tmp_dir, lambda: disk_full_message(root, step, rank), remove=rank == 0):
+        barrier()
+        dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp_dir))
+        torch_save(rank_state, tmp_dir / f"rank-{rank:05d}.pt")
+        if rank == 0:
+            torch_save(scheduler.state_dict(), tmp_dir / "scheduler.pt")
+        barrier()
+        if rank == 0:
+            commit_checkpoint(tmp_dir, final_dir, {"format": FORMAT, "step": step, **trainer_state}, keep)
+            logger.info("sharded checkpoint step %d -> %s", step, final_dir)
     barrier()
     return final_dir
 

@@ -310,5 +310,5 @@ def _finish(run: _Run) -> None:
         _checkpoint(run)
     final = gather_full_model(run.bare_model, run.runtime.rank) if run.runtime.sharded else run.bare_model
     if run.runtime.is_main and final is not None:  # not None on rank 0
-        save_final_model(final, run.data.tokenizer, run.runtime.model_dir)
+        save_final_model(final, run.data.tokenizer, run.runtime.model_dir, run.runtime.checkpoint_dir)
     run.runtime.barrier()

@@ -1,5 +1,5 @@
 """Small pieces the loop needs: the step's CrossBatch from the spec, cross-rank means, precision resolution,
-and the atomic final-model write (HF format + tokenizer)."""
+and the atomic final-model write (HF format + tokenizer; a full disk reported as one error)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fotlab.model.crossbatch import CrossBatch
-from fotlab.train.checkpoint import fsync_path, replace_dir
+from fotlab.train.checkpoint import fsync_path, intact_note, replace_dir
 from fotlab.train.crossbatch_schedule import crossbatch_for_step
+from fotlab.train.disk_full import no_space, removed_if_failed
 from fotlab.train.runtime import TrainError
 from fotlab.train.steps import bf16_supported
 
@@ -66,19 +67,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def save_final_model(model: FoTForCausalLM, tokenizer, model_dir: Path) -> Path:
-    """Write model (safetensors) + tokenizer into `model_dir` atomically (temp dir in the same parent, renamed)."""
+def save_final_model(model: FoTForCausalLM, tokenizer, model_dir: Path, checkpoint_dir: Path | None = None) -> Path:
+    """Write model (safetensors) + tokenizer into `model_dir` atomically (temp dir in the same parent, renamed).
+
+    A full disk raises one `DiskFullError` naming the checkpoint under `checkpoint_dir` a resume starts from; the
+    partial write is removed (train/disk_full.py)."""
     model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = model_dir.with_name(f".tmp-{model_dir.name}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(str(tmp_dir))
-    tokenizer.save_pretrained(str(tmp_dir))
-    for file in tmp_dir.iterdir():
-        if file.is_file():
-            fsync_path(file)
-    fsync_path(tmp_dir)
-    replace_dir(tmp_dir, model_dir)
-    fsync_path(model_dir.parent)
+
+    def disk_full() -> str:
+        kept = f"; {intact_note(checkpoint_dir, 'the last checkpoint')}" if checkpoint_dir is not None else ""
+        written = f"the final model could not be written to {model_dir}: {no_space(model_dir)}"
+        return f"{written}; the partial write was removed{kept}"
+
+    with removed_if_failed(tmp_dir, disk_full):
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.save_pretrained(str(tmp_dir))
+        tokenizer.save_pretrained(str(tmp_dir))
+        for file in tmp_dir.iterdir():
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(tmp_dir)
+        replace_dir(tmp_dir, model_dir)
+        fsync_path(model_dir.parent)
     logger.info("final model -> %s", model_dir)
     return model_dir
