@@ -4,8 +4,11 @@ the losses) of an uninterrupted run; the sweep finishes every trial exactly once
 
 Faults are injected for real: the driver is a `fotlab` process whose Ray worker (or Tune trial) parks in a chosen
 training step after writing a marker file; the test SIGKILLs the driver there (no handler runs, nothing is marked
-in MLflow, the parked worker is left to Ray). Each test starts its own Ray head (`ray start --head` on free ports
-in a private temp dir, in a session of its own) and ends it by that session: never `ray stop`.
+in MLflow, the parked worker is left to Ray). The drivers either start their own local cluster (in a private
+RAY_TMPDIR) or attach to a Ray head this module starts (`ray start --head` on free ports in a private temp dir, in
+a session of its own); every process is ended by its session when the test ends: never `ray stop`.
+Sweep: Tune's saved experiment state may be older than the kill (it is saved every 10 s or more); both a fresh
+and a stale one are tested (TUNE_GLOBAL_CHECKPOINT_S), see `fotlab.orchestrate.sweep_resume`.
 Run: pytest tests/reliability/test_driver_loss.py
 """
 
@@ -52,7 +55,15 @@ def _session_of(pid: int) -> int | None:
 def session_pids(sid: int) -> list[int]:
     """Live processes of session `sid` (a process started with start_new_session=True, and all it started)."""
     pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    return [pid for pid in pids if pid != os.getpid() and _session_of(pid) == sid]
+    return [pid for pid in pids if pid != os.getpid() and _session_of(pid) == sid and not _is_zombie(pid)]
+
+
+def process_names(pids: list[int]) -> list[str]:
+    names = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+    return sorted(names)
 
 
 def kill_session(sid: int, timeout_s: float = 30) -> None:
@@ -180,10 +191,21 @@ def fotlab(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def kill_parked_driver(args: list[str], park: tuple[int, int], cwd: Path, env: dict[str, str], timeout_s: float):
+@pytest.fixture
+def sessions() -> Iterator[list[int]]:
+    """Session ids to SIGKILL when the test ends (what a killed driver's session still holds)."""
+    started: list[int] = []
+    yield started
+    for sid in started:
+        kill_session(sid)
+
+
+def kill_parked_driver(
+    args: list[str], park: tuple[int, int], cwd: Path, env: dict[str, str], timeout_s: float, sessions: list[int]
+) -> int:
     """Start `fotlab ARGS` with the park[1]-th worker (or trial) parking in step park[0], SIGKILL the driver once
-    the worker parked; returns (the parked worker's pid, the driver's log). The driver's session is left alive
-    (Ray's processes are in the head's session): it holds nothing else."""
+    the worker parked; returns the parked worker's pid. The driver's session (a local cluster it started, if any)
+    is left to Ray, and killed when the test ends (`sessions`)."""
     marker = cwd / "parked"
     marker.unlink(missing_ok=True)
     log_path = cwd / "killed-driver.log"
@@ -196,14 +218,14 @@ def kill_parked_driver(args: list[str], park: tuple[int, int], cwd: Path, env: d
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        sessions.append(driver.pid)
         deadline = time.monotonic() + timeout_s
         while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         driver.kill()  # SIGKILL: no handler, no MLflow status update, no last checkpoint, no Tune state save
         driver.wait(timeout=60)
-        kill_session(driver.pid)
     assert marker.exists(), f"the worker never parked:\n{log_path.read_text()[-4000:]}"
-    return int(marker.read_text()), log_path.read_text()
+    return int(marker.read_text())
 
 
 def wait_gone(pid: int, timeout_s: float) -> float | None:
@@ -258,12 +280,29 @@ def run_spec(corpus: Path, tmp_path: Path, uri: str, n_steps: int, checkpoint_ev
     return path
 
 
+@pytest.fixture
+def own_ray_tmpdir() -> Iterator[Path]:
+    """A private RAY_TMPDIR (short: Ray's socket paths must fit 107 bytes): a driver's own local cluster lives
+    there, and no cluster `ray start` recorded elsewhere on the host is attached to."""
+    path = Path(tempfile.mkdtemp(prefix="fr3o", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# "own": each driver starts its own local cluster (plain `fotlab run` on a laptop), which dies with it;
+# "attached": the drivers attach to a running head (`ray start --head`, RAY_ADDRESS), which outlives them.
 @pytest.mark.timeout(600)
-def test_sigkilled_run_driver_resumes_into_the_same_run_with_an_uninterrupted_step_set(ray_head, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("cluster", ["own", "attached"])  # own first: no other cluster on the host yet
+def test_sigkilled_run_driver_resumes_into_the_same_run_with_an_uninterrupted_step_set(
+    cluster, tiny_corpus, tmp_path, sessions, request
+):
     n_steps, checkpoint_every, park_at = 10, 4, 7  # checkpoint at step 4; steps 5-6 logged; killed in step 7
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = run_spec(tiny_corpus, tmp_path, uri, n_steps, checkpoint_every)
-    env = {**ray_env(ray_head), "MLFLOW_TRACKING_URI": uri}
+    if cluster == "attached":
+        env = {**ray_env(request.getfixturevalue("ray_head")), "MLFLOW_TRACKING_URI": uri}
+    else:
+        env = {**ray_env(), "MLFLOW_TRACKING_URI": uri, "RAY_TMPDIR": str(request.getfixturevalue("own_ray_tmpdir"))}
     client = MlflowClient(uri)
 
     plain = fotlab(["run", str(spec), "--json"], tmp_path, env, timeout_s=300)
@@ -271,9 +310,10 @@ def test_sigkilled_run_driver_resumes_into_the_same_run_with_an_uninterrupted_st
     reference = json.loads(plain.stdout.strip().splitlines()[-1])
     reference_points = history(client, reference["run_id"])
 
-    worker_pid, log = kill_parked_driver(["run", str(spec), "--json"], (park_at, 1), tmp_path, env, timeout_s=300)
+    worker_pid = kill_parked_driver(["run", str(spec), "--json"], (park_at, 1), tmp_path, env, 300, sessions)
     worker_gone_s = wait_gone(worker_pid, timeout_s=120)
     assert worker_gone_s is not None, f"Ray left the killed driver's worker {worker_pid} running"
+    left_at_kill = process_names(session_pids(sessions[-1]))
     experiment_id = client.get_experiment_by_name("r3-run").experiment_id
     (killed,) = [r for r in client.search_runs([experiment_id]) if r.info.run_id != reference["run_id"]]
     run_id = killed.info.run_id
@@ -286,6 +326,7 @@ def test_sigkilled_run_driver_resumes_into_the_same_run_with_an_uninterrupted_st
     resume_start = time.time()
     resumed = fotlab(["run", str(spec), "--json", "--resume", run_id], tmp_path, env, timeout_s=300)
     resume_wall_s = time.time() - resume_start
+    left_after_resume = process_names(session_pids(sessions[-1]))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert result["run_id"] == run_id and result["status"] == "FINISHED" and result["final_step"] == n_steps
@@ -302,8 +343,10 @@ def test_sigkilled_run_driver_resumes_into_the_same_run_with_an_uninterrupted_st
     kill_step_again_s = points[park_at - 1][2] / 1000 - resume_start
     replayed = park_at - 1 - checkpoint_every
     print(
-        f"R3 measured: fotlab run (1 Ray worker) SIGKILLed in step {park_at} (checkpoint at step {checkpoint_every}, "
-        f"steps 1-{park_at - 1} logged); Ray ended the orphaned worker {worker_gone_s:.1f}s after the kill; "
+        f"R3 measured: fotlab run (1 Ray worker, {cluster} cluster) SIGKILLed in step {park_at} (checkpoint at step "
+        f"{checkpoint_every}, steps 1-{park_at - 1} logged); Ray ended the orphaned worker {worker_gone_s:.1f}s after "
+        f"the kill (the killed driver's processes still alive then: {left_at_kill or 'none'}; once the resume "
+        f"finished: {left_after_resume or 'none'}); "
         f"--resume reached step {park_at} again {kill_step_again_s:.1f}s after it started and finished in "
         f"{resume_wall_s:.1f}s; steps replayed {replayed} (+ the step in flight); same run id, "
         f"{run.info.status}; train/loss steps {steps[0]}..{steps[-1]} ({len(steps)} points, no duplicates) == the "
@@ -374,7 +417,7 @@ def saved_trials(sweep_dir: Path) -> dict[str, str]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("tune_state, save_period_s", [("fresh", "1"), ("stale", "3600")])
 def test_sigkilled_sweep_driver_resumes_every_trial_exactly_once(
-    ray_head, tiny_corpus, tmp_path, tune_state, save_period_s
+    ray_head, tiny_corpus, tmp_path, sessions, tune_state, save_period_s
 ):
     n_steps, n_trials, park_at = 12, 3, 7  # trial 2 is killed in step 7, after its checkpoint at step 4
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -383,7 +426,7 @@ def test_sigkilled_sweep_driver_resumes_every_trial_exactly_once(
     client = MlflowClient(uri)
 
     killed_env = {**env, "TUNE_GLOBAL_CHECKPOINT_S": save_period_s}
-    trial_pid, _ = kill_parked_driver(["sweep", str(spec), "--json"], (park_at, 2), tmp_path, killed_env, 480)
+    trial_pid = kill_parked_driver(["sweep", str(spec), "--json"], (park_at, 2), tmp_path, killed_env, 480, sessions)
     trial_gone_s = wait_gone(trial_pid, timeout_s=120)
     assert trial_gone_s is not None, f"Ray left the killed sweep's trial {trial_pid} running"
     (parent,) = client.search_runs(
