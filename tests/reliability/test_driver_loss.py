@@ -478,13 +478,16 @@ def test_sigkilled_sweep_driver_resumes_every_trial_exactly_once(
         assert row["run_id"] == run_id and row["val/loss"] == pytest.approx(child.data.metrics[names.VAL_LOSS])
     best = min(children.values(), key=lambda c: c.data.metrics[names.VAL_LOSS])
     assert outcome["best"]["run_id"] == best.info.run_id
+    n_duplicates = len(children) - len({c.data.tags["fotlab.train.optimizer.lr"] for c in children.values()})
+    n_running = sum(c.info.status == "RUNNING" for c in children.values())
+    n_retrained = sum(children[r].info.end_time != before[r].info.end_time for r in finished_before)
+    how = "adopted by its re-suggested twin" if adopted else "same trial id"
     print(
         f"R3 measured: fotlab sweep ({n_trials} Optuna trials, one at a time, {n_steps} steps each) SIGKILLed in "
         f"step {park_at} of trial 2 (checkpoint at step 4), Tune state {tune_state} ({len(saved)} trial(s) saved: "
         f"{sorted(saved.values())}); trials finished before the kill {len(finished_before)}; Ray ended the orphaned "
-        f"trial {trial_gone_s:.1f}s after the kill; after --resume: {trial_starts} trial starts (finished trials "
-        f"re-trained 0; the killed trial resumed from step 4 in its own run"
-        f"{', adopted by its re-suggested twin' if adopted else ''}; {n_trials - len(before)} new); child runs "
-        f"{len(children)} for {n_trials} trials (duplicates 0, left RUNNING 0); parent FINISHED; sweep finished "
-        f"{resume_wall_s:.1f}s after --resume started"
+        f"trial {trial_gone_s:.1f}s after the kill; after --resume: {trial_starts} trial starts, finished trials "
+        f"re-trained {n_retrained}, the killed trial resumed from step 4 in its own run ({how}), "
+        f"{n_trials - len(before)} new; child runs {len(children)} for {n_trials} trials (duplicates {n_duplicates}, "
+        f"left RUNNING {n_running}); parent FINISHED; sweep finished {resume_wall_s:.1f}s after --resume started"
     )

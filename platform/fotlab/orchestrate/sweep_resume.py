@@ -18,6 +18,7 @@ A child run that no restored trial adopted is marked KILLED once the sweep has r
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,13 @@ def reconcile(uri: str, parent_run_id: str, sweep_dir: str | Path) -> tuple[tupl
 
     if not tune.Tuner.can_restore(str(sweep_dir)):
         return ()  # build_tuner says what is wrong
-    saved = {trial.trial_id: trial for trial in tune.ExperimentAnalysis(str(sweep_dir)).trials}
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)  # it also reads each trial's results, and warns for a trial with none yet
+    try:
+        saved = {trial.trial_id: trial for trial in tune.ExperimentAnalysis(str(sweep_dir)).trials}
+    finally:
+        analysis_log.setLevel(level)
     orphans = []
     for run in tracking.child_runs(uri, parent_run_id):
         trial = saved.get(run.data.tags.get(TAG_TRIAL_ID, ""))
