@@ -66,6 +66,7 @@ TAG_SWEEP_ROLE = "fotlab.sweep_role"  # "parent" | "trial"
 TAG_SWEEP_DIR = "fotlab.sweep_dir"
 TAG_STOPPED_EARLY = "fotlab.stopped_early"
 TAG_RESUMED_FROM = "fotlab.resumed_from"  # the checkpoint a restored trial continued from
+TAG_ADOPTED_FROM_TRIAL = "fotlab.adopted_from_trial"  # a lost trial's id, whose child run a restored trial took over
 TAG_BEST_TRIAL = "fotlab.best_trial_id"
 TAG_BEST_RUN = "fotlab.best_run_id"
 TAG_PARENT_RUN = "mlflow.parentRunId"

@@ -10,7 +10,8 @@ Steps (setup -> build -> fit -> report):
 2. build: param space, search (Optuna TPE seeded / random / grid), scheduler (ASHA or FIFO), concurrency from
    the cluster's CPUs/GPUs and each trial's workers; the trainable is `sweep_trial.run_trial`.
 3. fit: `Tuner.fit()` (or `Tuner.restore(...).fit()` with --resume) while `SweepMonitor` draws the trials.
-   Ctrl-C: Tune saves its state, the parent run is KILLED and resumable.
+   Ctrl-C: Tune saves its state, the parent run is KILLED and resumable. A SIGKILLed driver leaves the parent
+   RUNNING and Tune's state up to a save period old: --resume reconciles it with the child runs (`sweep_resume`).
 4. report: leaderboard + plots into the parent run, the best trial exported as a complete experiment spec
    (parent artifact `best_spec.yaml` and `<sweep dir>/best_spec.yaml`), parent FINISHED.
 
@@ -41,7 +42,7 @@ from fotlab.names import (
     TAG_SWEEP_ROLE,
     TAG_TRIAL_ID,
 )
-from fotlab.orchestrate import sweep_space
+from fotlab.orchestrate import sweep_resume, sweep_space
 from fotlab.orchestrate.sweep_trial import TrialContext
 
 EXIT_INTERRUPTED = 130
@@ -222,7 +223,10 @@ def run_sweep(
         if resources.nested:  # worker reports carry only the metrics of that step
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         _, decode = sweep_space.param_space(sweep)
-        context = TrialContext(sweep, decode, uri, experiment_name(sweep), parent.run_id, str(sweep_dir), resources)
+        orphans = sweep_resume.reconcile(uri, parent.run_id, sweep_dir) if resume else ()  # a lost driver's trials
+        context = TrialContext(
+            sweep, decode, uri, experiment_name(sweep), parent.run_id, str(sweep_dir), resources, orphans
+        )
         monitor = SweepMonitor(sweep, uri, parent.run_id, progress=progress)
         tuner = build_tuner(sweep, base_spec, context, monitor, resume, local=address is None)
         monitor.start()
@@ -263,6 +267,7 @@ def finish_sweep(sweep, parent: tracking.TrackedRun, sweep_dir: Path, results, d
 
     child_runs = {r.data.tags.get(TAG_TRIAL_ID, ""): r.info.run_id for r in children(parent.uri, parent.run_id)}
     rows = sweep_report.leaderboard(results, sweep, decode, child_runs)
+    sweep_resume.close_lost_children(parent.uri, parent.run_id, {row["trial_id"] for row in rows})
     sweep_report.log_report(parent, rows, sweep, sweep_dir)
     best = sweep_report.best_row(rows, sweep.metric)
     if best is None:

@@ -17,7 +17,9 @@ Design choices:
   only then makes its final report. A trial stopped early (or by Ctrl-C) leaves its run to the driver
   (`sweep_monitor`), which knows which of the two it was.
 - MLflow: the trial owns its child run (tags: `mlflow.parentRunId`, `fotlab.sweep`, `fotlab.trial_id`). A restored
-  trial finds its run by trial id and continues it (no duplicate runs) and does not log steps it already logged.
+  trial finds its run by trial id and continues it (no duplicate runs) and does not log steps it already logged;
+  a restored trial whose run already FINISHED only reports what the run recorded; after a lost driver, a trial
+  Tune suggested again adopts its lost twin's run (`sweep_resume`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from fotlab import tracking
 from fotlab.names import SWEEP_PARAM_PREFIX, TAG_KIND, TAG_RESUMED_FROM, TAG_STOPPED_EARLY, TAG_SWEEP_ROLE, TAG_TRIAL_ID
+from fotlab.orchestrate import sweep_resume
 from fotlab.orchestrate.sweep_space import TIME_ATTR, TrialResources, decode_params
 from fotlab.tracking import numeric_metrics
 
@@ -47,6 +50,7 @@ class TrialContext:
     parent_run_id: str
     sweep_dir: str  # Tune experiment folder; trial outputs go to <sweep_dir>/outputs/<trial id>
     resources: TrialResources
+    orphans: tuple[tuple[str, str], ...] = ()  # --resume: (run id, trial id) of children whose trial Tune lost
 
 
 def spec_for(context: TrialContext, params: dict[str, Any]):
@@ -64,16 +68,35 @@ def child_run_id(uri: str, parent_run_id: str, trial_id: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def child_run_name(trial_name: str, params: dict[str, Any]) -> str:
+    """What a trial's run is called: `<trial>: lr=0.003 memory.layers=[1]` (what varies, for MLflow's views)."""
+    return f"{trial_name}: {tracking.describe_params(params)}" if params else trial_name
+
+
+def find_child_run(context: TrialContext, params: dict[str, Any], trial_id: str, trial_name: str):
+    """The child run this trial already has (a restored trial), or the orphaned run it adopts (a trial Tune lost
+    with its driver and suggested again, see `sweep_resume`), else None."""
+    uri = context.tracking_uri
+    found = tracking.child_runs(uri, context.parent_run_id, {TAG_TRIAL_ID: trial_id})
+    if found:
+        return found[0]
+    outputs = Path(context.sweep_dir) / "outputs"
+    adopted = sweep_resume.adopt_orphan(
+        uri, context.orphans, params, trial_id, child_run_name(trial_name, params), outputs
+    )
+    return tracking.get_run(uri, adopted) if adopted else None
+
+
 def open_child_run(
-    context: TrialContext, spec, params: dict[str, Any], trial_id: str, trial_name: str
+    context: TrialContext, spec, params: dict[str, Any], trial_id: str, trial_name: str, existing=None
 ) -> tuple[tracking.TrackedRun, int]:
-    """(the trial's child run, the last step it already logged): created once, reopened on a restore.
+    """(the trial's child run, the last step it already logged): created once, reopened when `existing` (the
+    trial's run found by `find_child_run`).
 
     A new run gets the full spec as params plus the swept fields again as `sweep/<field>` params and as
-    `fotlab.<field>` tags, and a name that says what varies (`<trial>: lr=0.003 memory.layers=[1]`), so MLflow's
-    compare view and run table pick the trials apart.
+    `fotlab.<field>` tags, and a name that says what varies (`child_run_name`), so MLflow's compare view and run
+    table pick the trials apart.
     """
-    existing = child_run_id(context.tracking_uri, context.parent_run_id, trial_id)
     tags = {
         TAG_KIND: "trial",
         tracking.TAG_SWEEP: context.sweep.name,
@@ -81,12 +104,11 @@ def open_child_run(
         TAG_TRIAL_ID: trial_id,
         **tracking.swept_param_tags(params),
     }
-    run_name = f"{trial_name}: {tracking.describe_params(params)}" if params else trial_name
     run = tracking.start_spec_run(
         spec,
         uri=context.tracking_uri,
-        run_name=run_name,
-        run_id=existing,
+        run_name=child_run_name(trial_name, params),
+        run_id=existing.info.run_id if existing is not None else None,
         tags=tags,
         parent_run_id=context.parent_run_id,
     )
@@ -124,10 +146,15 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     import ray.tune
 
     tune_context = ray.tune.get_context()
-    trial_id = tune_context.get_trial_id()
+    trial_id, trial_name = tune_context.get_trial_id(), tune_context.get_trial_name()
     params = decode_params(config, context.sweep.search_space, context.decode)
     spec = spec_for(context, params)
-    run, logged_up_to = open_child_run(context, spec, params, trial_id, tune_context.get_trial_name())
+    existing = find_child_run(context, params, trial_id, trial_name)
+    if existing is not None and existing.info.status == "FINISHED":  # it ran to its end before the driver was lost
+        metric, steps = context.sweep.metric, spec.train.steps
+        ray.tune.report(sweep_resume.recorded_report(context.tracking_uri, existing, metric, steps, STEPS_TOTAL))
+        return
+    run, logged_up_to = open_child_run(context, spec, params, trial_id, trial_name, existing)
     output_dir = Path(context.sweep_dir) / "outputs" / trial_id
     try:
         spec = tracking.with_local_init_from(spec, context.tracking_uri, output_dir / "init_from")  # runs:/, models:/
