@@ -21,7 +21,7 @@ from fotlab import tracking
 from fotlab.cli import main as cli_main
 from fotlab.metric_delivery import JOURNAL_FILE, MetricOutbox, StepMarks
 from fotlab.orchestrate import RunFailedError, run_experiment
-from fotlab.spec import parse_spec
+from fotlab.spec import SpecError, parse_spec
 from fotlab.undelivered import UNDELIVERED_FILE, UndeliveredFile
 
 
@@ -132,6 +132,12 @@ def test_evaluations_rerun_after_a_crash_are_logged_once(tiny_corpus, tmp_path, 
         assert after[key] == [2], (key, after[key])
     assert after[tracking.TRAIN_LOSS] == [1, 2] and after[tracking.VAL_LOSS] == [2]
     assert duplicates(after) == {}
+
+
+@pytest.mark.parametrize("value", [-1, 86401, "soon"])
+def test_flush_timeout_is_validated(value):
+    with pytest.raises(SpecError, match="tracking.flush_timeout_s"):
+        parse_spec({"name": "x", "tracking": {"flush_timeout_s": value}})
 
 
 def test_step_marks_drop_points_at_or_below_each_keys_mark():

@@ -403,14 +403,15 @@ class TrackedRun:
         self._stop_monitor()
         self.client.set_terminated(self.run_id, status=status)
 
-    def fail(self, error: BaseException | str, status: str = "FAILED") -> None:
-        """Mark the run FAILED (or KILLED) and keep the one-line error message as the `fotlab.error` tag."""
+    def fail(self, error: BaseException | str, status: str = "FAILED", tags: Mapping[str, Any] | None = None) -> None:
+        """Mark the run FAILED (or KILLED) with `tags`, and keep the one-line error message as the `fotlab.error`
+        tag. A server that does not answer is not waited for: all that goes into the undelivered file."""
         message = (error if isinstance(error, str) else one_line(error))[:MAX_PARAM_VALUE_LEN]
         self.delivery.settle()
         if self.delivery.check_offline():
-            self._end_offline(status, error=message)
+            self._end_offline(status, error=message, tags=tags)
             return
-        self.client.set_tag(self.run_id, TAG_ERROR, message)
+        self.set_tags({**dict(tags or {}), TAG_ERROR: message})
         self.finish(status)
 
 

@@ -107,11 +107,11 @@ class UndeliveredFile:
         return sorted({p.key for p in self.points})
 
     def summary(self) -> str:
-        """`37 metric points of 8 keys (lr, train/loss, tokens/s, val/loss, val/ppl, +3 more)`."""
+        """`37 metric points of 10 keys (train/grad_norm, train/loss, ... val/loss, +2 more)` (at most 8 named)."""
         keys = self.keys
         if not keys:
             return "no metric points"
-        shown = ", ".join(keys[:5]) + (f", +{len(keys) - 5} more" if len(keys) > 5 else "")
+        shown = ", ".join(keys[:8]) + (f", +{len(keys) - 8} more" if len(keys) > 8 else "")
         return f"{len(self.points)} metric points of {len(keys)} keys ({shown})"
 
     def save(self) -> None:

@@ -160,7 +160,7 @@ def run_experiment(
         record = open_record(spec, resume)  # a bad --resume is a user error: say so before starting anything
     else:
         record, ray_error = _open_record_while_ray_starts(spec, address)
-    record.run.output_dir = output_dir_for(record.storage_path, record.ray_run_name)  # an undelivered file goes here
+    record.run.delivery.output_dir = output_dir_for(record.storage_path, record.ray_run_name)  # undelivered file: here
     if address and record.tracking_uri.startswith("sqlite:"):
         logger.warning(
             "a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
