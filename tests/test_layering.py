@@ -1,6 +1,7 @@
 """The import graph of platform/fotlab, read from the source (ast), keeps its layers (top to bottom):
 
-    cli, cli_runs  ->  orchestrate  ->  eval, train  ->  model, data  (beside them: spec, tracking, names, errors)
+    cli, cli_runs  ->  orchestrate  ->  eval, train  ->  model, data  (beside them: spec, tracking + metric_delivery +
+    undelivered, names, errors)
 
 (jax, the JAX training loop, sits between orchestrate and train: it reuses train's data and model set-up.)
 
@@ -27,12 +28,14 @@ ALLOWED = {
     "spec": {"errors", "presets", "names"},
     "model": {"errors", "presets"},
     "data": {"errors", "presets", "spec"},
-    "tracking": {"errors", "names", "spec"},
+    "undelivered": {"errors"},
+    "metric_delivery": {"undelivered"},
+    "tracking": {"errors", "names", "spec", "metric_delivery", "undelivered"},
     "train": {"errors", "presets", "names", "spec", "model", "data"},
     "eval": {"errors", "presets", "names", "spec", "model", "data", "tracking"},
     "jax": {"names", "model", "train"},  # the JAX loop reuses fotlab's data, model build and weights format
     "orchestrate": {"errors", "presets", "names", "spec", "model", "data", "tracking", "train", "eval", "jax"},
-    "cli_runs": {"errors", "names", "spec", "tracking"},
+    "cli_runs": {"errors", "names", "spec", "tracking", "undelivered"},
     "serving": {"errors", "names", "model", "data", "tracking"},  # MLflow's pyfunc loader of a fotlab model
 }
 

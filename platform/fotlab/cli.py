@@ -149,6 +149,11 @@ def _add_runs_parser(sub) -> None:
     p = runs_sub.add_parser("compare", help="runs side by side (params that differ, final metrics)")
     p.add_argument("--uri", default=argparse.SUPPRESS, help=uri_help)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or names")
+    p = runs_sub.add_parser(
+        "deliver", help="send what a run saved while its tracking server was down (undelivered_metrics.jsonl)"
+    )
+    p.add_argument("--uri", default=argparse.SUPPRESS, help="tracking store (default: the one named in FILE)")
+    p.add_argument("file", metavar="FILE", help="the undelivered-metrics file `fotlab run` named")
     runs.set_defaults(handler=_cmd_runs, runs_command="list", experiment=None, sweep=None, limit=30)
 
 

@@ -1,8 +1,9 @@
-"""`fotlab runs list|show|compare` (rich tables over MLflow runs) and `fotlab ui` (the MLflow server).
+"""`fotlab runs list|show|compare|deliver` (rich tables over MLflow runs) and `fotlab ui` (the MLflow server).
 
 fotlab runs list --experiment quickstart
 fotlab runs show RUN_ID_OR_NAME
 fotlab runs compare RUN_A RUN_B
+fotlab runs deliver runs/<run>/output/undelivered_metrics.jsonl   # after a tracking-server outage
 """
 
 from __future__ import annotations
@@ -137,9 +138,50 @@ def compare_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def deliver(args: argparse.Namespace) -> int:
+    """`fotlab runs deliver FILE`: what a run saved while its tracking server was unreachable (`fotlab run` names
+    the file), sent into that run: the metric points it lacks (those already there are skipped, so running it
+    twice changes nothing), the model if the run has none, its tags, and its end (FINISHED, FAILED or KILLED with
+    the final metrics and error) when the run still shows RUNNING."""
+    from fotlab.undelivered import UndeliveredFile
+
+    file = UndeliveredFile.load(args.file)
+    uri = args.uri or file.tracking_uri
+    if not tracking.server_reachable(uri):
+        raise FotlabError(f"{args.file}: the tracking server {uri} does not answer; nothing delivered, try again later")
+    found = tracking.get_run(uri, file.run_id)
+    run = tracking.TrackedRun(uri, found.info.run_id, found.info.experiment_id)
+    n_sent = run.deliver_points(file.points)
+    done = [f"{n_sent} metric points delivered ({len(file.points) - n_sent} of the file's were there already)"]
+    if file.model and tracking.logged_model_id(uri, run.run_id) is None:
+        done.append(_deliver_model(run, file.model))
+    if file.tags:
+        run.set_tags(file.tags)
+    end = file.end
+    if end and found.info.status == "RUNNING":
+        if end["status"] == "FINISHED":
+            run.close(end.get("metrics") or {}, int(end.get("step") or 0))
+        else:
+            run.fail(end.get("error") or "ended while the tracking server was unreachable", status=end["status"])
+        done.append(f"run marked {end['status']}")
+    print(f"run {run.run_id}: " + "; ".join(done))
+    return 0
+
+
+def _deliver_model(run, model: dict[str, Any]) -> str:
+    """Log (and register) the model folder a run could not log; what happened, for the summary line."""
+    try:
+        run.log_model_dir(model["dir"], step=int(model.get("step") or 0), name=model.get("name") or "model")
+    except tracking.TrackingError as exc:
+        return f"model not logged ({exc})"
+    if not model.get("register_as"):
+        return "model logged"
+    return f"model logged and registered as {model['register_as']}/{run.register_model(model['register_as'])}"
+
+
 def main(args: argparse.Namespace) -> int:
     """Dispatch `fotlab runs ACTION`."""
-    actions = {"list": list_runs, "show": show_run, "compare": compare_runs}
+    actions = {"list": list_runs, "show": show_run, "compare": compare_runs, "deliver": deliver}
     return actions[args.runs_command](args)
 
 

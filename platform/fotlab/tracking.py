@@ -13,6 +13,9 @@ Design choices:
 - Experiments are created on the driver with an explicit artifact location (an experiment first created inside
   a Ray worker puts its artifacts under Ray's temporary session dir).
 - mlflow is imported inside functions, so importing this module (for the names) is cheap.
+- Metric points are logged exactly once per (key, step); a training run sends them from a background thread that
+  outlives a tracking-server outage, and a run that gives up on its server ("offline") makes no more calls to it
+  and saves what it could not send for `fotlab runs deliver FILE` (`fotlab.metric_delivery`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import math
 import re
 import subprocess
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,8 @@ import fotlab
 from fotlab.errors import FotlabError
 from fotlab.errors import RemoteCodeError as RemoteCodeError  # re-exported: the MLflow Model path raises it
 from fotlab.errors import check_no_remote_code as check_no_remote_code
+from fotlab.metric_delivery import MetricDelivery, StepMarks, logged_steps
+from fotlab.metric_delivery import server_reachable as server_reachable
 
 # The metric and tag names live in fotlab.names (imports nothing, shared with train/eval/CLI); re-exported here.
 from fotlab.names import (  # noqa: F401
@@ -62,6 +68,7 @@ from fotlab.names import (  # noqa: F401
     VAL_LOSS_NO_XBATCH,
     VAL_PPL,
 )
+from fotlab.undelivered import Point, UndeliveredFile
 
 # MLflow 3 picks the UI mode of an experiment from this tag. fotlab trains models, from scratch or from a LLaMA:
 # "custom_model_development" is the kind the UI itself sets when a user picks "Machine learning" (the model
@@ -75,6 +82,7 @@ MODEL_ARTIFACT_DIR = "model"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 MAX_PARAM_VALUE_LEN = 6000  # MLflow's param value limit
 MAX_METRICS_PER_BATCH = 1000
+MONITOR_STOP_S = 10.0  # longest wait for MLflow's system-metrics thread to stop (it may sit in HTTP retries)
 
 
 class TrackingError(FotlabError):
@@ -142,17 +150,32 @@ def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> s
 
 @dataclasses.dataclass
 class TrackedRun:
-    """One MLflow run, addressed by id through the client API."""
+    """One MLflow run, addressed by id through the client API.
+
+    Its metrics go through `delivery` (`fotlab.metric_delivery.MetricDelivery`): exactly once per key and step,
+    from a background thread after `deliver_in_background`. Once offline (`undelivered` is set: the server was
+    given up on), the metrics, tags, the model to log and the run's end go into that file instead, for
+    `fotlab runs deliver FILE`, and the other logging calls do nothing.
+    """
 
     uri: str
     run_id: str
     experiment_id: str
     model_id: str | None = None  # the MLflow Model logged by `log_model_dir`
     _monitor: Any = dataclasses.field(default=None, repr=False)
+    delivery: MetricDelivery = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.delivery = MetricDelivery(self.run_id, self.uri, self._send_points)
 
     @property
     def client(self):
         return client(self.uri)
+
+    @property
+    def undelivered(self) -> UndeliveredFile | None:
+        """The file of what the server did not get, once the run is offline; else None."""
+        return self.delivery.undelivered
 
     def info(self):
         """The run as MLflow stores it now (`.info.status`, `.data.metrics`, `.data.tags`)."""
@@ -164,14 +187,19 @@ class TrackedRun:
 
     def delete_tag(self, key: str) -> None:
         """Remove tag `key` if the run has it (e.g. the error of an earlier attempt being repaired)."""
-        if key in self.info().data.tags:
+        if self.undelivered is None and key in self.info().data.tags:
             self.client.delete_tag(self.run_id, key)
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
-        self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+        if self.undelivered is None:
+            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
 
     def close(self, metrics: Mapping[str, Any], step: int, tags: Mapping[str, Any] | None = None) -> None:
         """The one way a run ends well: the final metrics not logged yet (no duplicate points), `tags`, FINISHED."""
+        self.delivery.settle()
+        if self.delivery.check_offline():
+            self._end_offline("FINISHED", step=step, metrics=numeric_metrics(metrics), tags=tags)
+            return
         logged = self.info().data.metrics
         self.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step)
         self.set_tags(tags or {})
@@ -195,28 +223,67 @@ class TrackedRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
+        if self.undelivered is not None:
+            self.delivery.record(tags={str(k): str(v) for k, v in tags.items()})
+            return
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
-        """Log the finite numeric metrics in one batch at `step`; returns what was logged."""
-        import time
-
-        from mlflow.entities import Metric
-
+        """Log the finite numeric metrics at `step`, except those whose key has a point at `step` or later already
+        (exactly once per key and step); returns the finite numeric metrics (logged now or before)."""
         kept = numeric_metrics(metrics)
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, int(step)) for k, v in kept.items()]
-        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+        self.delivery.log(kept, int(step))
         return kept
 
-    def log_model_dir(self, model_dir: str | Path, step: int = 0, name: str = MODEL_ARTIFACT_DIR) -> str:
+    def deliver_in_background(self, output_dir: str | Path, flush_timeout_s: float) -> None:
+        """From now on a background thread sends the metrics, whatever the server's state (`MetricDelivery`), from
+        the steps the run holds on, and first what an earlier process of the run left unsent in `output_dir`."""
+        logged = logged_steps(self.client.get_run(self.run_id))
+        self.delivery.start_background(output_dir, flush_timeout_s, logged, rejected=_refused)
+
+    def settle(self) -> UndeliveredFile | None:
+        """Wait (at most `tracking.flush_timeout_s`) for the metrics logged so far; what the server has not got by
+        then is saved and the run goes offline (`MetricDelivery.settle`). Returns that file, or None."""
+        return self.delivery.settle()
+
+    def end_delivery(self) -> UndeliveredFile | None:
+        """`settle`, then stop the background sending (a worker's last word on its metrics)."""
+        return self.delivery.end()
+
+    def adopt_undelivered(self, path: str | Path) -> None:
+        """Go offline into the file another process of this run saved (the driver, once its rank-0 worker did)."""
+        self.delivery.go_offline("the run's worker could not reach the tracking server", Path(path))
+
+    def deliver_points(self, points: list[Point]) -> int:
+        """Log the points whose (key, step) the run does not hold yet, with their own timestamps; how many."""
+        mlflow_client = self.client
+        missing = []
+        for key in sorted({p.key for p in points}):
+            held = {m.step for m in mlflow_client.get_metric_history(self.run_id, key)}
+            missing += [p for p in points if p.key == key and p.step not in held]
+        self._send_points(missing)
+        return len(missing)
+
+    def _send_points(self, points: list[Point]) -> None:
+        from mlflow.entities import Metric
+
+        items = [Metric(p.key, p.value, p.timestamp, p.step) for p in points]
+        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+
+    def _end_offline(self, status: str, *, step=None, metrics=None, error=None, tags=None) -> None:
+        """Offline: how the run ended goes into the undelivered file, for `fotlab runs deliver` to record."""
+        self._stop_monitor(wait_s=1.0)  # its last samples cannot be sent anyway
+        end = {"status": status, "step": step, "metrics": dict(metrics or {}), "error": error}
+        self.delivery.record(end=end, tags={str(k): str(v) for k, v in (tags or {}).items()})
+
+    def log_model_dir(self, model_dir: str | Path, step: int = 0, name: str = MODEL_ARTIFACT_DIR) -> str | None:
         """Log a saved model directory (HF format: config.json, *.safetensors, tokenizer files) as an MLflow Model
         (MLflow 3's logged-model entity: a pyfunc whose files are that directory, see `fotlab.serving`), an output
         of this run at `step`; the run's metrics at `step` (the final metrics and evaluations) are linked to it.
-        Returns the model id (`models:/<id>`), also kept as `self.model_id` for `register_model`.
+        Returns the model id (`models:/<id>`), also kept as `self.model_id` for `register_model`; offline None.
         A run that logged its model at `step` already (a worker restarted during the evaluations) keeps that one:
         one model per run."""
         import tempfile
@@ -227,6 +294,9 @@ class TrackedRun:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise TrackingError(f"{path}: not a saved model directory (no config.json)")
+        if self.undelivered is not None:  # `fotlab runs deliver` logs it
+            self.delivery.record(model={"dir": str(path.resolve()), "step": int(step), "name": name})
+            return None
         mlflow_client = self.client
         run = mlflow_client.get_run(self.run_id)
         earlier = _model_output_at(run, int(step))
@@ -261,7 +331,7 @@ class TrackedRun:
         model's page lists them (the pipeline calls it again after the evaluations). No model, nothing to do."""
         from mlflow.entities import Metric
 
-        if self.model_id is None:
+        if self.model_id is None or self.undelivered is not None:
             return
         mlflow_client = self.client
         done = {(m.key, m.step) for m in mlflow_client.get_logged_model(self.model_id).metrics or []}
@@ -274,12 +344,16 @@ class TrackedRun:
         for start in range(0, len(linked), MAX_METRICS_PER_BATCH):
             mlflow_client.log_batch(self.run_id, metrics=linked[start : start + MAX_METRICS_PER_BATCH])
 
-    def register_model(self, name: str, artifact_path: str = MODEL_ARTIFACT_DIR) -> str:
+    def register_model(self, name: str, artifact_path: str = MODEL_ARTIFACT_DIR) -> str | None:
         """Register the run's logged model as a new version of the registered model `name` (created if new) in
         this store's model registry; returns the version. Later specs can start from it with
         `model.init_from: models:/NAME/latest`; `mlflow models serve -m models:/NAME/latest` serves it."""
         from mlflow.exceptions import MlflowException
 
+        if self.undelivered is not None:  # `fotlab runs deliver` registers the model it logs
+            if self.undelivered.model is not None:
+                self.delivery.record(model={**self.undelivered.model, "register_as": name})
+            return None
         mlflow_client = self.client
         try:
             mlflow_client.get_registered_model(name)
@@ -316,27 +390,51 @@ class TrackedRun:
             )
             for r in records
         ]
-        if inputs:
+        if inputs and self.undelivered is None:
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log a local file as a run artifact (offline: nothing; the file stays where it is)."""
+        if self.undelivered is None:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def _stop_monitor(self) -> None:
+    def _stop_monitor(self, wait_s: float = MONITOR_STOP_S) -> None:
+        """Stop the system-metrics thread, waiting at most wait_s (it may sit in MLflow's HTTP retries)."""
         if self._monitor is not None:
-            self._monitor.finish()
+            stopper = threading.Thread(target=self._monitor.finish, name="fotlab-stop-system-metrics", daemon=True)
+            stopper.start()
+            stopper.join(wait_s)
             self._monitor = None
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run with `status` (FINISHED, KILLED, FAILED)."""
+        """End the run with `status` (FINISHED, KILLED, FAILED); offline, in the undelivered file."""
+        self.delivery.settle()
+        if self.delivery.check_offline():
+            self._end_offline(status)
+            return
         self._stop_monitor()
         self.client.set_terminated(self.run_id, status=status)
 
-    def fail(self, error: BaseException | str, status: str = "FAILED") -> None:
-        """Mark the run FAILED (or KILLED) and keep the one-line error message as the `fotlab.error` tag."""
-        message = error if isinstance(error, str) else one_line(error)
-        self.client.set_tag(self.run_id, TAG_ERROR, message[:MAX_PARAM_VALUE_LEN])
+    def fail(self, error: BaseException | str, status: str = "FAILED", tags: Mapping[str, Any] | None = None) -> None:
+        """Mark the run FAILED (or KILLED) with `tags`, and keep the one-line error message as the `fotlab.error`
+        tag. A server that does not answer is not waited for: all that goes into the undelivered file."""
+        message = (error if isinstance(error, str) else one_line(error))[:MAX_PARAM_VALUE_LEN]
+        self.delivery.settle()
+        if self.delivery.check_offline():
+            self._end_offline(status, error=message, tags=tags)
+            return
+        self.set_tags({**dict(tags or {}), TAG_ERROR: message})
         self.finish(status)
+
+
+def _refused(error: BaseException) -> bool:
+    """An MLflow answer that no retry changes (a 4xx other than timeout / too many requests)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def numeric_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -435,7 +533,8 @@ def start_run(
     system_metrics: bool = False,
     system_metrics_interval_s: float = 10.0,
 ) -> TrackedRun:
-    """Create a run (or, with `run_id`, reopen that run as RUNNING to resume it); tags are added either way.
+    """Create a run (or, with `run_id`, reopen that run as RUNNING to resume it: points at or below the highest
+    step its metrics hold are not logged again); tags are added either way.
 
     `parent_run_id` makes it a child run (sweep trials); `system_metrics` samples CPU/memory (and GPU) metrics
     in a background thread until `finish()`.
@@ -454,6 +553,7 @@ def start_run(
         resumed = True
     run = TrackedRun(uri, run_id, experiment_id)
     if resumed:
+        run.delivery.marks = StepMarks(logged_steps(existing))
         run.set_tags(all_tags)
     if system_metrics:
         run._monitor = _start_system_metrics(uri, run_id, resumed, system_metrics_interval_s)

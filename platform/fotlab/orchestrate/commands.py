@@ -51,6 +51,11 @@ def run_command(args: argparse.Namespace) -> dict | int:
                 )
             )
         return EXIT_INTERRUPTED if status == "KILLED" else EXIT_FAILED
+    if outcome.undelivered is not None:  # trained, model saved, but the tracking server never came back: exit 1
+        print(f"fotlab run: {outcome.undelivered_line()}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({**outcome.to_json(), "error": outcome.undelivered_line()}))
+        return EXIT_FAILED
     if not as_json:
         print_summary(outcome)
     return outcome.to_json()

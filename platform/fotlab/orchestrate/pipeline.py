@@ -63,6 +63,9 @@ def run_pipeline(
         timings = {}
     if runtime.rank != 0 or result.stopped_early:
         return result
+    # What training logged has reached the tracking server (a bounded wait), or the run goes offline: the steps
+    # below then keep their metrics and the model folder for `fotlab runs deliver` and skip the server.
+    run.settle()
     run.log_datasets(datasets)  # what training read (dataset inputs: digest, documents, tokens)
     if spec.tracking.log_model and model_dir is None:
         _log_model(run, result)  # an MLflow Model, linked to the final metrics

@@ -9,6 +9,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -43,12 +44,10 @@ class RunRecord:
         self.run.close(metrics, step, {TAG_RESUMABLE: "false"})
 
     def fail(self, error: BaseException | str, *, status: str = "FAILED", resumable: bool = False) -> None:
-        """Mark the run FAILED (or KILLED) with a one-line error; never raises (the original error matters)."""
-        try:
-            self.run.set_tags({TAG_RESUMABLE: "true" if resumable else "false"})
-            self.run.fail(error, status=status)
-        except Exception:  # noqa: BLE001 - the training error is the one to report
-            pass
+        """Mark the run FAILED (or KILLED) with a one-line error; never raises (the original error matters), never
+        waits for a tracking server that does not answer (`TrackedRun.fail`)."""
+        with contextlib.suppress(Exception):  # the training error is the one to report
+            self.run.fail(error, status=status, tags={TAG_RESUMABLE: "true" if resumable else "false"})
 
 
 def open_run(spec, tracking_uri: str, ray_run_name: str, storage_path: str) -> RunRecord:

@@ -11,6 +11,9 @@ Steps (setup -> build -> fit -> close):
    thread draws progress and turns the first Ctrl-C (or a SIGTERM) into a graceful stop (checkpoint, then exit
    resumable);
 4. close the MLflow run: FINISHED with final metrics, KILLED (resumable) when stopped, FAILED with the error.
+   A tracking server that stayed unreachable to the end: the run's end, like the metrics it could not send, is
+   saved in `<output>/undelivered_metrics.jsonl`; the outcome names that file (`RunOutcome.undelivered`), the
+   MLflow run stays RUNNING until `fotlab runs deliver FILE` and `fotlab run` exits 1 (see `commands.run_command`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,21 @@ class RunOutcome:
     checkpoint: str | None = None
     run_name: str | None = None
     final_step: int | None = None
+    undelivered: tracking.UndeliveredFile | None = None  # what the tracking server never got (None: all arrived)
+
+    def undelivered_line(self) -> str:
+        """The one line saying what the tracking server did not get, where it is saved and how to send it later."""
+        file = self.undelivered
+        if file is None:
+            return ""
+        missing = (
+            f"{file.summary()} and the run's end ({self.status})" if file.points else f"the run's end ({self.status})"
+        )
+        return (
+            f"run {self.run_id} finished training (step {self.final_step}; model in {self.model_dir}) but the tracking "
+            f"server {file.tracking_uri} is unreachable: {missing} saved to {file.path}; the MLflow run stays RUNNING "
+            f"until `fotlab runs deliver {file.path}` once the server is back"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +91,7 @@ class RunOutcome:
             "checkpoint": self.checkpoint,
             "run_name": self.run_name,
             "final_step": self.final_step,
+            "undelivered": str(self.undelivered.path) if self.undelivered is not None else None,
         }
 
 
@@ -86,6 +105,8 @@ def open_record(spec, resume: str | None) -> run_record.RunRecord:
     from fotlab.spec import resolve_storage_path, resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec)
+    if not tracking.server_reachable(uri):  # else MLflow's own retries hold the start for minutes, then a traceback
+        raise tracking.TrackingError(f"the tracking server {uri} does not answer: start it, or set tracking.uri")
     if resume:
         return run_record.reopen_run(spec, uri, resume)
     return run_record.open_run(spec, uri, new_run_name(spec.name), resolve_storage_path(spec))
@@ -139,6 +160,7 @@ def run_experiment(
         record = open_record(spec, resume)  # a bad --resume is a user error: say so before starting anything
     else:
         record, ray_error = _open_record_while_ray_starts(spec, address)
+    record.run.delivery.output_dir = output_dir_for(record.storage_path, record.ray_run_name)  # undelivered file: here
     if address and record.tracking_uri.startswith("sqlite:"):
         logger.warning(
             "a sqlite MLflow store is only reachable from this host; workers on other nodes cannot "
@@ -168,6 +190,7 @@ def run_experiment(
         hint = f"; {resume_hint}" if resumable else ""
         if resumable and isinstance(cause, DiskFullError):
             hint = f"; once space is freed, {resume_hint}"
+        hint += _undelivered_note(record)
         raise RunFailedError(
             f"run {record.run_id} FAILED: {tracking.one_line(cause)} "
             f"(details: `fotlab runs show {record.run_id}`){hint}",
@@ -278,16 +301,39 @@ def close_run(record: run_record.RunRecord, result, resume_hint: str, framework:
     value = result.return_value or {}
     metrics = tracking.numeric_metrics(value.get("metrics") or result.metrics or {})
     final_step = int(value.get("final_step") or metrics.get("step") or 0)
+    if value.get("undelivered"):  # rank 0 gave up on the tracking server: so does the driver
+        record.run.adopt_undelivered(value["undelivered"])
     if value.get("stopped_early"):
         record.fail(f"stopped on request at step {final_step}", status="KILLED", resumable=True)
         raise RunInterruptedError(
-            f"run {record.run_id} stopped at step {final_step} after saving a checkpoint; {resume_hint}",
+            f"run {record.run_id} stopped at step {final_step} after saving a checkpoint; {resume_hint}"
+            + _undelivered_note(record),
             record.run_id,
         )
     record.finish(metrics, final_step)
     checkpoint = _latest_checkpoint(value.get("checkpoint_dir"), framework)
     model_dir = Path(value["model_dir"]) if value.get("model_dir") else None
-    return RunOutcome(record.run_id, "FINISHED", model_dir, metrics, checkpoint, record.run_name, final_step)
+    return RunOutcome(
+        record.run_id,
+        "FINISHED",
+        model_dir,
+        metrics,
+        checkpoint,
+        record.run_name,
+        final_step,
+        undelivered=record.run.undelivered,
+    )
+
+
+def _undelivered_note(record: run_record.RunRecord) -> str:
+    """`; tracking server unreachable: ... saved to FILE (...)` for a run that went offline, else ""."""
+    file = record.run.undelivered
+    if file is None:
+        return ""
+    return (
+        f"; tracking server unreachable: {file.summary()} and the run's end saved to {file.path} "
+        f"(send them with `fotlab runs deliver {file.path}`)"
+    )
 
 
 def _latest_checkpoint(checkpoint_dir: str | None, framework: str) -> str | None:

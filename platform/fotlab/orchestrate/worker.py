@@ -9,7 +9,10 @@ Design choices:
 - Checkpoints are fotlab's (`fotlab.train.checkpoint`, kept per `train.keep_checkpoints`) in the run's output
   folder; Ray's reports carry metrics only (see `trainer.run_config`), and a restart resumes from that folder.
   A resume after a crash (`--resume`, a Ray restart) re-trains the steps between that checkpoint and the
-  crash: rank 0 does not log them to MLflow again (one metric point per step).
+  crash: rank 0's `TrackedRun` knows each metric's highest logged step and drops those points (one point per
+  metric and step, `fotlab.metric_delivery`). It sends metrics from a background thread, so a tracking server
+  that is down does not stop training; at the end it waits for them at most `tracking.flush_timeout_s` and
+  saves what did not arrive (the driver then says where, see `runner.close_run`).
 - Hooks run on every rank: rank 0 logs metrics to the driver's MLflow run and pushes them to the live display;
   all ranks call `ray.train.report` together (every `report_every` steps and at each checkpoint).
 - One worker function for both `train.framework`s: a JAX run (Ray's `JaxTrainer`, see `trainer.build_trainer`)
@@ -21,6 +24,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -47,14 +51,13 @@ class WorkerHooks:
         self.channel = config.channel
         self._last_report_step = 0
         self._n_stop_polls = 0
-        self.logged_through = 0  # a resumed run re-trains the steps after its checkpoint: logged already
         self.run = run
         self.live = LiveMetrics.for_worker(config, rank)  # Prometheus, through ray.util.metrics
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self.live.on_log(step, metrics)
-        if self.rank == 0 and step > self.logged_through:
-            self.run.log_metrics(metrics, step)
+        if self.rank == 0:
+            self.run.log_metrics(metrics, step)  # steps logged before a restart are dropped there
             if self.channel is not None:
                 self.channel.push(step, metrics)
         if step - self._last_report_step >= self.report_every:
@@ -125,7 +128,8 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     Both frameworks run here (the pipeline picks the loop from `spec.train.framework`). A JAX worker never asks
     Ray for a torch device (on a TPU worker that would need torch_tpu): its torch side (data pipeline,
     evaluations on the saved `model/`) runs on CPU, and JAX picks its own devices.
-    Returns (rank 0's value becomes `Result.return_value`): final_step, metrics, model_dir, stopped_early.
+    Returns (rank 0's value becomes `Result.return_value`): final_step, metrics, model_dir, stopped_early, and
+    undelivered (the file of metrics the tracking server did not get, or None).
     """
     import ray.train
 
@@ -140,10 +144,10 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = torch.device("cpu") if jax else _torch_device()
     run = TrackedRun(config.tracking_uri, config.run_id, experiment_id="")
+    if rank == 0:  # a restarted run starts from the steps its MLflow run holds, and what it left unsent
+        run.deliver_in_background(config.output_dir, spec.tracking.flush_timeout_s)
     hooks = WorkerHooks(config, run, rank, world_size, device)
     resume_from = resume_dir(Path(config.output_dir), spec.train.framework)
-    if resume_from is not None and rank == 0:  # after a crash (an exception, SIGKILL, a Ray restart)
-        hooks.logged_through = run.last_step(names.TRAIN_LOSS)
     placement: dict[str, Any] = {}  # the JAX loop places its arrays itself (fotlab.jax.sharding)
     if not jax:
         placement["wrap_model"], placement["sharded"] = wrap_model_fn(spec, world_size, device)
@@ -155,7 +159,13 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
         resume_from=resume_from,
         **placement,
     )
-    result = run_pipeline(spec, run, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
+    try:
+        result = run_pipeline(spec, run, runtime, TrainHooks(hooks.on_log, hooks.on_checkpoint, hooks.should_stop))
+    except BaseException:
+        with contextlib.suppress(Exception):  # the metrics logged before the error reach the run (or a file)
+            run.end_delivery()
+        raise
+    undelivered = run.end_delivery()  # None on ranks > 0: they log nothing
     return {
         "final_step": result.final_step,
         "metrics": result.metrics,
@@ -163,6 +173,7 @@ def train_worker(config: WorkerConfig) -> dict[str, Any]:
         "checkpoint_dir": str(result.checkpoint_dir),
         "stopped_early": result.stopped_early,
         "resumed_from": str(resume_from) if resume_from else None,
+        "undelivered": str(undelivered.path) if undelivered is not None else None,
     }
 
 

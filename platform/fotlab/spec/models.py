@@ -373,6 +373,17 @@ class TrackingSpec(StrictModel):
         description="Log system metrics (CPU, memory, disk, network; GPU with "
         "nvidia-ml-py) of the driver host every 10 s, as MLflow `system/...` metrics.",
     )
+    flush_timeout_s: float = Field(
+        180.0,
+        ge=0,
+        le=86400,
+        description=(
+            "Metrics reach the tracking server from a background thread that keeps them through an outage (training "
+            "never waits for the server). At the end of training, and of the run, wait at most this many seconds "
+            "for those still queued; what has not arrived by then is saved to <output>/undelivered_metrics.jsonl "
+            "for `fotlab runs deliver FILE`, and the run ends without further calls to the server."
+        ),
+    )
     log_model: bool = Field(True, description="Log the final model directory (HF format) as run artifacts.")
     register_model: str | None = Field(
         None,
