@@ -238,10 +238,18 @@ def server_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
 
 class MetricDelivery:
     """The path from one run's `log_metrics` to its server: the marks, then (after `start_background`) the outbox,
-    or once offline the undelivered file. `send(points)` logs one batch synchronously (raises on failure)."""
+    or once offline the undelivered file. `send(points)` logs one batch synchronously (raises on failure);
+    `send_once`, when given, is what the outbox uses: one try, no retries of its own (the outbox retries)."""
 
-    def __init__(self, run_id: str, uri: str, send: Callable[[list[Point]], None]) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        uri: str,
+        send: Callable[[list[Point]], None],
+        send_once: Callable[[list[Point]], None] | None = None,
+    ) -> None:
         self.run_id, self.uri, self._send = run_id, uri, send
+        self._send_once = send_once or send
         self.marks = StepMarks()
         self.outbox: MetricOutbox | None = None
         self.output_dir: Path | None = None  # the journal and an undelivered file go here
@@ -272,7 +280,9 @@ class MetricDelivery:
         self.marks = StepMarks(logged)
         journal, earlier = self.output_dir / JOURNAL_FILE, self.output_dir / UNDELIVERED_FILE
         leftovers = sorted(read_points(journal) + read_points(earlier), key=lambda p: p.step)
-        self.outbox = MetricOutbox(self._send, journal, reachable=lambda: server_reachable(self.uri), rejected=rejected)
+        self.outbox = MetricOutbox(
+            self._send_once, journal, reachable=lambda: server_reachable(self.uri), rejected=rejected
+        )
         self.outbox.submit(self.marks.keep_points(leftovers))
         earlier.unlink(missing_ok=True)  # its points are queued again (and journaled)
 

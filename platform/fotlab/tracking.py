@@ -80,6 +80,7 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"  # "training" | "validation" | "eval
 SPEC_ARTIFACT = "spec.yaml"
 MODEL_ARTIFACT_DIR = "model"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+SEND_TIMEOUT_S = 30  # one background metrics request to a tracking server (the outbox retries)
 MAX_PARAM_VALUE_LEN = 6000  # MLflow's param value limit
 MAX_METRICS_PER_BATCH = 1000
 MONITOR_STOP_S = 10.0  # longest wait for MLflow's system-metrics thread to stop (it may sit in HTTP retries)
@@ -166,7 +167,7 @@ class TrackedRun:
     delivery: MetricDelivery = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.delivery = MetricDelivery(self.run_id, self.uri, self._send_points)
+        self.delivery = MetricDelivery(self.run_id, self.uri, self._send_points, send_once=self._send_points_once)
 
     @property
     def client(self):
@@ -272,6 +273,24 @@ class TrackedRun:
         items = [Metric(p.key, p.value, p.timestamp, p.step) for p in points]
         for start in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + MAX_METRICS_PER_BATCH])
+
+    def _send_points_once(self, points: list[Point]) -> None:
+        """`_send_points` for the background outbox: against a server, one request per batch without MLflow's own
+        HTTP retries (minutes with backoff by default, during which a returned server would wait for the next
+        try); the outbox retries with its own probe and backoff. Other stores: `_send_points`."""
+        if not self.uri.startswith(("http://", "https://")):
+            self._send_points(points)
+            return
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        creds = self.client._tracking_client.store.get_host_creds()  # the store's auth (env, token, TLS settings)
+        endpoint = "/api/2.0/mlflow/runs/log-batch"  # MLflow's REST API: LogBatch
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            batch = points[start : start + MAX_METRICS_PER_BATCH]
+            metrics = [{"key": p.key, "value": p.value, "timestamp": p.timestamp, "step": p.step} for p in batch]
+            body = {"run_id": self.run_id, "metrics": metrics}
+            response = http_request(creds, endpoint, "POST", max_retries=0, timeout=SEND_TIMEOUT_S, json=body)
+            verify_rest_response(response, endpoint)
 
     def _end_offline(self, status: str, *, step=None, metrics=None, error=None, tags=None) -> None:
         """Offline: how the run ended goes into the undelivered file, for `fotlab runs deliver` to record."""

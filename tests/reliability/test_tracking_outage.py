@@ -177,6 +177,8 @@ def test_server_down_60s_mid_run_metrics_arrive_afterwards(server, tiny_corpus, 
     err = (tmp_path / "run.err").read_text()
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err
+    # The outbox sends without MLflow's own HTTP retries, so even a batch in flight when the server died fails at
+    # once: the outage is reported, and the backlog goes out on the outbox's next try after the server is back.
     assert "metrics cannot reach the tracking server" in err and "tracking server answers again" in err
     result = json.loads((tmp_path / "run.out").read_text().strip().splitlines()[-1])
     assert result["status"] == "FINISHED" and result["undelivered"] is None
@@ -201,7 +203,8 @@ def test_server_down_60s_mid_run_metrics_arrive_afterwards(server, tiny_corpus, 
         f"R5 measured: server SIGKILLed at step {step_at_down}, down {up_at - down_at:.0f} s (restart included); "
         f"{len(trained_while_down)} steps trained while it was down (steps {trained_while_down[0]}-"
         f"{trained_while_down[-1]}); backlog delivered {delivered_after_s:.1f} s after it answered again; "
-        f"{len(late)} metric points logged during the outage delivered late"
+        f"{len(late)} metric points logged during the outage delivered late; the outage and the server's return "
+        "reported on stderr"
     )
     print(
         f"R5 measured: run {run.info.status}, exit {rc}; train/loss {len(history[tracking.TRAIN_LOSS])} points for "
