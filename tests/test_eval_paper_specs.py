@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fotlab import tracking
+from fotlab import model_refs
 from fotlab.spec import load_spec, model_overrides
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
@@ -71,7 +71,7 @@ def test_reproduce_dictionary_spec_smoke(tmp_path, monkeypatch):
     run = MlflowClient(uri).get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
     assert "eval/dict_lookup_acc/mem_64" in run.data.metrics
-    logged = tracking.download_model(f"runs:/{summary['run_id']}", uri, tmp_path / "logged")  # the MLflow Model
+    logged = model_refs.download_model(f"runs:/{summary['run_id']}", uri, tmp_path / "logged")  # the MLflow Model
     assert {"config.json", "model.safetensors"} <= {p.name for p in logged.iterdir()}
     assert summary["metrics"]["eval/dict_lookup_acc/mem_64"] == run.data.metrics["eval/dict_lookup_acc/mem_64"]
     assert (Path(summary["model_dir"]) / "config.json").is_file()

@@ -31,10 +31,23 @@ ALLOWED = {
     "undelivered": {"errors"},
     "metric_delivery": {"undelivered"},
     "tracking": {"errors", "names", "spec", "metric_delivery", "undelivered"},
+    "model_refs": {"tracking"},  # runs:/ and models:/ references -> local model folders
     "train": {"errors", "presets", "names", "spec", "model", "data"},
-    "eval": {"errors", "presets", "names", "spec", "model", "data", "tracking"},
+    "eval": {"errors", "presets", "names", "spec", "model", "data", "tracking", "model_refs"},
     "jax": {"names", "model", "train"},  # the JAX loop reuses fotlab's data, model build and weights format
-    "orchestrate": {"errors", "presets", "names", "spec", "model", "data", "tracking", "train", "eval", "jax"},
+    "orchestrate": {
+        "errors",
+        "presets",
+        "names",
+        "spec",
+        "model",
+        "data",
+        "tracking",
+        "model_refs",
+        "train",
+        "eval",
+        "jax",
+    },
     "cli_runs": {"errors", "names", "spec", "tracking", "undelivered"},
     "serving": {"errors", "names", "model", "data", "tracking"},  # MLflow's pyfunc loader of a fotlab model
 }

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fotlab import names, serving, tracking
+from fotlab import model_refs, names, serving, tracking
 from fotlab.data import byte_tokenizer
 from fotlab.model import FoTForCausalLM, preset_config
 
@@ -113,7 +113,7 @@ def test_logged_model_generates_like_the_model_and_loads_without_pickles(store, 
         assert list(got[names.COMPLETION_COLUMN]) == expected, ref
     monkeypatch.undo()
 
-    tracking.download_model(f"models:/{model_id}", store, tmp_path / "dl")
+    model_refs.download_model(f"models:/{model_id}", store, tmp_path / "dl")
     files = sorted(p.name for p in (tmp_path / "dl").rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".bin", ".pt"))], files
     mlmodel = next((tmp_path / "dl").rglob("MLmodel")).read_text()
@@ -127,7 +127,7 @@ def test_model_references_resolve_to_the_model_directory(store, model_dir, tmp_p
     for i, ref in enumerate(
         (f"runs:/{run.run_id}", "models:/stage1/latest", "models:/stage1/1", f"models:/{model_id}")
     ):
-        local = tracking.download_model(ref, store, tmp_path / f"d{i}")
+        local = model_refs.download_model(ref, store, tmp_path / f"d{i}")
         assert (local / "model.safetensors").read_bytes() == expected, ref
         FoTForCausalLM.from_pretrained(str(local))  # what init_from and `fotlab eval --model` do with it
 
@@ -139,7 +139,7 @@ def test_older_runs_with_a_raw_model_folder_still_load(store, model_dir, tmp_pat
     assert run.register_model("old-style") == "1"
     run.finish()
     for i, ref in enumerate((f"runs:/{run.run_id}", "models:/old-style/latest")):
-        local = tracking.download_model(ref, store, tmp_path / f"o{i}")
+        local = model_refs.download_model(ref, store, tmp_path / f"o{i}")
         assert (local / "config.json").read_text() == (model_dir / "config.json").read_text()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fotlab import tracking
+from fotlab import model_refs, tracking
 from fotlab.errors import FotlabError
 from fotlab.orchestrate import RunFailedError, RunInterruptedError, run_experiment
 from fotlab.orchestrate.jobs import (
@@ -83,7 +83,7 @@ def assert_tracked_run(uri: str, outcome, n_steps: int) -> None:
     (output,) = run.outputs.model_outputs  # the model: an MLflow Model logged by the run at its last step
     assert output.step == n_steps and client.get_logged_model(output.model_id).source_run_id == outcome.run_id
     with tempfile.TemporaryDirectory() as tmp:
-        logged = tracking.download_model(f"runs:/{outcome.run_id}", uri, tmp)
+        logged = model_refs.download_model(f"runs:/{outcome.run_id}", uri, tmp)
         assert "config.json" in {p.name for p in logged.iterdir()}
         assert FoTForCausalLM.from_pretrained(str(logged)).config.num_hidden_layers == 2
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # what it read: mlflow.data.context

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fotlab import tracking
+from fotlab import model_refs, tracking
 from fotlab.spec import flatten_spec, parse_spec, resolve_artifact_root
 
 # Creating an MLflow sqlite store (schema migrations) alone takes several seconds on a small box.
@@ -67,7 +67,7 @@ def test_spec_run_params_tags_metrics_artifacts(store, spec, tmp_path):
     assert "note" not in got.data.metrics and "bad" not in got.data.metrics
     assert {f.path for f in client.list_artifacts(run.run_id)} == {tracking.SPEC_ARTIFACT}
     (output,) = got.outputs.model_outputs  # the model is an MLflow Model of the run, not a folder of run artifacts
-    local = tracking.download_model(f"runs:/{run.run_id}", store, tmp_path / "back")
+    local = model_refs.download_model(f"runs:/{run.run_id}", store, tmp_path / "back")
     assert {p.name for p in local.iterdir()} == {"config.json", "model.safetensors"}
     assert local.parent.parent.joinpath("MLmodel").is_file() and output.model_id == run.model_id
     spec_text = Path(client.download_artifacts(run.run_id, tracking.SPEC_ARTIFACT, str(tmp_path))).read_text()
@@ -204,27 +204,27 @@ def test_registered_models_and_run_models_download_by_reference(store, spec, tmp
     assert second.register_model("stage1") == "2"  # a new version of the same registered model
 
     def marker(ref: str, dst: str) -> str:
-        return json.loads((tracking.download_model(ref, store, tmp_path / dst) / "config.json").read_text())["marker"]
+        return json.loads((model_refs.download_model(ref, store, tmp_path / dst) / "config.json").read_text())["marker"]
 
     assert marker("models:/stage1/latest", "a") == "second"
     assert not (tmp_path / "other.db").exists()
     assert marker("models:/stage1/1", "b") == "first"
     assert marker(f"runs:/{first.run_id}", "c") == "first"
     with pytest.raises(tracking.TrackingError, match=r"^models:/nope/latest: cannot download") as err:
-        tracking.download_model("models:/nope/latest", store, tmp_path / "d")
+        model_refs.download_model("models:/nope/latest", store, tmp_path / "d")
     assert "\n" not in str(err.value)
     with pytest.raises(tracking.TrackingError, match="not a saved model directory"):
-        tracking.download_model(str(tmp_path), store, tmp_path / "e")
+        model_refs.download_model(str(tmp_path), store, tmp_path / "e")
 
 
 def test_init_from_reference_is_downloaded_once_and_replaced_by_the_local_copy(store, spec, tmp_path):
     run = _model_run(store, spec, tmp_path / "src", "stage1")
     stage2 = spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": f"runs:/{run.run_id}"})})
-    local = tracking.with_local_init_from(stage2, store, tmp_path / "init")
+    local = model_refs.with_local_init_from(stage2, store, tmp_path / "init")
     assert Path(local.model.init_from).is_relative_to(tmp_path / "init")
     assert json.loads((Path(local.model.init_from) / "config.json").read_text())["marker"] == "stage1"
     assert stage2.model.init_from == f"runs:/{run.run_id}"  # the spec as written is left alone
-    assert tracking.with_local_init_from(spec, store, tmp_path / "none") is spec  # nothing to download
+    assert model_refs.with_local_init_from(spec, store, tmp_path / "none") is spec  # nothing to download
     missing = stage2.model_copy(update={"model": stage2.model.model_copy(update={"init_from": "models:/gone/3"})})
     with pytest.raises(tracking.TrackingError, match=r"^model\.init_from: models:/gone/3: cannot download"):
-        tracking.with_local_init_from(missing, store, tmp_path / "missing")
+        model_refs.with_local_init_from(missing, store, tmp_path / "missing")

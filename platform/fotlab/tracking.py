@@ -13,6 +13,7 @@ Design choices:
 - Experiments are created on the driver with an explicit artifact location (an experiment first created inside
   a Ray worker puts its artifacts under Ray's temporary session dir).
 - mlflow is imported inside functions, so importing this module (for the names) is cheap.
+- Model references (`runs:/`, `models:/`, local folders) resolve to local model folders in `fotlab.model_refs`.
 - Metric points are logged exactly once per (key, step); a training run sends them from a background thread that
   outlives a tracking-server outage, and a run that gives up on its server ("offline") makes no more calls to it
   and saves what it could not send for `fotlab runs deliver FILE` (`fotlab.metric_delivery`).
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import subprocess
 import threading
 from collections.abc import Mapping
@@ -681,51 +681,6 @@ def experiment_names(uri: str) -> dict[str, str]:
     return {e.experiment_id: e.name for e in client(uri).search_experiments()}
 
 
-MODEL_URI_SCHEMES = ("runs:/", "models:/")
-
-
-def is_model_uri(ref: str | None) -> bool:
-    """True for an MLflow model reference: `runs:/RUN_ID[/PATH]` or `models:/NAME/VERSION|latest|@ALIAS`."""
-    return bool(ref) and ref.startswith(MODEL_URI_SCHEMES)
-
-
-def download_model(ref: str, uri: str, dst_dir: str | Path) -> Path:
-    """The local model directory for `ref`: a directory as is, or an MLflow model reference downloaded into
-    dst_dir (`runs:/RUN_ID` means the run's logged model). Raises TrackingError (one line) if the run, the
-    registered model or the download is missing, or the result is not a saved model (no config.json).
-
-    Both layouts load: an MLflow Model (`MLmodel` + the model directory as its pyfunc data, fotlab >= 0.2) and a
-    run's raw `model/` artifact folder (older runs)."""
-    if is_model_uri(ref):
-        import mlflow.artifacts
-
-        try:
-            artifact_uri = _model_artifact_uri(ref, uri)
-            Path(dst_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(
-                mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_dir), tracking_uri=uri)
-            )
-        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, ...: one line for the user
-            raise TrackingError(f"{ref}: cannot download it from {uri}: {exc}".splitlines()[0]) from None
-        path = model_files_dir(path)
-    else:
-        path = model_files_dir(Path(ref).expanduser())
-    if not (path / "config.json").is_file():
-        raise TrackingError(f"{ref}: {path} is not a saved model directory (no config.json)")
-    return path
-
-
-def model_files_dir(path: Path) -> Path:
-    """The HF-format directory inside an MLflow Model folder (its pyfunc `data`), else `path` itself."""
-    import yaml
-
-    mlmodel = path / "MLmodel"
-    if (path / "config.json").is_file() or not mlmodel.is_file():
-        return path
-    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-    return path / flavor["data"] if flavor.get("data") else path
-
-
 def logged_model_id(uri: str, run_id: str) -> str | None:
     """The id of the MLflow Model a run logged last (its newest model output), or None (runs before 0.2)."""
     outputs = client(uri).get_run(run_id).outputs
@@ -737,49 +692,3 @@ def _model_output_at(run, step: int) -> str | None:
     """The id of the MLflow Model `run` (an MLflow Run) logged as an output at `step`, or None."""
     outputs = run.outputs.model_outputs if run.outputs is not None and run.outputs.model_outputs else []
     return next((o.model_id for o in reversed(outputs) if o.step == step), None)
-
-
-LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")
-
-
-def _model_artifact_uri(ref: str, uri: str) -> str:
-    """Where the files of a model reference live, resolved in this store (its registry included, never MLflow's
-    process-wide registry URI): `runs:/RUN_ID` -> the run's logged model (or, for older runs, its `model/`
-    folder); `models:/<model id>` -> that logged model; `models:/NAME/VERSION`, `models:/NAME/latest` (highest
-    version) and `models:/NAME@ALIAS` -> the registered version's source."""
-    mlflow_client = client(uri)
-    if ref.startswith("runs:/"):
-        run_id, _, sub = ref[len("runs:/") :].strip("/").partition("/")
-        model_id = logged_model_id(uri, run_id) if sub in ("", MODEL_ARTIFACT_DIR) else None
-        if model_id is not None:
-            return mlflow_client.get_logged_model(model_id).artifact_location
-        return f"runs:/{run_id}/{sub or MODEL_ARTIFACT_DIR}"
-    name, _, version = ref[len("models:/") :].strip("/").partition("/")
-    if not version and LOGGED_MODEL_ID.match(name):
-        return mlflow_client.get_logged_model(name).artifact_location
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        source = mlflow_client.get_model_version_by_alias(name, alias).source
-    elif version in ("", "latest"):
-        mlflow_client.get_registered_model(name)  # "not found" names the model
-        versions = mlflow_client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise TrackingError(f"registered model {name!r} has no versions")
-        source = max(versions, key=lambda v: int(v.version)).source
-    else:
-        source = mlflow_client.get_model_version(name, version).source
-    return _model_artifact_uri(source, uri) if source.startswith(MODEL_URI_SCHEMES) else source
-
-
-def with_local_init_from(spec, uri: str, dst_dir: str | Path):
-    """The spec with an MLflow `model.init_from` (runs:/..., models:/...) downloaded into dst_dir and replaced
-    by that local directory (the spec itself when init_from is a path or unset). Done once on the driver, so
-    workers on a shared filesystem load plain files."""
-    ref = spec.model.init_from
-    if not is_model_uri(ref):
-        return spec
-    try:
-        local = download_model(ref, uri, dst_dir)
-    except TrackingError as exc:
-        raise TrackingError(f"model.init_from: {exc}") from None
-    return spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": str(local)})})

@@ -18,7 +18,8 @@ class EvalError(FotlabError):
 def resolve_model_dir(ref: str, tracking_uri: str, download_root: str | Path) -> Path:
     """A local model directory for `ref`: a directory, `runs:/RUN_ID[/PATH]` (default PATH: the run's model
     artifact folder) or `models:/NAME/VERSION|latest|@ALIAS` (the model registry), downloaded into download_root."""
-    from fotlab.tracking import TrackingError, download_model
+    from fotlab.model_refs import download_model
+    from fotlab.tracking import TrackingError
 
     try:
         return download_model(ref, tracking_uri, download_root)

@@ -34,7 +34,7 @@ def reproduce(
     import torch
     from rich.console import Console
 
-    from fotlab import tracking
+    from fotlab import model_refs, tracking
     from fotlab.orchestrate.pipeline import run_pipeline
     from fotlab.spec import load_spec, resolve_tracking_uri
     from fotlab.train import Runtime, TrainHooks
@@ -49,7 +49,7 @@ def reproduce(
     train_spec = (
         spec
         if model_dir is not None
-        else tracking.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
+        else model_refs.with_local_init_from(spec, resolve_tracking_uri(spec), out / "init_from")
     )
     run = tracking.start_spec_run(
         spec,

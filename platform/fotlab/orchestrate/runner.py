@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fotlab import tracking
+from fotlab import model_refs, tracking
 from fotlab.errors import DiskFullError, FotlabError
 from fotlab.orchestrate import run_record
 from fotlab.orchestrate.channel import ChannelHandle
@@ -123,7 +123,7 @@ def trainer_for(
     from fotlab.orchestrate.worker import train_worker
 
     output_dir = output_dir_for(record.storage_path, record.ray_run_name)
-    spec = tracking.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
+    spec = model_refs.with_local_init_from(spec, record.tracking_uri, output_dir / "init_from")  # runs:/, models:/
     config = WorkerConfig(
         spec=spec,
         run_id=record.run_id,

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fotlab import tracking
+from fotlab import model_refs, tracking
 from fotlab.names import SWEEP_PARAM_PREFIX, TAG_KIND, TAG_RESUMED_FROM, TAG_STOPPED_EARLY, TAG_SWEEP_ROLE, TAG_TRIAL_ID
 from fotlab.orchestrate import sweep_resume
 from fotlab.orchestrate.sweep_space import TIME_ATTR, TrialResources, decode_params
@@ -157,7 +157,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     run, logged_up_to = open_child_run(context, spec, params, trial_id, trial_name, existing)
     output_dir = Path(context.sweep_dir) / "outputs" / trial_id
     try:
-        spec = tracking.with_local_init_from(spec, context.tracking_uri, output_dir / "init_from")  # runs:/, models:/
+        spec = model_refs.with_local_init_from(spec, context.tracking_uri, output_dir / "init_from")  # runs:/, models:/
         if context.resources.nested:
             _train_nested(spec, context, run, output_dir, trial_id)
         else:
