@@ -6,7 +6,7 @@ Faults are injected for real: the driver is a `fotlab` process whose Ray worker 
 training step after writing a marker file; the test SIGKILLs the driver there (no handler runs, nothing is marked
 in MLflow, the parked worker is left to Ray). The drivers either start their own local cluster (in a private
 RAY_TMPDIR) or attach to a Ray head this module starts (`ray start --head` on free ports in a private temp dir, in
-a session of its own); every process is ended by its session when the test ends: never `ray stop`.
+a session of its own); every process is ended by its session when the test ends (nothing stops clusters by name).
 Sweep: Tune's saved experiment state may be older than the kill (it is saved every 10 s or more); both a fresh
 and a stale one are tested (TUNE_GLOBAL_CHECKPOINT_S), see `fotlab.orchestrate.sweep_resume`.
 Run: pytest tests/reliability/test_driver_loss.py
