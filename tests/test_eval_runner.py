@@ -140,23 +140,24 @@ def test_log_eval_result_and_report(model, tok, corpus, tmp_path, monkeypatch):
     arts = {a.path for a in MlflowClient(uri).list_artifacts(run.run_id, "eval")}
     assert "eval/ppl_multi_doc_vs_memory.png" in arts and "eval/passkey_heatmap.png" in arts
     monkeypatch.chdir(tmp_path)
-    out = generate_report(uri, "docs/results.md", run_ids=[run.run_id[:8]])  # relative path, like the CLI default
+    # a relative path, like the CLI default; split=None: this run evaluated no spec split
+    out = generate_report(uri, "docs/results.md", run_ids=[run.run_id[:8]], split=None)
     # `fotlab results` writes the same report (its default --out is docs/results.md, relative to the cwd)
     from fotlab import cli
 
     (tmp_path / "notes.md").write_text("## Status\nhand-written notes\n")
-    assert (
-        cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--out", "cli.md", "--notes", "notes.md"])
-        == 0
-    )
+    every_split = ["results", "--tracking-uri", uri, "--split", "all"]
+    assert cli.main([*every_split, "--run", run.run_id[:8], "--out", "cli.md", "--notes", "notes.md"]) == 0
     assert "hand-written notes" in (tmp_path / "cli.md").read_text()
     assert cli.main(["results", "--tracking-uri", uri, "--notes", "missing.md"]) == 1
     # a named run is found even when it is not among the newest --max-runs, and a wrong one is an error
     assert (
-        cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--max-runs", "0", "--out", "old.md"]) == 0
+        cli.main([*every_split, "--run", run.run_id[:8], "--max-runs", "0", "--out", "old.md"]) == 0
         and "r1" in (tmp_path / "old.md").read_text()
     )
     assert cli.main(["results", "--tracking-uri", uri, "--run", "ffffffff", "--out", "none.md"]) == 1
+    # the default report reads test-split runs only: this run evaluated no spec split, so it is not reported
+    assert cli.main(["results", "--tracking-uri", uri, "--run", run.run_id[:8], "--out", "none.md"]) == 1
     assert not (tmp_path / "none.md").exists()
     text = out.read_text()
     assert "#### ppl_multi_doc" in text and "| mem_64 |" in text and "The paper's numbers" in text
