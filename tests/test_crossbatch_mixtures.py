@@ -162,3 +162,40 @@ def test_paper_d1_baseline_mixture_is_positives_only():
     assert context_mixture(8, CrossBatch(0, 2, False)) == [(1, 0, 0)] * 8  # the standard transformer: nothing
     one_doc = torch.zeros(8, 4, dtype=torch.long) + torch.arange(4).repeat_interleave(2)[:, None]  # 4 streams
     assert context_mixture(8, CrossBatch(1, 2, True), one_doc) == [(1, 0, 0), (2, 1, 0)] * 4
+
+
+# ----- `python -m fotlab.train.mixture`: the mixture a shipped spec's training really gives ---------------------
+SMALL_REPEATS = "data.sources.0.n_docs=400"  # the shipped source, fewer documents: same lengths, same packing
+
+
+def test_spec_mixture_of_the_paper_d1_spec():
+    """The paper's d = 1 (range 1, packing 2): even rows see nothing, odd rows exactly one previous context, a
+    positive unless the packed span switched document (the spec's 770-token documents switch in some rows)."""
+    from fotlab.spec import load_spec
+    from fotlab.train.mixture import spec_mixture
+
+    spec = load_spec("experiments/paper/retrieval_d1.yaml", [SMALL_REPEATS])
+    mixture = spec_mixture(spec, n_batches=30)
+    assert mixture.positives[0::2] == mixture.negatives[0::2] == (0.0,) * 8
+    assert all(p + n == pytest.approx(1.0) for p, n in zip(mixture.positives[1::2], mixture.negatives[1::2]))
+    (even_pos, even_neg), (odd_pos, odd_neg) = mixture.by_phase()
+    assert (even_pos, even_neg) == (0.0, 0.0) and 0.6 < odd_pos < 1.0 and odd_neg == pytest.approx(1 - odd_pos)
+    assert mixture.mean == pytest.approx((odd_pos / 2, odd_neg / 2))
+
+
+def test_spec_mixture_follows_a_crossbatch_schedule(capsys):
+    """Under `switch` the batches are paired with steps over the whole run: half of them count with range 3."""
+    from fotlab.spec import load_spec
+    from fotlab.train import mixture as mix
+
+    overrides = [SMALL_REPEATS, "train.crossbatch.packing=4", "train.crossbatch.switch=[{at_step: 5000, range: 3}]"]
+    switched = mix.spec_mixture(load_spec("experiments/paper/retrieval_d1.yaml", overrides), n_batches=20)
+    fixed = mix.spec_mixture(load_spec("experiments/paper/retrieval_fot.yaml", [SMALL_REPEATS]), n_batches=20)
+    seen = [p + n for p, n in zip(switched.positives, switched.negatives)]
+    seen_fixed = [p + n for p, n in zip(fixed.positives, fixed.negatives)]
+    # extra contexts per row b mod 4 (stepping): range 1 gives 0, 1, 1, 1 and range 3 gives 0, 2, 3, 3
+    assert seen_fixed[4:8] == pytest.approx([0.0, 2.0, 3.0, 3.0])
+    assert switched.crossbatch_range == 3 and seen[4:8] == pytest.approx([0.0, 1.5, 2.0, 2.0])  # half of each
+    assert mix.main(["experiments/paper/no_such_spec.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_spec.yaml" in err

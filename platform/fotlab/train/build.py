@@ -34,7 +34,9 @@ class DataBundle:
     datasets: list = dataclasses.field(default_factory=list)  # `fotlab.data.lineage.DatasetRecord`s read
 
 
-def _packer(docs, spec, runtime: Runtime, tokenizer, seed: int):
+def spec_packer(docs, spec, runtime: Runtime, tokenizer, seed: int, *, with_doc_ids: bool = False):
+    """The `DocPacker` training uses for `spec` (batch, context length, packing) on this rank; `with_doc_ids`
+    adds each token's document id (to count the crossbatch mixture, `fotlab.train.mixture`)."""
     from fotlab.data import DocPacker
 
     train = spec.train
@@ -48,6 +50,7 @@ def _packer(docs, spec, runtime: Runtime, tokenizer, seed: int):
         world_size=runtime.world_size,
         bos_id=tokenizer.bos_token_id,
         eos_id=tokenizer.eos_token_id,
+        with_doc_ids=with_doc_ids,
     )
 
 
@@ -63,7 +66,7 @@ def build_data(spec, runtime: Runtime) -> DataBundle:
             "only %d validation documents for %d ranks: validation is off", len(val_docs), runtime.world_size
         )
         val_docs = None
-    return DataBundle(tokenizer, _packer(train_docs, spec, runtime, tokenizer, spec.seed), val_docs, records)
+    return DataBundle(tokenizer, spec_packer(train_docs, spec, runtime, tokenizer, spec.seed), val_docs, records)
 
 
 def data_lineage(spec, train_docs, val_docs) -> list:
@@ -81,7 +84,7 @@ def val_batches(bundle: DataBundle, spec, runtime: Runtime) -> list[dict[str, to
     """The `spec.train.eval_batches` validation batches of this rank (the same ones at every evaluation)."""
     if bundle.val_docs is None:
         return []
-    packer = _packer(bundle.val_docs, spec, runtime, bundle.tokenizer, seed=spec.seed + 1)
+    packer = spec_packer(bundle.val_docs, spec, runtime, bundle.tokenizer, seed=spec.seed + 1)
     return [packer.next_batch() for _ in range(spec.train.eval_batches)]
 
 
