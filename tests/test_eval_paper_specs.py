@@ -142,6 +142,26 @@ def test_reproduce_retrieval_spec_smoke(tmp_path, monkeypatch):
     (started_from,) = (tmp_path / "run2" / "init_from").rglob("config.json")  # the registered version, downloaded
     assert started_from.read_text() == (Path(summary["model_dir"]) / "config.json").read_text()
 
+    # evaluation only (passkey_zeroshot): the stage-1 model named by its run, no training, one finished run
+    zero_shot = [
+        "eval.passkey.lengths=[320]",
+        "eval.passkey.depths=[0.5]",
+        "eval.passkey.n_trials=2",
+        f"tracking.artifact_root={tmp_path / 'artifacts'}",
+    ]
+    evaluated = reproduce(
+        str(PAPER / "passkey_zeroshot.yaml"),
+        zero_shot,
+        output_dir=tmp_path / "run3",
+        threads=1,
+        model_dir=f"runs:/{summary['run_id']}",
+    )
+    run3 = MlflowClient(uri).get_run(evaluated["run_id"])
+    assert run3.info.status == "FINISHED" and run3.data.metrics["eval/passkey_acc_n/len_320"] == 2
+    assert not any(k.startswith("train/") for k in run3.data.metrics)  # nothing was trained
+    (evaluated_config,) = (tmp_path / "run3" / "evaluated_model").rglob("config.json")
+    assert evaluated_config.read_text() == started_from.read_text()
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)

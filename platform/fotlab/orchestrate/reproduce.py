@@ -29,8 +29,9 @@ def reproduce(
     """The experiment pipeline (train -> evaluations -> log model -> register) in this process, as one MLflow run;
     returns a summary.
 
-    `model_dir` skips training and evaluates that saved model; `run_id` continues that MLflow run (e.g. one
-    whose training finished but whose evaluations failed) instead of starting a new one."""
+    `model_dir` skips training and evaluates that saved model (a directory, or a model in the spec's store:
+    `runs:/RUN_ID`, `models:/NAME/VERSION|latest`); `run_id` continues that MLflow run (e.g. one whose training
+    finished but whose evaluations failed) instead of starting a new one."""
     import torch
     from rich.console import Console
 
@@ -44,6 +45,8 @@ def reproduce(
     spec = load_spec(spec_path, list(overrides))
     console = Console(file=sys.stderr)
     out = Path(output_dir or tempfile.mkdtemp(prefix=f"fotlab-{spec.name}-"))
+    if model_dir is not None and model_refs.is_model_uri(str(model_dir)):  # evaluate a model of the store
+        model_dir = model_refs.download_model(str(model_dir), resolve_tracking_uri(spec), out / "evaluated_model")
     # a stage-2 spec may start from a model in the store (runs:/..., models:/...): trained from a local copy,
     # logged with the reference as written
     train_spec = (
@@ -115,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="run folder (default: a new temp dir)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--run-id", help="continue this MLflow run instead of starting a new one")
-    parser.add_argument("--model-dir", help="evaluate this saved model instead of training")
+    parser.add_argument(
+        "--model-dir",
+        "--model",
+        metavar="DIR|runs:/RUN_ID|models:/NAME/VERSION",
+        help="evaluate this saved model (a directory, or a model in the spec's MLflow store) instead of training",
+    )
     args = parser.parse_args(argv)
     import signal
 
