@@ -70,6 +70,33 @@ def test_summary_is_mean_sd_and_pooled_wilson_interval(tmp_path):
     low, high = wilson_interval(9, 12)
     assert "| fot (seeds 0, 1, 2) |" in text
     assert f"| len_256 | 0.75 ± 0.25 (0.5, 0.75, 1) [{low:.3g}, {high:.3g}] 9/12 |" in text
-    assert "| mem_64 | 6 ± 1 (5, 6, 7) |" in text and "Chance level: 0.01." in text
+    low, high = ppl.t_interval()  # seeds as the sample: 6 ± t(0.975, 2) / sqrt(3)
+    assert (low, high) == pytest.approx((6 - 2.4841, 6 + 2.4841), abs=1e-3)
+    assert f"| mem_64 | 6 ± 1 (5, 6, 7) [{low:.4g}, {high:.4g}] t |" in text and "Chance level: 0.01." in text
     assert "100" not in text.split("## Runs")[0]  # the dev run's number appears nowhere in the tables
     assert "on the test split" in text
+
+
+def test_memory_change_is_paired_per_seed_with_a_t_interval(tmp_path):
+    """The memory gain is each seed's own change from mem_0: seeds whose perplexities differ a lot but whose gains
+    agree give a tight interval on the gain, and the t interval covers the mean with Student's quantile."""
+    from scipy.stats import t
+
+    uri, client, exp = _store(tmp_path)
+    base = (5.0, 6.0, 8.0)  # a large seed-to-seed spread of the perplexity itself
+    for seed, b in enumerate(base):
+        _run(client, exp, "fot", seed, {"eval/ppl_single_doc/mem_0": b, PPL: b * (0.9 - 0.01 * seed)})
+    summary = summarize(seed_groups(client.search_runs([exp]), "test")["fot"])
+    gain = summary["ppl_single_doc (% change from mem_0, per seed)"]["mem_64"]
+    assert gain.values == pytest.approx((-10.0, -11.0, -12.0))
+    low, high = gain.t_interval()
+    half = t.ppf(0.975, 2) * 1.0 / 3**0.5  # sd of (-10, -11, -12) is 1
+    assert (low, high) == pytest.approx((-11.0 - half, -11.0 + half))
+    assert high < 0  # the gain is beyond seed noise although the raw perplexities overlap widely
+    raw = summary["ppl_single_doc"]["mem_64"]
+    assert raw.t_interval()[1] > summary["ppl_single_doc"]["mem_0"].t_interval()[0]
+    assert "mem_0" not in summary["ppl_single_doc (% change from mem_0, per seed)"]
+
+    text = generate_report(uri, tmp_path / "results.md").read_text()
+    assert "#### ppl_single_doc (% change from mem_0, per seed)" in text
+    assert f"| mem_64 | -11 ± 1 (-10, -11, -12) [{-11 - half:.4g}, {-11 + half:.4g}] t |" in text

@@ -194,7 +194,7 @@ def generate_report(
         "Metric names: see `fotlab.eval.results`; protocols: `fotlab.eval` module docstrings.",
         "",
         *([notes.strip(), ""] if notes else []),
-        "## Across seeds: mean ± sd (per-seed values) [pooled Wilson 95% interval]",
+        "## Across seeds: mean ± sd (per-seed values) [95% interval: Wilson over pooled trials, or t over seeds]",
         "",
         _seed_section(runs, split),
         "## Summary: first vs last point of every curve",

@@ -5,9 +5,12 @@
     markdown = seed_tables(groups)                # a table per metric family, a column per spec
 
 Each cell is the mean over seeds and the sample standard deviation (`5.07 ± 0.12`), with the per-seed values
-beside it. For an accuracy whose trial counts were logged (`F_n`, `fotlab.eval.results`) the cell also gives the
-Wilson 95% interval of the pooled trials (all seeds' hits over all seeds' trials); the family's chance level is
-stated under its table.
+beside it, and a 95% interval: for an accuracy whose trial counts were logged (`F_n`, `fotlab.eval.results`) the
+Wilson interval of the pooled trials (all seeds' hits over all seeds' trials), for any other metric with two or
+more seeds Student's t interval of the mean over seeds (seeds as the sample). The family's chance level is stated
+under its table. A perplexity-vs-memory family (`ppl_*` with a `mem_0` point) also gets a paired table: each
+seed's change in percent from its own `mem_0` value, so a memory gain is judged against the seed-to-seed spread
+of the gain itself, not of the perplexity.
 
 Design choices:
 - A run belongs to its spec (tag `fotlab.spec_name`) and seed (param `seed`), and counts only if it FINISHED and
@@ -26,6 +29,8 @@ from fotlab import names
 
 SEED_PARAM = "seed"
 SPLIT_PARAM = "eval.split"
+MEM_0 = "mem_0"  # a perplexity family's no-memory point
+MEMORY_CHANGE = " (% change from mem_0, per seed)"  # suffix of the paired table derived from a ppl family
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,27 @@ class SeedSummary:
         total = int(sum(self.trials))
         return (hits, total, *wilson_interval(hits, total))
 
+    def t_interval(self) -> tuple[float, float] | None:
+        """Student's t 95% interval of the mean over seeds; None for fewer than two seeds."""
+        from scipy.stats import t
+
+        n = len(self.values)
+        if n < 2:
+            return None
+        half = float(t.ppf(0.975, n - 1)) * self.sd / math.sqrt(n)
+        return self.mean - half, self.mean + half
+
     def cell(self) -> str:
-        """`mean ± sd (v0, v1, v2)`, plus `[low, high] k/n` for an accuracy with counts."""
+        """`mean ± sd (v0, v1, v2)`, plus `[low, high] k/n` for an accuracy with counts, else `[low, high] t` over
+        two or more seeds."""
         per_seed = ", ".join(f"{v:.4g}" for v in self.values)
         text = f"{self.mean:.4g} ± {self.sd:.2g} ({per_seed})"
         pooled = self.pooled_interval()
         if pooled is not None:
             hits, total, low, high = pooled
             text += f" [{low:.3g}, {high:.3g}] {hits}/{total}"
+        elif (t95 := self.t_interval()) is not None:
+            text += f" [{t95[0]:.4g}, {t95[1]:.4g}] t"
         return text
 
 
@@ -110,6 +128,14 @@ def summarize(runs) -> dict[str, dict[str, SeedSummary]]:
             cells[param] = SeedSummary(tuple(values), trials)  # type: ignore[arg-type]
         if cells:
             out[family] = cells
+            if family.startswith("ppl") and MEM_0 in cells:
+                out[family + MEMORY_CHANGE] = {
+                    param: SeedSummary(
+                        tuple(100.0 * (v / v0 - 1.0) for v, v0 in zip(cell.values, cells[MEM_0].values, strict=True))
+                    )
+                    for param, cell in cells.items()
+                    if param != MEM_0
+                }
     return out
 
 
