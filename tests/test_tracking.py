@@ -228,3 +228,35 @@ def test_init_from_reference_is_downloaded_once_and_replaced_by_the_local_copy(s
     missing = stage2.model_copy(update={"model": stage2.model.model_copy(update={"init_from": "models:/gone/3"})})
     with pytest.raises(tracking.TrackingError, match=r"^model\.init_from: models:/gone/3: cannot download"):
         model_refs.with_local_init_from(missing, store, tmp_path / "missing")
+
+
+def test_processes_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
+    """Four processes creating one new sqlite store at the same moment (runs started together on a fresh
+    project): without the lock in `tracking.client`, MLflow's schema migrations race and leave the store broken
+    for every later run; with it each process gets its experiment and the store works afterwards."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys, time; from fotlab import tracking; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "  # start the store at the same instant
+        "print(tracking.setup_experiment(sys.argv[1], 'exp' + sys.argv[3]))"
+    )
+    import time
+
+    start = time.time() + 8.0  # after every interpreter has imported fotlab and mlflow
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri, str(start), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-400:] for _, err in results]
+    ids = {out.strip() for out, _ in results}
+    assert len(ids) == 4
+    assert {e.name for e in MlflowClient(uri).search_experiments()} >= {"exp0", "exp1", "exp2", "exp3"}

@@ -22,6 +22,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -95,7 +96,29 @@ def client(uri: str):
     process-wide registry URI, which an earlier call may have pointed at another store)."""
     from mlflow.tracking import MlflowClient
 
+    _create_sqlite_store_once(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@functools.cache
+def _create_sqlite_store_once(uri: str) -> None:
+    """Create (or migrate) a sqlite store under a file lock. MLflow builds a new sqlite store's schema in several
+    migrations; two processes doing it at once (two runs started together on a fresh project) leave it broken
+    ("table _alembic_tmp_... already exists", every later run fails). The first process holding
+    `<db>.lock` builds it, the others wait and then find it complete."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///")).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        store.search_experiments(max_results=1)  # builds the tracking schema
+        store.search_registered_models(max_results=1)  # and the registry's
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -135,7 +158,7 @@ def setup_experiment(uri: str, name: str, artifact_root: str | None = None) -> s
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         if found.tags.get(TAG_EXPERIMENT_KIND) is None:  # made by an older fotlab, or by hand: training view
-            client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+            mlflow_client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return found.experiment_id
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
