@@ -112,6 +112,14 @@ def test_sigkilled_fotlab_run_resumes_into_the_same_run(tiny_corpus, tmp_path, m
         deadline = time.monotonic() + 300
         while not parked.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
+        # metrics reach MLflow from a background thread: on a loaded machine step 6 may still be on its way when
+        # the run parks, so wait for it (a run killed before delivering it is another test's case)
+        client = client_for(mlflow_uri)
+        while parked.exists() and proc.poll() is None and time.monotonic() < deadline:
+            runs = client.search_runs([client.get_experiment_by_name("orch-test").experiment_id])
+            if runs and metric_steps(client, runs[0].info.run_id) == [1, 2, 3, 4, 5, 6]:
+                break
+            time.sleep(0.5)
         proc.kill()  # SIGKILL: no handler runs, no MLflow status update, no last checkpoint
         proc.wait(timeout=60)
     assert parked.exists(), (tmp_path / "killed.log").read_text()[-3000:]
