@@ -124,7 +124,6 @@ def test_sigkilled_fotlab_run_resumes_into_the_same_run(tiny_corpus, tmp_path, m
         proc.wait(timeout=60)
     assert parked.exists(), (tmp_path / "killed.log").read_text()[-3000:]
     assert [p.name for p in checkpoints(tmp_path / "runs")] == ["step-00000004"]
-    client = client_for(mlflow_uri)
     (killed,) = client.search_runs([client.get_experiment_by_name("orch-test").experiment_id])
     run_id = killed.info.run_id
     assert killed.info.status == "RUNNING"  # nothing could mark it: --resume must take it over

@@ -236,6 +236,7 @@ def test_processes_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
     for every later run; with it each process gets its experiment and the store works afterwards."""
     import subprocess
     import sys
+    import time
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
@@ -243,8 +244,6 @@ def test_processes_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "  # start the store at the same instant
         "print(tracking.setup_experiment(sys.argv[1], 'exp' + sys.argv[3]))"
     )
-    import time
-
     start = time.time() + 8.0  # after every interpreter has imported fotlab and mlflow
     procs = [
         subprocess.Popen(

@@ -106,13 +106,15 @@ def _create_sqlite_store_once(uri: str) -> None:
     migrations; two processes doing it at once (two runs started together on a fresh project) leave it broken
     ("table _alembic_tmp_... already exists", every later run fails). The first process holding
     `<db>.lock` builds it, the others wait and then find it complete."""
-    if not uri.startswith("sqlite:///"):
+    from fotlab.spec.io import sqlite_db_path
+
+    db = sqlite_db_path(uri)
+    if db is None:
         return
     import fcntl
 
     from mlflow.tracking import MlflowClient
 
-    db = Path(uri.removeprefix("sqlite:///")).expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

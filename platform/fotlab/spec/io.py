@@ -35,6 +35,7 @@ __all__ = [
     "json_schema",
     "project_root",
     "resolve_tracking_uri",
+    "sqlite_db_path",
     "resolve_storage_path",
     "resolve_artifact_root",
 ]
@@ -252,10 +253,17 @@ def resolve_artifact_root(spec: ExperimentSpec | None, tracking_uri: str) -> str
     if spec is not None and spec.tracking.artifact_root:
         root = spec.tracking.artifact_root
         return root if "://" in root else Path(root).expanduser().resolve().as_uri()
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    db = sqlite_db_path(tracking_uri)
+    if db is not None:
         return (db.resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+def sqlite_db_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (user-expanded); None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
 
 
 def resolve_storage_path(spec: ExperimentSpec | None = None) -> str:
