@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from fotlab.data import embedded_files, load_embedded, load_raw_source
+from fotlab.data.splits import SPLITS
 from fotlab.spec import SourceSpec
 
 TEXTS = ["first document\nwith two lines\n", "second: ünïcode 🙂", "third " * 50]
@@ -114,6 +115,23 @@ def test_embedded_corpus_offline_sorted_and_long(tmp_path):
     assert lengths[len(lengths) // 2] > 2000  # median document is long
     assert lengths[-1] > 100_000
     assert sum(lengths) > 5_000_000
+
+
+def test_embedded_corpus_trains_on_its_train_files_and_evaluates_on_the_others(tmp_path):
+    """Training reads the train partition of the embedded corpus, an evaluation only its split's files: the same
+    file partition as the base files of 'repeat' sources, so no evaluation file was trained on."""
+    from fotlab.data.sources import stdlib_root
+    from fotlab.data.synthetic import repeat_file_split
+
+    embedded = SourceSpec(kind="embedded")
+    keys = {split: list(load_raw_source(embedded, cache_dir=str(tmp_path), split=split)["key"]) for split in SPLITS}
+    assert keys["train"] == list(load_raw_source(embedded, cache_dir=str(tmp_path))["key"])  # training's default
+    assert sorted(keys["train"] + keys["dev"] + keys["test"]) == embedded_files()
+    assert min(len(keys["dev"]), len(keys["test"])) > 30 and len(keys["train"]) > 6 * len(keys["test"])
+    root = stdlib_root()
+    assert all(repeat_file_split(str(root / key)) == split for split in SPLITS for key in keys[split])
+    with pytest.raises(ValueError, match="split must be one of train, dev, test"):
+        load_raw_source(embedded, cache_dir=str(tmp_path), split="validation")
 
 
 def test_url_paths_go_to_datasets_unchecked(tmp_path):

@@ -3,7 +3,9 @@ column, one row per document, plus an optional "key" column (a stable identity u
 
 Kinds (`SourceSpec.kind`, duck-typed: only attributes are read):
 - "embedded": the Python standard library's own source files (`sysconfig` path "stdlib", `*.py`, one file = one
-  document; test folders and site-packages excluded; sorted by relative path). Present offline everywhere.
+  document; test folders and site-packages excluded; sorted by relative path). Present offline everywhere. Its
+  files are partitioned like the base files of "repeat" (`repeat_file_split`: train 80%, dev 10%, test 10%):
+  training reads the train files only, an evaluation only the files of its `eval.split`.
 - "local": `path` (a directory) + `glob` (default "**/*.txt"); each file is one document (`load_dataset("text",
   sample_by="document")`).
 - "jsonl" / "parquet": `path` (a file, a directory, or a glob) of such files; `text_field` (default "text").
@@ -24,6 +26,9 @@ import sysconfig
 from pathlib import Path
 
 import datasets
+
+from fotlab.data.splits import check_split
+from fotlab.data.synthetic import repeat_file_split
 
 EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
@@ -59,12 +64,15 @@ def _read_stdlib_files(root: str, rel_paths: list[str]):
         yield {"text": text, "key": rel}
 
 
-def load_embedded(cache_dir: str | None = None) -> datasets.Dataset:
-    """The embedded corpus: one row per stdlib source file, columns "text" and "key" (relative path)."""
+def load_embedded(cache_dir: str | None = None, split: str | None = None) -> datasets.Dataset:
+    """The embedded corpus: one row per stdlib source file, columns "text" and "key" (relative path); with
+    `split`, only the files of that partition (`fotlab.data.synthetic.repeat_file_split`)."""
     root = stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"embedded corpus: stdlib directory {root} not found")
     rel_paths = embedded_files(root)
+    if split is not None:
+        rel_paths = [rel for rel in rel_paths if repeat_file_split(str(root / rel)) == check_split(split)]
     features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
     return datasets.Dataset.from_generator(
         _read_stdlib_files,
@@ -230,11 +238,12 @@ RAW_LOADERS = {"local": load_local, "jsonl": load_jsonl, "parquet": load_parquet
 def load_raw_source(source, index: int | None = None, cache_dir: str | None = None, split: str = "train"):
     """Load one text source as a dataset with a "text" column (and "key" for the embedded corpus).
 
-    split ("train" | "dev" | "test") selects the partition of a synthetic source (repeat); natural-text sources
-    have no partition of their own (hold documents out with data.validation_docs)."""
+    split ("train" | "dev" | "test") selects the partition of the embedded corpus and of a synthetic source
+    (repeat); other natural-text sources have no partition of their own (hold documents out with
+    data.validation_docs)."""
     kind = getattr(source, "kind", "embedded")
     if kind == "embedded":
-        return load_embedded(cache_dir)
+        return load_embedded(cache_dir, split=split)
     if kind not in RAW_LOADERS:
         raise ValueError(f"{source_label(source, index)}: unknown text source kind {kind!r}")
     if kind == "repeat":

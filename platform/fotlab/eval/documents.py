@@ -20,7 +20,7 @@ def load_documents(
     kind "validation" reads `validation_docs` (a tokenized dataset or list with "input_ids" rows, as returned by
     `fotlab.data.build_datasets`, or a plain list of token id lists); other kinds go through
     `fotlab.data.load_raw_source` (split "dev" | "test": the partition of a synthetic source, never "train";
-    kind "embedded": only that split's files, `_split_filter`) and are tokenized here.
+    kind "embedded": only that split's files) and are tokenized here.
     """
     if source.kind == "validation":
         if validation_docs is None:
@@ -33,11 +33,8 @@ def load_documents(
         from fotlab.data import load_raw_source
 
         ds = load_raw_source(source, cache_dir=cache_dir, split=split)
-        keep = _split_filter(source, split)
         texts = []
         for row in ds:
-            if keep is not None and not keep(row):
-                continue
             texts.append(row["text"])
             if source.max_docs is not None and len(texts) >= 4 * source.max_docs:
                 break  # enough candidates; the length filter below drops some
@@ -48,19 +45,6 @@ def load_documents(
     if not docs:
         raise ValueError(f"eval source (kind {source.kind!r}) gave no documents with >= {source.min_doc_tokens} tokens")
     return docs
-
-
-def _split_filter(source: EvalSourceSpec, split: str):
-    """For kind "embedded": keep only the files of the evaluation split (the file partition of the "repeat"
-    source, `fotlab.data.synthetic.repeat_file_split`), so a model trained on repeat spans is evaluated on
-    natural files it never saw. None (keep everything) for the other kinds."""
-    if source.kind != "embedded":
-        return None
-    from fotlab.data.sources import stdlib_root
-    from fotlab.data.synthetic import repeat_file_split
-
-    root = stdlib_root()
-    return lambda row: repeat_file_split(str(root / row["key"])) == split
 
 
 def _rows_to_ids(rows) -> list[list[int]]:

@@ -64,8 +64,8 @@ class EvalSourceSpec(RepeatSourceFields):
         "validation",
         description=(
             "'validation': the experiment's held-out validation documents (data.validation_docs); 'embedded': the "
-            "files of the built-in offline corpus in eval.split's file partition (never those 'repeat' training "
-            "sources cut from; a model trained on the embedded corpus itself saw them: use 'validation'); "
+            "files of the built-in offline corpus in eval.split's file partition (training on the embedded corpus, "
+            "or on 'repeat' spans cut from it, reads only its train partition); "
             "'local': a directory of text files (path + glob); 'jsonl' / 'parquet': a file "
             "with a text field; 'hf': a Hugging Face dataset (name, config, split); 'repeat': max_docs synthetic "
             "documents with exact long-range repeats (doc_len, span_len, repeat_prob, max_gap, seed)."
@@ -231,10 +231,11 @@ class EvalSpec(_Strict):
     split: Literal["dev", "test"] = Field(
         "dev",
         description=(
-            "Which held-out partition the synthetic evaluation items come from (fotlab.data.splits): dictionary "
-            "definitions, passkeys, the base files of 'repeat' sources, few-shot queries. Both are disjoint from "
-            "training data (training only draws 'train' items). 'dev': for choosing variants (learning rate, data, "
-            "steps, d) -- every exploratory run; 'test': only for the numbers you report, never for choosing. "
+            "Which held-out partition the evaluation items come from (fotlab.data.splits): dictionary definitions, "
+            "passkeys, the files of the embedded corpus and the base files of 'repeat' sources, few-shot queries. "
+            "Both are disjoint from training data (training only reads 'train' items). 'dev': for choosing variants "
+            "(learning rate, data, steps, d) -- every exploratory run; 'test': only for the numbers you report, "
+            "never for choosing. "
             "Sources of kind 'validation' are the held-out documents of data.validation_docs in either case."
         ),
     )

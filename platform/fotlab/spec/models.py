@@ -132,7 +132,8 @@ class SourceSpec(StrictModel, RepeatSourceFields):
 
     kind: SourceKind = Field(
         "embedded",
-        description="embedded: the small corpus shipped with fotlab (no network); "
+        description="embedded: the small corpus shipped with fotlab (no network; training reads its train file "
+        "partition, evaluations its dev / test files); "
         "local: a directory + glob, one document per file; jsonl/parquet: files with a text "
         "field; hf: a Hugging Face dataset; dictionary_lookup/passkey: synthetic tasks; repeat: "
         "natural text with exact long-range repeats (span_len, repeat_prob, max_gap, seed).",
