@@ -102,3 +102,15 @@ def test_bf16_autocast_on_cpu_close_to_fp32():
     stats = train_step(model, torch.optim.AdamW(model.parameters()), [batch], step=1, precision="bf16")
     assert torch.isfinite(torch.tensor(stats.loss))
     assert model.training  # evaluate_loss restored train mode
+
+
+def test_validation_loss_with_no_scored_token_is_nan_not_zero():
+    """Validation chunks that hold only the loss-masked part of their documents (e.g. the definitions of a
+    dictionary, whose queries fall in later chunks) score nothing: that is NaN, not a perfect loss of 0."""
+    import math
+
+    model = _model()
+    masked = _batch(2, 16, seed=7, n_ignored=2 * 16)
+    assert math.isnan(evaluate_loss(model, [masked]))
+    scored = _batch(2, 16, seed=8, n_ignored=8)
+    assert evaluate_loss(model, [masked, scored]) == pytest.approx(evaluate_loss(model, [scored]))

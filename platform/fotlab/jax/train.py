@@ -240,7 +240,7 @@ def _report_train(run: _JaxRun) -> None:
 
 
 def validation_loss(run: _JaxRun, cb: JaxCrossBatch, batches) -> float:
-    """Token-mean CE over the global validation batches."""
+    """Token-mean CE over the global validation batches; NaN when no target token is scored."""
     total, count = 0.0, 0
     fn = _compiled(run, "eval", cb)
     for batch in batches:
@@ -248,7 +248,7 @@ def validation_loss(run: _JaxRun, cb: JaxCrossBatch, batches) -> float:
         targets = global_batch(batch["targets"].numpy().astype(np.int32), run.mesh)
         s, c = fn(run.state["params"], ids, targets)
         total, count = total + scalar(s), count + int(scalar(c))
-    return total / max(count, 1)
+    return total / count if count else math.nan
 
 
 def _evaluate(run: _JaxRun, cb: JaxCrossBatch) -> None:

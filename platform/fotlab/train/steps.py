@@ -152,7 +152,8 @@ def evaluate_loss(
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
 ) -> float:
-    """Token-mean CE over `batches` in eval mode (train mode is restored afterwards)."""
+    """Token-mean CE over `batches` in eval mode (train mode is restored afterwards); NaN when no target token is
+    scored (e.g. validation chunks that hold only the loss-masked part of their documents), never a fake 0."""
     was_training = model.training
     model.eval()
     total, n_tokens = 0.0, 0
@@ -165,4 +166,4 @@ def evaluate_loss(
             n_tokens += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    return total / max(n_tokens, 1)
+    return total / n_tokens if n_tokens else math.nan
