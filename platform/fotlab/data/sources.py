@@ -72,7 +72,8 @@ def load_embedded(cache_dir: str | None = None, split: str | None = None) -> dat
         raise FileNotFoundError(f"embedded corpus: stdlib directory {root} not found")
     rel_paths = embedded_files(root)
     if split is not None:
-        rel_paths = [rel for rel in rel_paths if repeat_file_split(str(root / rel)) == check_split(split)]
+        check_split(split)
+        rel_paths = [rel for rel in rel_paths if repeat_file_split(str(root / rel)) == split]
     features = datasets.Features({"text": datasets.Value("string"), "key": datasets.Value("string")})
     return datasets.Dataset.from_generator(
         _read_stdlib_files,
