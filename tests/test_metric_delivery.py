@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -253,3 +254,32 @@ def test_an_offline_runs_file_is_delivered_once_by_fotlab_runs_deliver(tmp_path,
     assert cli_main(["runs", "deliver", str(bad)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("fotlab runs: ") and "not an undelivered-metrics file" in line
+
+
+class SlowServerRun(tracking.TrackedRun):
+    """A run whose background sending takes a while per batch, like a busy tracking server."""
+
+    def _send_points_once(self, points):
+        time.sleep(1.0)
+        super()._send_points_once(points)
+
+
+@pytest.mark.timeout(120)
+def test_a_models_metrics_include_those_still_on_their_way_to_the_server(tmp_path, mlflow_uri):
+    """The pipeline links the evaluations' metrics to the logged model right after logging them; the links are read
+    from the server, so the points still queued are settled first (the race once seen in
+    test_evaluations_inside_run_land_in_the_run_and_its_model)."""
+    started = new_run(mlflow_uri, "slow-server")
+    run = SlowServerRun(mlflow_uri, started.run_id, started.experiment_id)
+    run.deliver_in_background(tmp_path / "output", flush_timeout_s=30)
+    run.log_metrics({tracking.TRAIN_LOSS: 2.0}, step=2)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "fot"}))
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    model_id = run.log_model_dir(model_dir, step=2)
+    run.log_metrics({"eval/passkey_acc/len_256": 1.0}, step=2)  # an evaluation, then the pipeline links it
+    run.link_metrics(2)
+    linked = {(m.key, m.step, m.value) for m in client_for(mlflow_uri).get_logged_model(model_id).metrics or []}
+    assert linked == {(tracking.TRAIN_LOSS, 2, 2.0), ("eval/passkey_acc/len_256", 2, 1.0)}
+    run.close({}, step=2)

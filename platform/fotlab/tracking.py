@@ -372,10 +372,12 @@ class TrackedRun:
 
     def link_metrics(self, step: int) -> None:
         """The run's metrics logged at `step` and not linked yet, logged again with the run's model id, so the
-        model's page lists them (the pipeline calls it again after the evaluations). No model, nothing to do."""
+        model's page lists them (the pipeline calls it again after the evaluations). No model, nothing to do.
+        The points logged so far are settled first: the links are read from the server, and an evaluation's metric
+        still queued in the background thread would otherwise be left out of the model's metrics."""
         from mlflow.entities import Metric
 
-        if self.model_id is None or self.undelivered is not None:
+        if self.model_id is None or self.settle() is not None:
             return
         mlflow_client = self.client
         done = {(m.key, m.step) for m in mlflow_client.get_logged_model(self.model_id).metrics or []}
