@@ -6,7 +6,6 @@ idempotently."""
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from collections import Counter
 
 import pytest
 from test_orchestrate import client_for, tiny_spec_dict
+from test_tracking import saved_model_dir
 
 from fotlab import tracking
 from fotlab.cli import main as cli_main
@@ -220,10 +220,7 @@ def test_an_offline_runs_file_is_delivered_once_by_fotlab_runs_deliver(tmp_path,
     run.delivery.go_offline("the server was given up on (test)")  # what settle does when a flush times out
     run.log_metrics({tracking.TRAIN_LOSS: 2.0, tracking.VAL_LOSS: 2.5}, step=2)
     run.log_metrics({tracking.TRAIN_LOSS: 9.9}, step=2)  # the same step again: not a second point
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "fot"}))
-    (model_dir / "model.safetensors").write_bytes(b"weights")
+    model_dir = saved_model_dir(tmp_path / "model")
     assert run.log_model_dir(model_dir, step=2) is None
     run.close({tracking.TRAIN_LOSS: 2.0, "time/train_s": 12.0}, step=2, tags={"fotlab.resumable": "false"})
 
@@ -273,10 +270,7 @@ def test_a_models_metrics_include_those_still_on_their_way_to_the_server(tmp_pat
     run = SlowServerRun(mlflow_uri, started.run_id, started.experiment_id)
     run.deliver_in_background(tmp_path / "output", flush_timeout_s=30)
     run.log_metrics({tracking.TRAIN_LOSS: 2.0}, step=2)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "fot"}))
-    (model_dir / "model.safetensors").write_bytes(b"weights")
+    model_dir = saved_model_dir(tmp_path / "model")
     model_id = run.log_model_dir(model_dir, step=2)
     run.log_metrics({"eval/passkey_acc/len_256": 1.0}, step=2)  # an evaluation, then the pipeline links it
     run.link_metrics(2)

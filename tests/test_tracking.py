@@ -43,14 +43,19 @@ def test_experiment_created_with_explicit_artifact_location(store):
     assert exp.artifact_location.startswith("file://" + str(Path(store.removeprefix("sqlite:///")).parent))
 
 
+def saved_model_dir(path: Path) -> Path:
+    """A folder that passes for a saved model (config.json and a weights file) for the model-logging paths."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "fot"}))
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
 def test_spec_run_params_tags_metrics_artifacts(store, spec, tmp_path):
     run = tracking.start_spec_run(spec, uri=store, run_name="first")
     run.log_metrics({tracking.TRAIN_LOSS: 2.5, tracking.LR: 1e-3, "note": "text", "bad": float("nan")}, step=1)
     run.log_metrics({tracking.TRAIN_LOSS: 2.0}, step=2)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({"model_type": "fot"}))
-    (model_dir / "model.safetensors").write_bytes(b"weights")
+    model_dir = saved_model_dir(tmp_path / "model")
     run.log_model_dir(model_dir)
     run.finish()
 
